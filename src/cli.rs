@@ -1,0 +1,378 @@
+//! The `stasis` command line.
+//!
+//! Exit status: 0 on success, 2 for wrong use (bad arguments, unknown names, a name already
+//! taken, a disk in use; nothing was changed), 1 for failures of the store or the machine.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+
+use crate::store::{Store, StoreError};
+use crate::units::{human, parse_size};
+
+#[derive(Parser, Debug)]
+#[command(name = "stasis", version, about = "Stateful swapout of virtual machines: branching copy-on-write VM disks")]
+pub struct Cli {
+    /// Store directory [default: /var/lib/stasis as root, else $XDG_DATA_HOME/stasis]
+    #[arg(long, global = true, env = "STASIS_STORE", value_name = "DIR")]
+    store: Option<PathBuf>,
+    /// Print machine-readable JSON instead of text
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output (repeat for more); STASIS_LOG=filter overrides
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    verbose: u8,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Golden images: the read-only bases disks are made from
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Disks: copy-on-write branches of a golden image
+    #[command(subcommand)]
+    Disk(DiskCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// Import a raw or qcow2 file as golden image NAME (hashes every chunk once)
+    Import { name: String, file: PathBuf },
+    /// List golden images
+    List,
+    /// Re-hash an image and compare with the hashes stored at import
+    Verify { name: String },
+    /// Remove an image that no disk uses
+    Rm { name: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum DiskCmd {
+    /// Create a disk over a golden image
+    Create {
+        disk: String,
+        #[arg(long, value_name = "IMAGE")]
+        from: String,
+        /// Disk size (e.g. 20G); at least the image's size, a multiple of 4 KiB. Default: the image's size
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+    },
+    /// Fork a disk into a new branch sharing its current state
+    Fork {
+        new: String,
+        #[arg(long, value_name = "DISK")]
+        from: String,
+    },
+    /// Fold a disk's write layer into its delta
+    Compact { disk: String },
+    /// List disks and their branch tree
+    List,
+    /// Show a disk's layers, sizes and dirty blocks
+    Info { disk: String },
+    /// Remove a disk (layers shared with other branches stay)
+    Rm { disk: String },
+    /// Write a disk's full content to FILE as a raw image
+    Export { disk: String, file: PathBuf },
+    /// Write FILE's content into the disk at OFFSET, through the store (only changed blocks)
+    Write {
+        disk: String,
+        file: PathBuf,
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        offset: u64,
+    },
+}
+
+fn default_store() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/var/lib/stasis");
+    }
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
+        return PathBuf::from(x).join("stasis");
+    }
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    home.join(".local/share/stasis")
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STASIS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}
+
+/// A byte progress bar on stderr when it is a terminal and output is not JSON.
+fn progress_bar(json: bool, what: &str) -> ProgressBar {
+    if json || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
+    pb.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+enum Failure {
+    Usage(String),
+    Failed(String),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        if e.is_usage() {
+            Failure::Usage(e.to_string())
+        } else {
+            Failure::Failed(e.to_string())
+        }
+    }
+}
+
+/// Runs the command line; returns the process exit status.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return e.exit_code();
+        }
+    };
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => 0,
+        Err(Failure::Usage(m)) => {
+            eprintln!("stasis: {m}");
+            2
+        }
+        Err(Failure::Failed(m)) => {
+            eprintln!("stasis: error: {m}");
+            1
+        }
+    }
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn run(cli: Cli) -> Result<(), Failure> {
+    let root = cli.store.clone().unwrap_or_else(default_store);
+    let json = cli.json;
+    let store = Store::open(&root)?;
+    match cli.command {
+        Command::Image(cmd) => image(&store, cmd, json),
+        Command::Disk(cmd) => disk(&store, cmd, json),
+    }
+}
+
+fn image(store: &Store, cmd: ImageCmd, json: bool) -> Result<(), Failure> {
+    match cmd {
+        ImageCmd::Import { name, file } => {
+            let pb = progress_bar(json, &format!("importing {name}"));
+            let started = std::time::Instant::now();
+            let rec = store.import_image(&name, &file, &|done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+            })?;
+            pb.finish_and_clear();
+            let secs = started.elapsed().as_secs_f64();
+            if json {
+                print_json(&json!({ "image": rec, "seconds": secs }));
+            } else {
+                println!(
+                    "imported image {} from {} ({}, {}): {} chunks hashed, {} of them zero, in {:.1}s",
+                    rec.name,
+                    file.display(),
+                    rec.source_format,
+                    human(rec.size),
+                    rec.chunks,
+                    rec.zero_chunks,
+                    secs
+                );
+            }
+        }
+        ImageCmd::List => {
+            let images = store.images()?;
+            let disks = store.disks()?;
+            if json {
+                print_json(&json!(images));
+            } else {
+                println!("{:<24} {:>12} {:>8} {:>6}  SOURCE", "IMAGE", "SIZE", "CHUNKS", "DISKS");
+                for i in images {
+                    let users = disks.iter().filter(|d| d.image == i.name).count();
+                    println!("{:<24} {:>12} {:>8} {:>6}  {}", i.name, human(i.size), i.chunks, users, i.source);
+                }
+            }
+        }
+        ImageCmd::Verify { name } => {
+            store.image(&name)?;
+            let golden = store.open_golden(&name)?;
+            let pb = progress_bar(json, &format!("verifying {name}"));
+            pb.set_length(golden.size);
+            let bad = golden.verify(|n| pb.inc(n))?;
+            pb.finish_and_clear();
+            if json {
+                print_json(&json!({ "image": name, "ok": bad.is_empty(), "bad_chunks": bad }));
+            } else if bad.is_empty() {
+                println!("image {name}: every chunk matches its hash");
+            } else {
+                println!("image {name}: {} chunk(s) damaged: {:?}", bad.len(), bad);
+            }
+            if !bad.is_empty() {
+                return Err(Failure::Failed(format!("image {name} is damaged")));
+            }
+        }
+        ImageCmd::Rm { name } => {
+            store.remove_image(&name)?;
+            if json {
+                print_json(&json!({ "removed": name }));
+            } else {
+                println!("removed image {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
+    match cmd {
+        DiskCmd::Create { disk, from, size } => {
+            let rec = store.create_disk(&disk, &from, size)?;
+            if json {
+                print_json(&json!(rec));
+            } else {
+                println!("created disk {} ({}) from image {}", rec.name, human(rec.size), rec.image);
+            }
+        }
+        DiskCmd::Fork { new, from } => {
+            let rec = store.fork(&new, &from)?;
+            if json {
+                print_json(&json!(rec));
+            } else {
+                println!("forked disk {} from {} (both now share delta {})", rec.name, from, rec.delta.as_deref().unwrap_or("none"));
+            }
+        }
+        DiskCmd::Compact { disk } => {
+            let rec = store.compact(&disk)?;
+            if json {
+                print_json(&json!(rec));
+            } else {
+                println!("compacted disk {}: write layer folded into delta {}", rec.name, rec.delta.as_deref().unwrap_or("none"));
+            }
+        }
+        DiskCmd::List => {
+            let disks = store.disks()?;
+            if json {
+                print_json(&json!(disks));
+            } else {
+                println!("{:<24} {:>12} {:<20} {:<20} DELTA", "DISK", "SIZE", "IMAGE", "PARENT");
+                for d in &disks {
+                    let parent = match &d.parent {
+                        Some(p) if disks.iter().any(|o| &o.name == p) => p.clone(),
+                        Some(p) => format!("{p} (removed)"),
+                        None => "-".into(),
+                    };
+                    println!(
+                        "{:<24} {:>12} {:<20} {:<20} {}",
+                        d.name,
+                        human(d.size),
+                        d.image,
+                        parent,
+                        d.delta.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        DiskCmd::Info { disk } => {
+            let info = store.disk_info(&disk)?;
+            if json {
+                print_json(&json!(info));
+            } else {
+                println!("disk:        {}", info.name);
+                println!("size:        {} ({} bytes)", human(info.size), info.size);
+                println!("image:       {} ({})", info.image, human(info.golden_bytes));
+                println!("parent:      {}", info.parent.as_deref().unwrap_or("-"));
+                println!("children:    {}", if info.children.is_empty() { "-".into() } else { info.children.join(", ") });
+                match &info.delta {
+                    Some(d) => println!(
+                        "delta:       {} ({} data blocks = {}, {} zero blocks; file {}){}",
+                        d.id,
+                        d.data_blocks,
+                        human(d.data_bytes),
+                        d.zero_blocks,
+                        human(d.file_bytes),
+                        if d.shared_with.is_empty() { String::new() } else { format!(", shared with {}", d.shared_with.join(", ")) }
+                    ),
+                    None => println!("delta:       - (none)"),
+                }
+                match &info.write_layer {
+                    Some(w) => println!(
+                        "write layer: {} dirty blocks ({} data = {}, {} zero)",
+                        w.dirty_blocks,
+                        w.data_blocks,
+                        human(w.data_bytes),
+                        w.zero_blocks
+                    ),
+                    None => println!("write layer: (disk is in use; ask its server)"),
+                }
+            }
+        }
+        DiskCmd::Rm { disk } => {
+            store.remove_disk(&disk)?;
+            if json {
+                print_json(&json!({ "removed": disk }));
+            } else {
+                println!("removed disk {disk}");
+            }
+        }
+        DiskCmd::Export { disk, file } => export(store, &disk, &file, json)?,
+        DiskCmd::Write { disk, file, offset } => {
+            let pb = progress_bar(json, &format!("writing {disk}"));
+            let (bytes, changed) = store.write_file(&disk, &file, offset, &|done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+            })?;
+            pb.finish_and_clear();
+            if json {
+                print_json(&json!({ "disk": disk, "file": file, "offset": offset, "bytes": bytes, "changed_bytes": changed }));
+            } else {
+                println!("wrote {} into disk {disk} at offset {offset}: {} changed, flushed", file.display(), human(changed));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn export(store: &Store, disk: &str, file: &Path, json: bool) -> Result<(), Failure> {
+    let pb = progress_bar(json, &format!("exporting {disk}"));
+    let started = std::time::Instant::now();
+    let size = store.export(disk, file, &|done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    })?;
+    pb.finish_and_clear();
+    let secs = started.elapsed().as_secs_f64();
+    if json {
+        print_json(&json!({ "disk": disk, "file": file, "bytes": size, "seconds": secs }));
+    } else {
+        println!("exported disk {disk} to {} ({}) in {secs:.1}s", file.display(), human(size));
+    }
+    Ok(())
+}

@@ -1,0 +1,317 @@
+//! An open disk: write layer over delta over golden over zeros, resolved per 4 KiB block.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::delta::{Delta, DeltaBlock};
+use super::golden::Golden;
+use super::wlog::{Entry, WriteLayer};
+use super::{DiskLock, StoreError, BLOCK_SIZE};
+use crate::blockdev::{check_range, BlockDevice, BlockError};
+
+const BS: u64 = BLOCK_SIZE as u64;
+const RMW_STRIPES: usize = 256;
+/// Large requests are resolved and copied in pieces of this size to bound temporary buffers.
+const PIECE: u64 = 1 << 20;
+
+/// Where the current content of one block is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Zero,
+    Slot(u32),
+    Delta(u64),
+    Golden(u64),
+}
+
+impl Source {
+    /// Whether `next` is the block `k` places after `self` in the same place, so both can be
+    /// read with one pread.
+    fn continues(self, k: u64, next: Source) -> bool {
+        match (self, next) {
+            (Source::Zero, Source::Zero) => true,
+            (Source::Slot(a), Source::Slot(b)) => a as u64 + k == b as u64,
+            (Source::Delta(a), Source::Delta(b)) => a + k * BS == b,
+            (Source::Golden(a), Source::Golden(b)) => a + k == b,
+            _ => false,
+        }
+    }
+}
+
+pub struct Disk {
+    name: String,
+    size: u64,
+    golden: Arc<Golden>,
+    delta: Option<Arc<Delta>>,
+    wlog: WriteLayer,
+    /// Serialises read-modify-write of the same block (two sub-block writes to different
+    /// sectors of one block must both land).
+    rmw: Box<[Mutex<()>]>,
+    _lock: DiskLock,
+}
+
+fn storage(e: StoreError) -> BlockError {
+    BlockError::Storage(Box::new(e))
+}
+
+impl Disk {
+    pub(super) fn new(
+        name: String,
+        size: u64,
+        golden: Arc<Golden>,
+        delta: Option<Arc<Delta>>,
+        wlog: WriteLayer,
+        lock: DiskLock,
+    ) -> Disk {
+        Disk {
+            name,
+            size,
+            golden,
+            delta,
+            wlog,
+            rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
+            _lock: lock,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn blocks(&self) -> u64 {
+        self.size / BS
+    }
+
+    pub fn write_layer(&self) -> &WriteLayer {
+        &self.wlog
+    }
+
+    pub fn delta(&self) -> Option<&Delta> {
+        self.delta.as_deref()
+    }
+
+    pub fn golden(&self) -> &Golden {
+        &self.golden
+    }
+
+    /// Flushes and closes cleanly (the next open needs no recovery).
+    pub fn close(self) -> Result<(), StoreError> {
+        self.wlog.close()
+    }
+
+    /// Releases the disk without flushing or closing cleanly, as a crash would (the page
+    /// cache still holds completed writes; the next open recovers from the journal).
+    pub fn abandon(self) {
+        self.wlog.abandon();
+    }
+
+    #[inline]
+    fn resolve(&self, block: u64) -> Source {
+        match self.wlog.lookup(block) {
+            Some(Entry::Data { slot, .. }) => return Source::Slot(slot),
+            Some(Entry::Zero) => return Source::Zero,
+            None => {}
+        }
+        if let Some(delta) = &self.delta {
+            match delta.lookup(block) {
+                DeltaBlock::Data(off) => return Source::Delta(off),
+                DeltaBlock::Zero => return Source::Zero,
+                DeltaBlock::Absent => {}
+            }
+        }
+        if block < self.golden.blocks {
+            Source::Golden(block)
+        } else {
+            Source::Zero
+        }
+    }
+
+    /// Reads whole blocks; runs of blocks stored contiguously go out as one pread.
+    fn read_blocks(&self, first: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        let n = (buf.len() / BLOCK_SIZE) as u64;
+        // No slot can be reused while we hold this, so a block read is never another's data.
+        let _guard = self.wlog.read_guard();
+        let mut i = 0;
+        let mut src = self.resolve(first);
+        while i < n {
+            let mut j = i + 1;
+            let mut next = None;
+            while j < n {
+                let s = self.resolve(first + j);
+                if !src.continues(j - i, s) {
+                    next = Some(s);
+                    break;
+                }
+                j += 1;
+            }
+            let out = &mut buf[(i * BS) as usize..(j * BS) as usize];
+            match src {
+                Source::Zero => out.fill(0),
+                Source::Slot(slot) => self.wlog.read_slots(slot, out)?,
+                Source::Delta(off) => self.delta.as_ref().expect("resolved from delta").read_at(off, out)?,
+                Source::Golden(block) => self.golden.read_blocks(block, out)?,
+            }
+            i = j;
+            if let Some(s) = next {
+                src = s;
+            }
+        }
+        Ok(())
+    }
+
+    fn rmw_lock(&self, block: u64) -> parking_lot::MutexGuard<'_, ()> {
+        self.rmw[(block as usize) % RMW_STRIPES].lock()
+    }
+
+    /// Writes `bytes` at byte `at` inside `block`, keeping the rest of the block.
+    fn write_partial(&self, block: u64, at: usize, bytes: Option<&[u8]>, len: usize) -> Result<(), StoreError> {
+        let _g = self.rmw_lock(block);
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        self.read_blocks(block, &mut buf)?;
+        match bytes {
+            Some(b) => buf[at..at + len].copy_from_slice(b),
+            None => buf[at..at + len].fill(0),
+        }
+        self.wlog.write_blocks(block, &buf)
+    }
+
+    /// Splits `[offset, offset+len)` into a partial head, whole blocks, and a partial tail.
+    fn split(offset: u64, len: u64) -> (Option<(u64, usize, usize)>, (u64, u64), Option<(u64, usize, usize)>) {
+        let end = offset + len;
+        let first_full = offset.div_ceil(BS);
+        let end_full = end / BS;
+        if first_full >= end_full {
+            // No whole block: one or two partial blocks.
+            let b0 = offset / BS;
+            let b1 = (end - 1) / BS;
+            if b0 == b1 {
+                return (Some((b0, (offset % BS) as usize, len as usize)), (0, 0), None);
+            }
+            let head_len = (BS - offset % BS) as usize;
+            return (
+                Some((b0, (offset % BS) as usize, head_len)),
+                (0, 0),
+                Some((b1, 0, (end % BS) as usize)),
+            );
+        }
+        let head = (offset % BS != 0).then(|| (offset / BS, (offset % BS) as usize, (first_full * BS - offset) as usize));
+        let tail = (end % BS != 0).then(|| (end_full, 0, (end % BS) as usize));
+        (head, (first_full, end_full - first_full), tail)
+    }
+
+    fn write_impl(&self, offset: u64, data: Option<&[u8]>, len: u64) -> Result<(), StoreError> {
+        let (head, (first, count), tail) = Self::split(offset, len);
+        if let Some((block, at, n)) = head {
+            self.write_partial(block, at, data.map(|d| &d[..n]), n)?;
+        }
+        let body_at = (first * BS).saturating_sub(offset) as usize;
+        if count > 0 {
+            match data {
+                Some(d) => {
+                    // Whole blocks never read the lower layers (no read-before-write).
+                    let mut done = 0;
+                    while done < count {
+                        let n = (count - done).min(PIECE / BS);
+                        let from = body_at + (done * BS) as usize;
+                        self.wlog.write_blocks(first + done, &d[from..from + (n * BS) as usize])?;
+                        done += n;
+                    }
+                }
+                None => self.wlog.write_zeroes(first, count)?,
+            }
+        }
+        if let Some((block, at, n)) = tail {
+            let from = (block * BS - offset) as usize;
+            self.write_partial(block, at, data.map(|d| &d[from..from + n]), n)?;
+        }
+        Ok(())
+    }
+}
+
+impl BlockDevice for Disk {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        check_range(offset, buf.len() as u64, self.size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        if offset % BS == 0 && buf.len() as u64 % BS == 0 {
+            return self.read_blocks(offset / BS, buf).map_err(storage);
+        }
+        // Unaligned: read the covering blocks piecewise and copy out.
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        let mut tmp = Vec::new();
+        while pos < end {
+            let block = pos / BS;
+            let piece_end = ((block * BS) + PIECE).min(end);
+            let blocks = (piece_end - block * BS).div_ceil(BS);
+            tmp.resize((blocks * BS) as usize, 0);
+            self.read_blocks(block, &mut tmp).map_err(storage)?;
+            let skip = (pos - block * BS) as usize;
+            let n = (piece_end - pos) as usize;
+            let at = (pos - offset) as usize;
+            buf[at..at + n].copy_from_slice(&tmp[skip..skip + n]);
+            pos = piece_end;
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
+        check_range(offset, data.len() as u64, self.size)?;
+        if !data.is_empty() {
+            self.write_impl(offset, Some(data), data.len() as u64).map_err(storage)?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
+        check_range(offset, len, self.size)?;
+        if len > 0 {
+            self.write_impl(offset, None, len).map_err(storage)?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        check_range(offset, len, self.size)?;
+        let first = offset.div_ceil(BS);
+        let end = (offset + len) / BS;
+        if end > first {
+            self.wlog.write_zeroes(first, end - first).map_err(storage)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        self.wlog.flush().map_err(storage)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_cases() {
+        // inside one block
+        assert_eq!(Disk::split(10, 20), (Some((0, 10, 20)), (0, 0), None));
+        // straddling two blocks, no whole block
+        assert_eq!(Disk::split(4000, 200), (Some((0, 4000, 96)), (0, 0), Some((1, 0, 104))));
+        // aligned whole blocks
+        assert_eq!(Disk::split(4096, 8192), (None, (1, 2), None));
+        // head + body + tail
+        assert_eq!(Disk::split(100, 3 * 4096), (Some((0, 100, 3996)), (1, 2), Some((3, 0, 100))));
+        // exactly one whole block, unaligned end only
+        assert_eq!(Disk::split(0, 4096 + 1), (None, (0, 1), Some((1, 0, 1))));
+    }
+}

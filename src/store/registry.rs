@@ -1,0 +1,252 @@
+//! The registry: images, disks, deltas and the branch tree, in redb (embedded, ACID, stable
+//! format). Values are JSON documents so that `redb` dumps stay readable and fields can be
+//! added without a migration. Layout: kernel-notes/formats.md.
+//!
+//! redb lets one process open a database file at a time, and a served disk lives for days, so
+//! no process keeps the registry open: every operation opens it, runs one transaction and
+//! closes it, retrying briefly while another process holds it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use super::delta::DeltaStats;
+use super::StoreError;
+
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("images");
+const DISKS: TableDefinition<&str, &[u8]> = TableDefinition::new("disks");
+const DELTAS: TableDefinition<&str, &[u8]> = TableDefinition::new("deltas");
+
+const FORMAT_NAME: &str = "stasis-registry";
+const FORMAT_VERSION: &str = "1";
+const OPEN_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct ImageRecord {
+    pub name: String,
+    /// Logical size in bytes (a whole number of blocks).
+    pub size: u64,
+    pub source: String,
+    pub source_format: String,
+    pub chunk_size: u32,
+    pub chunks: u64,
+    pub zero_chunks: u64,
+    pub imported_at: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DiskRecord {
+    pub name: String,
+    pub image: String,
+    pub size: u64,
+    /// Id of the (possibly shared) delta, or none while the disk equals its golden.
+    pub delta: Option<String>,
+    /// Id of the disk's own write layer (a directory under `wlogs/`).
+    pub wlog: String,
+    /// The disk this one was forked from.
+    pub parent: Option<String>,
+    pub created_at: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct DeltaRecord {
+    pub id: String,
+    pub image: String,
+    pub data_blocks: u64,
+    pub zero_blocks: u64,
+    pub file_bytes: u64,
+    pub created_at: u64,
+}
+
+impl DeltaRecord {
+    pub fn new(id: String, image: String, stats: &DeltaStats) -> Self {
+        DeltaRecord {
+            id,
+            image,
+            data_blocks: stats.data_blocks,
+            zero_blocks: stats.zero_blocks,
+            file_bytes: stats.file_bytes,
+            created_at: super::now_secs(),
+        }
+    }
+}
+
+pub struct Registry {
+    path: PathBuf,
+}
+
+/// One registry transaction. Nothing is written unless the closure given to
+/// [`Registry::update`] returns `Ok`.
+pub struct Txn<'a> {
+    txn: &'a redb::WriteTransaction,
+    path: &'a Path,
+}
+
+fn db_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::corrupt(path, format!("registry: {e}"))
+}
+
+impl Registry {
+    /// Opens the registry at `path`, creating it if absent.
+    pub fn open(path: &Path) -> Result<Registry, StoreError> {
+        let reg = Registry { path: path.to_path_buf() };
+        reg.update(|t| {
+            let mut meta = t.txn.open_table(META).map_err(|e| db_err(t.path, e))?;
+            let name = meta.get("format").map_err(|e| db_err(t.path, e))?.map(|v| v.value().to_string());
+            let version = meta.get("version").map_err(|e| db_err(t.path, e))?.map(|v| v.value().to_string());
+            match (name.as_deref(), version.as_deref()) {
+                (None, None) => {
+                    meta.insert("format", FORMAT_NAME).map_err(|e| db_err(t.path, e))?;
+                    meta.insert("version", FORMAT_VERSION).map_err(|e| db_err(t.path, e))?;
+                }
+                (Some(FORMAT_NAME), Some(FORMAT_VERSION)) => {}
+                (Some(FORMAT_NAME), Some(v)) => {
+                    return Err(StoreError::corrupt(
+                        t.path,
+                        format!("registry: unsupported version {v} (this build reads version {FORMAT_VERSION})"),
+                    ))
+                }
+                _ => return Err(StoreError::corrupt(t.path, "registry: not a Stasis registry")),
+            }
+            drop(meta);
+            for def in [IMAGES, DISKS, DELTAS] {
+                t.txn.open_table(def).map_err(|e| db_err(t.path, e))?;
+            }
+            Ok(())
+        })?;
+        Ok(reg)
+    }
+
+    fn open_db(&self) -> Result<Database, StoreError> {
+        let deadline = Instant::now() + OPEN_TIMEOUT;
+        loop {
+            let path = self.path.clone();
+            // redb documents that a file damaged outside redb may make it panic: contain that.
+            let opened = std::panic::catch_unwind(move || {
+                Database::builder().set_check_integrity_on_open(true).create(&path)
+            });
+            match opened {
+                Ok(Ok(db)) => return Ok(db),
+                Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+                    return Err(StoreError::Busy(format!(
+                        "registry {} is held by another process",
+                        self.path.display()
+                    )))
+                }
+                Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))) => {
+                    return Err(StoreError::io(&self.path, e))
+                }
+                Ok(Err(e)) => return Err(db_err(&self.path, e)),
+                Err(_) => return Err(db_err(&self.path, "the database file is damaged")),
+            }
+        }
+    }
+
+    /// Runs `f` in one write transaction and commits it if `f` succeeds.
+    pub fn update<T>(&self, f: impl FnOnce(&mut Txn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let db = self.open_db()?;
+        let txn = db.begin_write().map_err(|e| db_err(&self.path, e))?;
+        let out = f(&mut Txn { txn: &txn, path: &self.path });
+        match out {
+            Ok(v) => {
+                txn.commit().map_err(|e| db_err(&self.path, e))?;
+                Ok(v)
+            }
+            Err(e) => {
+                txn.abort().map_err(|e| db_err(&self.path, e))?;
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `f` in a transaction that is never committed.
+    pub fn read<T>(&self, f: impl FnOnce(&Txn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+        let db = self.open_db()?;
+        let txn = db.begin_write().map_err(|e| db_err(&self.path, e))?;
+        let out = f(&Txn { txn: &txn, path: &self.path });
+        txn.abort().map_err(|e| db_err(&self.path, e))?;
+        out
+    }
+}
+
+impl Txn<'_> {
+    fn get<T: DeserializeOwned>(&self, def: TableDefinition<&str, &[u8]>, key: &str) -> Result<Option<T>, StoreError> {
+        let table = self.txn.open_table(def).map_err(|e| db_err(self.path, e))?;
+        let Some(v) = table.get(key).map_err(|e| db_err(self.path, e))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(v.value())
+            .map(Some)
+            .map_err(|e| db_err(self.path, format!("record {key:?} is damaged: {e}")))
+    }
+
+    fn all<T: DeserializeOwned>(&self, def: TableDefinition<&str, &[u8]>) -> Result<Vec<T>, StoreError> {
+        let table = self.txn.open_table(def).map_err(|e| db_err(self.path, e))?;
+        let mut out = Vec::new();
+        for item in table.iter().map_err(|e| db_err(self.path, e))? {
+            let (k, v) = item.map_err(|e| db_err(self.path, e))?;
+            let rec = serde_json::from_slice(v.value())
+                .map_err(|e| db_err(self.path, format!("record {:?} is damaged: {e}", k.value())))?;
+            out.push(rec);
+        }
+        Ok(out)
+    }
+
+    fn put<T: Serialize>(&self, def: TableDefinition<&str, &[u8]>, key: &str, value: &T) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| db_err(self.path, e))?;
+        let mut table = self.txn.open_table(def).map_err(|e| db_err(self.path, e))?;
+        table.insert(key, bytes.as_slice()).map_err(|e| db_err(self.path, e))?;
+        Ok(())
+    }
+
+    fn remove(&self, def: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
+        let mut table = self.txn.open_table(def).map_err(|e| db_err(self.path, e))?;
+        table.remove(key).map_err(|e| db_err(self.path, e))?;
+        Ok(())
+    }
+
+    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>, StoreError> {
+        self.get(IMAGES, name)
+    }
+    pub fn images(&self) -> Result<Vec<ImageRecord>, StoreError> {
+        self.all(IMAGES)
+    }
+    pub fn put_image(&mut self, rec: &ImageRecord) -> Result<(), StoreError> {
+        self.put(IMAGES, &rec.name, rec)
+    }
+    pub fn remove_image(&mut self, name: &str) -> Result<(), StoreError> {
+        self.remove(IMAGES, name)
+    }
+
+    pub fn disk(&self, name: &str) -> Result<Option<DiskRecord>, StoreError> {
+        self.get(DISKS, name)
+    }
+    pub fn disks(&self) -> Result<Vec<DiskRecord>, StoreError> {
+        self.all(DISKS)
+    }
+    pub fn put_disk(&mut self, rec: &DiskRecord) -> Result<(), StoreError> {
+        self.put(DISKS, &rec.name, rec)
+    }
+    pub fn remove_disk(&mut self, name: &str) -> Result<(), StoreError> {
+        self.remove(DISKS, name)
+    }
+
+    pub fn delta(&self, id: &str) -> Result<Option<DeltaRecord>, StoreError> {
+        self.get(DELTAS, id)
+    }
+    pub fn deltas(&self) -> Result<Vec<DeltaRecord>, StoreError> {
+        self.all(DELTAS)
+    }
+    pub fn put_delta(&mut self, rec: &DeltaRecord) -> Result<(), StoreError> {
+        self.put(DELTAS, &rec.id, rec)
+    }
+    pub fn remove_delta(&mut self, id: &str) -> Result<(), StoreError> {
+        self.remove(DELTAS, id)
+    }
+}

@@ -1,0 +1,600 @@
+//! The write layer: a crash-safe redo log of the writes since the last swapin.
+//!
+//! Two files (kernel-notes/formats.md):
+//! - `data`: 4 KiB slots after a 4 KiB header. A block write goes to a *free* slot, never over
+//!   the slot holding the block's previous version, so a crash mid-write cannot tear data that
+//!   a FLUSH already made durable.
+//! - `journal`: fixed 32-byte records `(seq, block, slot, crc32c(data))` appended after the
+//!   header. A record's position is its sequence number, so concurrent writers append without
+//!   a lock: each reserves positions with one atomic add.
+//!
+//! FLUSH = fdatasync(data) + fdatasync(journal). A slot superseded by a newer version becomes
+//! reusable only after a FLUSH made the newer record durable, and only once no reader can still
+//! be reading it (the reuse gate).
+//!
+//! Recovery after a crash replays the journal and, for every block, takes the newest record
+//! whose data matches its checksum: a write that never became durable falls back to the version
+//! before it, which is still intact because its slot was not reused. A clean close leaves a
+//! `clean` marker so that the next open can skip reading the data back.
+
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+
+use super::format::{self, le_u32, le_u64, HeaderReader, HeaderWriter, HEADER_LEN};
+use super::{StoreError, BLOCK_SIZE};
+
+const DATA_MAGIC: &[u8; 8] = b"STASWDAT";
+const JOURNAL_MAGIC: &[u8; 8] = b"STASWJNL";
+const CLEAN_MAGIC: &[u8; 8] = b"STASWCLN";
+const VERSION: u32 = 1;
+pub const RECORD_LEN: usize = 32;
+const ZERO_SLOT: u32 = u32::MAX;
+const SHARDS: usize = 64;
+/// The journal is rewritten from the index when it holds this many more records than live blocks.
+const CHECKPOINT_SLACK: u64 = 1 << 16;
+
+/// Where a block of the write layer is: in a data slot (with the checksum of its content), or
+/// recorded as zeros (discarded / write-zeroes) and stored nowhere.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    Data { slot: u32, crc: u32 },
+    Zero,
+}
+
+impl Entry {
+    fn pack(self) -> u64 {
+        match self {
+            Entry::Data { slot, crc } => slot as u64 | (crc as u64) << 32,
+            Entry::Zero => ZERO_SLOT as u64,
+        }
+    }
+
+    fn unpack(v: u64) -> Entry {
+        let slot = v as u32;
+        if slot == ZERO_SLOT {
+            Entry::Zero
+        } else {
+            Entry::Data { slot, crc: (v >> 32) as u32 }
+        }
+    }
+}
+
+struct Journal {
+    file: File,
+    next: AtomicU64,
+}
+
+struct SlotAlloc {
+    /// Free slots below `next_fresh`; taken smallest first so that reused runs stay contiguous.
+    free: BTreeSet<u32>,
+    next_fresh: u32,
+}
+
+/// Counts for `stasis disk info`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriteLayerStats {
+    pub data_blocks: u64,
+    pub zero_blocks: u64,
+    pub slots: u64,
+    pub journal_records: u64,
+}
+
+pub struct WriteLayer {
+    dir: PathBuf,
+    data_path: PathBuf,
+    journal_path: PathBuf,
+    data: File,
+    id: u64,
+    journal: RwLock<Journal>,
+    index: Box<[RwLock<HashMap<u64, u64>>]>,
+    alloc: Mutex<SlotAlloc>,
+    pending_free: Mutex<Vec<u32>>,
+    /// Readers hold it shared while they map a block to a slot and read that slot; freeing
+    /// superseded slots takes it exclusively, so a slot is never reused under a reader.
+    reuse_gate: RwLock<()>,
+    /// Set when an I/O error may have lost acknowledged state: no later FLUSH may report
+    /// success and the layer is not marked clean (the next open recovers from the log).
+    poisoned: AtomicBool,
+    closed: AtomicBool,
+}
+
+const DATA_FILE: &str = "data";
+const JOURNAL_FILE: &str = "journal";
+const CLEAN_FILE: &str = "clean";
+
+fn shard_of(block: u64) -> usize {
+    // Neighbouring blocks (one 64 KiB cluster) share a shard; clusters spread over shards.
+    ((block >> 4).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58) as usize % SHARDS
+}
+
+fn slot_offset(slot: u32) -> u64 {
+    HEADER_LEN as u64 + slot as u64 * BLOCK_SIZE as u64
+}
+
+fn encode_record(seq: u64, block: u64, entry: Entry, out: &mut [u8]) {
+    let (slot, crc) = match entry {
+        Entry::Data { slot, crc } => (slot, crc),
+        Entry::Zero => (ZERO_SLOT, 0),
+    };
+    out[0..8].copy_from_slice(&seq.to_le_bytes());
+    out[8..16].copy_from_slice(&block.to_le_bytes());
+    out[16..20].copy_from_slice(&slot.to_le_bytes());
+    out[20..24].copy_from_slice(&crc.to_le_bytes());
+    out[24..28].copy_from_slice(&0u32.to_le_bytes());
+    let rc = crc32c::crc32c(&out[0..28]);
+    out[28..32].copy_from_slice(&rc.to_le_bytes());
+}
+
+/// A journal record if it is intact and sits at its own position.
+pub fn decode_record(position: u64, rec: &[u8]) -> Option<(u64, Entry)> {
+    if rec.len() != RECORD_LEN || crc32c::crc32c(&rec[0..28]) != le_u32(&rec[28..32]) {
+        return None;
+    }
+    if le_u64(&rec[0..8]) != position || le_u32(&rec[24..28]) != 0 {
+        return None;
+    }
+    let block = le_u64(&rec[8..16]);
+    let slot = le_u32(&rec[16..20]);
+    let crc = le_u32(&rec[20..24]);
+    Some((block, if slot == ZERO_SLOT { Entry::Zero } else { Entry::Data { slot, crc } }))
+}
+
+fn is_zero(block: &[u8]) -> bool {
+    // Compare in u64 words: the compiler vectorises this, and most data blocks fail at once.
+    let (pre, words, post) = unsafe { block.align_to::<u64>() };
+    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+fn open_rw(path: &Path, create: bool) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(create)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))
+}
+
+fn journal_header(id: u64) -> Vec<u8> {
+    HeaderWriter::new(JOURNAL_MAGIC, VERSION).u64(id).u32(RECORD_LEN as u32).finish()
+}
+
+impl WriteLayer {
+    /// Creates an empty write layer in `dir` (created; must not exist).
+    pub fn create(dir: &Path) -> Result<(), StoreError> {
+        fs::create_dir(dir).map_err(|e| StoreError::io(dir, e))?;
+        let id = super::random_id();
+        let data_path = dir.join(DATA_FILE);
+        let data = open_rw(&data_path, true)?;
+        let hdr = HeaderWriter::new(DATA_MAGIC, VERSION).u64(id).u32(BLOCK_SIZE as u32).finish();
+        data.write_all_at(&hdr, 0).map_err(|e| StoreError::io(&data_path, e))?;
+        data.sync_all().map_err(|e| StoreError::io(&data_path, e))?;
+        let journal_path = dir.join(JOURNAL_FILE);
+        let journal = open_rw(&journal_path, true)?;
+        journal.write_all_at(&journal_header(id), 0).map_err(|e| StoreError::io(&journal_path, e))?;
+        journal.sync_all().map_err(|e| StoreError::io(&journal_path, e))?;
+        format::sync_dir(dir)?;
+        Ok(())
+    }
+
+    /// Opens the write layer in `dir`, recovering from the journal if it was not closed cleanly.
+    pub fn open(dir: &Path) -> Result<WriteLayer, StoreError> {
+        let data_path = dir.join(DATA_FILE);
+        let journal_path = dir.join(JOURNAL_FILE);
+        let data = open_rw(&data_path, false)?;
+        let journal = open_rw(&journal_path, false)?;
+
+        let hdr = format::read_header(&data, &data_path)?;
+        let mut r = HeaderReader::parse(&hdr, DATA_MAGIC, VERSION, &data_path, "write layer data")?;
+        let id = r.u64();
+        let bs = r.u32();
+        if bs as usize != BLOCK_SIZE {
+            return Err(StoreError::corrupt(&data_path, format!("write layer data: block size {bs}")));
+        }
+        let hdr = format::read_header(&journal, &journal_path)?;
+        let mut r = HeaderReader::parse(&hdr, JOURNAL_MAGIC, VERSION, &journal_path, "write layer journal")?;
+        let journal_id = r.u64();
+        let rec_len = r.u32();
+        if journal_id != id || rec_len as usize != RECORD_LEN {
+            return Err(StoreError::corrupt(
+                &journal_path,
+                format!("write layer journal: belongs to layer {journal_id:016x}, data file to {id:016x}"),
+            ));
+        }
+
+        let data_len = data.metadata().map_err(|e| StoreError::io(&data_path, e))?.len();
+        let slots_in_file = (data_len.saturating_sub(HEADER_LEN as u64) / BLOCK_SIZE as u64) as u32;
+        let journal_len = journal.metadata().map_err(|e| StoreError::io(&journal_path, e))?.len();
+        let body_len = journal_len.saturating_sub(HEADER_LEN as u64);
+        let mut records = vec![0u8; body_len as usize];
+        format::read_exact_at(&journal, &mut records, HEADER_LEN as u64, &journal_path)?;
+        let record_count = body_len / RECORD_LEN as u64;
+
+        let clean_path = dir.join(CLEAN_FILE);
+        let clean = read_clean_marker(&clean_path, id)?;
+        let index: Vec<RwLock<HashMap<u64, u64>>> = (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect();
+        let mut max_used: Option<u32> = None;
+        let mut used = 0u64;
+
+        if let Some(clean_records) = clean {
+            // Clean close: every record is intact and the data behind it was flushed.
+            if clean_records != record_count || body_len % RECORD_LEN as u64 != 0 {
+                return Err(StoreError::corrupt(
+                    &journal_path,
+                    format!("write layer journal: {body_len} bytes of records, clean marker says {clean_records} records"),
+                ));
+            }
+            for (pos, rec) in records.chunks_exact(RECORD_LEN).enumerate() {
+                let Some((block, entry)) = decode_record(pos as u64, rec) else {
+                    return Err(StoreError::corrupt(
+                        &journal_path,
+                        format!("write layer journal: record {pos} is damaged"),
+                    ));
+                };
+                if let Entry::Data { slot, .. } = entry {
+                    if slot >= slots_in_file {
+                        return Err(StoreError::corrupt(
+                            &data_path,
+                            format!("write layer data: truncated (record {pos} uses slot {slot}, file holds {slots_in_file})"),
+                        ));
+                    }
+                }
+                index[shard_of(block)].write().insert(block, entry.pack());
+            }
+        } else {
+            let mut candidates: HashMap<u64, Vec<(u64, Entry)>> = HashMap::new();
+            let mut damaged = 0u64;
+            for (pos, rec) in records.chunks_exact(RECORD_LEN).enumerate() {
+                match decode_record(pos as u64, rec) {
+                    Some((block, entry)) => candidates.entry(block).or_default().push((pos as u64, entry)),
+                    None => damaged += 1,
+                }
+            }
+            let mut buf = vec![0u8; BLOCK_SIZE];
+            let mut fell_back = 0u64;
+            for (block, mut versions) in candidates {
+                versions.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+                for (i, (_, entry)) in versions.iter().enumerate() {
+                    let good = match *entry {
+                        Entry::Zero => true,
+                        Entry::Data { slot, crc } => {
+                            slot < slots_in_file
+                                && data.read_exact_at(&mut buf, slot_offset(slot)).is_ok()
+                                && crc32c::crc32c(&buf) == crc
+                        }
+                    };
+                    if good {
+                        fell_back += (i > 0) as u64;
+                        index[shard_of(block)].write().insert(block, entry.pack());
+                        break;
+                    }
+                }
+            }
+            tracing::info!(
+                dir = %dir.display(), records = record_count, damaged, fell_back,
+                "write layer recovered from its journal"
+            );
+        }
+
+        let mut is_used = vec![false; slots_in_file as usize];
+        for shard in &index {
+            for &v in shard.read().values() {
+                if let Entry::Data { slot, .. } = Entry::unpack(v) {
+                    if (slot as usize) < is_used.len() {
+                        is_used[slot as usize] = true;
+                    }
+                    max_used = Some(max_used.map_or(slot, |m| m.max(slot)));
+                    used += 1;
+                }
+            }
+        }
+        let next_fresh = slots_in_file.max(max_used.map_or(0, |m| m + 1));
+        let free: BTreeSet<u32> = (0..slots_in_file).filter(|&s| !is_used[s as usize]).collect();
+        tracing::debug!(dir = %dir.display(), used, free = free.len(), "write layer open");
+
+        let layer = WriteLayer {
+            dir: dir.to_path_buf(),
+            data_path,
+            journal_path,
+            data,
+            id,
+            journal: RwLock::new(Journal { file: journal, next: AtomicU64::new(record_count) }),
+            index: index.into_boxed_slice(),
+            alloc: Mutex::new(SlotAlloc { free, next_fresh }),
+            pending_free: Mutex::new(Vec::new()),
+            reuse_gate: RwLock::new(()),
+            poisoned: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        };
+        if clean.is_none() {
+            // Rewrite the journal from what was recovered, dropping damaged and stale records.
+            layer.checkpoint()?;
+        } else {
+            // From now on the layer is open: a crash must recover from the log.
+            fs::remove_file(&clean_path).map_err(|e| StoreError::io(&clean_path, e))?;
+            format::sync_dir(dir)?;
+        }
+        Ok(layer)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    #[inline]
+    pub fn lookup(&self, block: u64) -> Option<Entry> {
+        self.index[shard_of(block)].read().get(&block).map(|&v| Entry::unpack(v))
+    }
+
+    /// Hold this while looking up blocks and reading their slots.
+    pub fn read_guard(&self) -> RwLockReadGuard<'_, ()> {
+        self.reuse_gate.read()
+    }
+
+    /// Reads `buf.len() / 4096` consecutive slots starting at `slot`.
+    pub fn read_slots(&self, slot: u32, buf: &mut [u8]) -> Result<(), StoreError> {
+        format::read_exact_at(&self.data, buf, slot_offset(slot), &self.data_path)
+    }
+
+    fn alloc_slots(&self, n: usize) -> Vec<u32> {
+        let mut a = self.alloc.lock();
+        if a.free.len() >= n {
+            (0..n).filter_map(|_| a.free.pop_first()).collect()
+        } else {
+            // Not enough reusable slots: take a fresh contiguous run so the data goes out in one write.
+            let first = a.next_fresh;
+            a.next_fresh += n as u32;
+            (first..first + n as u32).collect()
+        }
+    }
+
+    fn fail<T>(&self, path: &Path, e: std::io::Error) -> Result<T, StoreError> {
+        self.poisoned.store(true, Ordering::SeqCst);
+        Err(StoreError::io(path, e))
+    }
+
+    /// Writes whole blocks starting at `first_block`. All-zero blocks are recorded as zeros
+    /// and take no slot.
+    pub fn write_blocks(&self, first_block: u64, data: &[u8]) -> Result<(), StoreError> {
+        debug_assert_eq!(data.len() % BLOCK_SIZE, 0);
+        let n = data.len() / BLOCK_SIZE;
+        let blocks: Vec<&[u8]> = data.chunks_exact(BLOCK_SIZE).collect();
+        let zero: Vec<bool> = blocks.iter().map(|b| is_zero(b)).collect();
+        let mut slots = self.alloc_slots(zero.iter().filter(|z| !**z).count()).into_iter();
+        let mut entries = Vec::with_capacity(n);
+        for (i, b) in blocks.iter().enumerate() {
+            entries.push(if zero[i] {
+                Entry::Zero
+            } else {
+                Entry::Data { slot: slots.next().unwrap_or(ZERO_SLOT), crc: crc32c::crc32c(b) }
+            });
+        }
+        // Write the data, one pwrite per run of consecutive slots for consecutive blocks.
+        let mut i = 0;
+        while i < n {
+            let Entry::Data { slot: first_slot, .. } = entries[i] else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < n && matches!(entries[j], Entry::Data { slot, .. } if slot == first_slot + (j - i) as u32) {
+                j += 1;
+            }
+            if let Err(e) = self.data.write_all_at(&data[i * BLOCK_SIZE..j * BLOCK_SIZE], slot_offset(first_slot)) {
+                return self.fail(&self.data_path, e);
+            }
+            i = j;
+        }
+        self.commit(first_block, &entries)
+    }
+
+    /// Records `count` blocks from `first_block` as zeros.
+    pub fn write_zeroes(&self, first_block: u64, count: u64) -> Result<(), StoreError> {
+        // Bounded batches keep the record buffer small for huge discards.
+        let mut done = 0;
+        while done < count {
+            let n = (count - done).min(1 << 16);
+            self.commit(first_block + done, &vec![Entry::Zero; n as usize])?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Appends journal records for `entries` (block `first_block + i`) and publishes them.
+    fn commit(&self, first_block: u64, entries: &[Entry]) -> Result<(), StoreError> {
+        let journal = self.journal.read();
+        let seq = journal.next.fetch_add(entries.len() as u64, Ordering::SeqCst);
+        let mut records = vec![0u8; entries.len() * RECORD_LEN];
+        for (i, (entry, out)) in entries.iter().zip(records.chunks_exact_mut(RECORD_LEN)).enumerate() {
+            encode_record(seq + i as u64, first_block + i as u64, *entry, out);
+        }
+        let at = HEADER_LEN as u64 + seq * RECORD_LEN as u64;
+        if let Err(e) = journal.file.write_all_at(&records, at) {
+            return self.fail(&self.journal_path, e);
+        }
+        // Publish while still holding the journal shared: a checkpoint (which takes it
+        // exclusively) then sees either none or all of this write.
+        let mut superseded = Vec::new();
+        for (i, entry) in entries.iter().enumerate() {
+            let block = first_block + i as u64;
+            let old = self.index[shard_of(block)].write().insert(block, entry.pack());
+            if let Some(Entry::Data { slot, .. }) = old.map(Entry::unpack) {
+                superseded.push(slot);
+            }
+        }
+        drop(journal);
+        if !superseded.is_empty() {
+            self.pending_free.lock().extend(superseded);
+        }
+        Ok(())
+    }
+
+    /// Makes every write that completed before this call durable.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(StoreError::corrupt(
+                &self.dir,
+                "write layer: an earlier I/O error may have lost writes; reopen the disk to recover",
+            ));
+        }
+        // Slots superseded by records that completed before now; the sync below makes the
+        // superseding records durable, after which the old versions are no longer needed.
+        let to_free = std::mem::take(&mut *self.pending_free.lock());
+        if let Err(e) = self.data.sync_data() {
+            return self.fail(&self.data_path, e);
+        }
+        {
+            let journal = self.journal.read();
+            if let Err(e) = journal.file.sync_data() {
+                drop(journal);
+                return self.fail(&self.journal_path, e);
+            }
+            let live = self.dirty_blocks();
+            let wasteful = journal.next.load(Ordering::SeqCst) > 2 * live + CHECKPOINT_SLACK;
+            drop(journal);
+            if wasteful {
+                self.checkpoint()?;
+            }
+        }
+        if !to_free.is_empty() {
+            let _no_readers = self.reuse_gate.write();
+            self.alloc.lock().free.extend(to_free);
+        }
+        Ok(())
+    }
+
+    /// Rewrites the journal as one record per live block (atomically, by rename).
+    fn checkpoint(&self) -> Result<(), StoreError> {
+        let mut journal = self.journal.write();
+        if let Err(e) = self.data.sync_data() {
+            return self.fail(&self.data_path, e);
+        }
+        let entries = self.entries();
+        let tmp = self.dir.join("journal.new");
+        let _ = fs::remove_file(&tmp);
+        let file = open_rw(&tmp, true)?;
+        let mut buf = journal_header(self.id);
+        buf.resize(HEADER_LEN + entries.len() * RECORD_LEN, 0);
+        for (i, (block, entry)) in entries.iter().enumerate() {
+            let at = HEADER_LEN + i * RECORD_LEN;
+            encode_record(i as u64, *block, *entry, &mut buf[at..at + RECORD_LEN]);
+        }
+        file.write_all_at(&buf, 0).map_err(|e| StoreError::io(&tmp, e))?;
+        file.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
+        fs::rename(&tmp, &self.journal_path).map_err(|e| StoreError::io(&self.journal_path, e))?;
+        format::sync_dir(&self.dir)?;
+        *journal = Journal { file, next: AtomicU64::new(entries.len() as u64) };
+        Ok(())
+    }
+
+    /// Every block of the layer and where it is, sorted by block number.
+    pub fn entries(&self) -> Vec<(u64, Entry)> {
+        let mut all = Vec::with_capacity(self.dirty_blocks() as usize);
+        for shard in self.index.iter() {
+            all.extend(shard.read().iter().map(|(&b, &v)| (b, Entry::unpack(v))));
+        }
+        all.sort_unstable_by_key(|e| e.0);
+        all
+    }
+
+    /// Number of blocks written (data or zeros) since the layer was created.
+    pub fn dirty_blocks(&self) -> u64 {
+        self.index.iter().map(|s| s.read().len() as u64).sum()
+    }
+
+    pub fn stats(&self) -> WriteLayerStats {
+        let mut st = WriteLayerStats::default();
+        for shard in self.index.iter() {
+            for &v in shard.read().values() {
+                match Entry::unpack(v) {
+                    Entry::Zero => st.zero_blocks += 1,
+                    Entry::Data { .. } => st.data_blocks += 1,
+                }
+            }
+        }
+        st.slots = self.alloc.lock().next_fresh as u64;
+        st.journal_records = self.journal.read().next.load(Ordering::SeqCst);
+        st
+    }
+
+    /// Lets go of the layer without flushing or leaving the clean marker, as a crash would:
+    /// the next open recovers from the journal.
+    pub fn abandon(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// Flushes, compacts the journal, and leaves the clean marker. Idempotent.
+    pub fn close(&self) -> Result<(), StoreError> {
+        if self.closed.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
+        self.flush()?;
+        let records = self.journal.read().next.load(Ordering::SeqCst);
+        if records != self.dirty_blocks() {
+            self.checkpoint()?;
+        }
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let records = self.journal.read().next.load(Ordering::SeqCst);
+        let path = self.dir.join(CLEAN_FILE);
+        let marker = HeaderWriter::new(CLEAN_MAGIC, VERSION).u64(self.id).u64(records).finish();
+        let f = open_rw(&path, true)?;
+        f.write_all_at(&marker, 0).map_err(|e| StoreError::io(&path, e))?;
+        f.sync_all().map_err(|e| StoreError::io(&path, e))?;
+        format::sync_dir(&self.dir)
+    }
+}
+
+/// `Some(records)` if a valid clean marker for layer `id` exists.
+fn read_clean_marker(path: &Path, id: u64) -> Result<Option<u64>, StoreError> {
+    let f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io(path, e)),
+    };
+    let hdr = format::read_header(&f, path)?;
+    let mut r = HeaderReader::parse(&hdr, CLEAN_MAGIC, VERSION, path, "write layer clean marker")?;
+    let marker_id = r.u64();
+    if marker_id != id {
+        return Err(StoreError::corrupt(path, "write layer clean marker: belongs to another layer"));
+    }
+    Ok(Some(r.u64()))
+}
+
+impl Drop for WriteLayer {
+    fn drop(&mut self) {
+        if let Err(e) = self.close() {
+            tracing::error!(dir = %self.dir.display(), "closing write layer: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_roundtrip_and_position_check() {
+        let mut rec = [0u8; RECORD_LEN];
+        encode_record(7, 99, Entry::Data { slot: 3, crc: 0xdead }, &mut rec);
+        assert_eq!(decode_record(7, &rec), Some((99, Entry::Data { slot: 3, crc: 0xdead })));
+        assert_eq!(decode_record(8, &rec), None, "a record read at another position is stale");
+        encode_record(1, 5, Entry::Zero, &mut rec);
+        assert_eq!(decode_record(1, &rec), Some((5, Entry::Zero)));
+        rec[9] ^= 1;
+        assert_eq!(decode_record(1, &rec), None);
+        assert_eq!(decode_record(0, &[0u8; RECORD_LEN]), None, "an unwritten record is not valid");
+    }
+
+    #[test]
+    fn entry_packing() {
+        for e in [Entry::Zero, Entry::Data { slot: 0, crc: 0 }, Entry::Data { slot: 12345, crc: u32::MAX }] {
+            assert_eq!(Entry::unpack(e.pack()), e);
+        }
+    }
+}
