@@ -78,6 +78,8 @@ enum DiskCmd {
     Rm { disk: String },
     /// Write a disk's full content to FILE as a raw image
     Export { disk: String, file: PathBuf },
+    /// Check every stored block of the disk's layers against its checksum or hash
+    Verify { disk: String },
     /// Write FILE's content into the disk at OFFSET, through the store (only changed blocks)
     Write {
         disk: String,
@@ -343,6 +345,29 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
             }
         }
         DiskCmd::Export { disk, file } => export(store, &disk, &file, json)?,
+        DiskCmd::Verify { disk } => {
+            let d = store.open_disk(&disk)?;
+            let pb = progress_bar(json, &format!("verifying {disk}"));
+            let report = d.verify(&|n| pb.inc(n))?;
+            pb.finish_and_clear();
+            d.close()?;
+            if json {
+                print_json(&json!({ "disk": disk, "ok": report.damaged.is_empty(), "report": report }));
+            } else {
+                println!(
+                    "disk {disk}: {} stored blocks and {} of golden checked, {} damaged",
+                    report.blocks_checked,
+                    human(report.golden_bytes_checked),
+                    report.damaged.len()
+                );
+                for line in &report.damaged {
+                    println!("  damaged: {line}");
+                }
+            }
+            if !report.damaged.is_empty() {
+                return Err(Failure::Failed(format!("disk {disk} is damaged")));
+            }
+        }
         DiskCmd::Write { disk, file, offset } => {
             let pb = progress_bar(json, &format!("writing {disk}"));
             let (bytes, changed) = store.write_file(&disk, &file, offset, &|done, total| {

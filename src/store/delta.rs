@@ -1,6 +1,7 @@
 //! The delta: read-only blocks that differ from the golden, accumulated since the last migration.
 //!
-//! One file: a header, the block data, then a clustered hash table (kernel-notes/formats.md).
+//! One file: a header, the block data, a CRC-32C per data block, then a clustered hash table
+//! (kernel-notes/formats.md).
 //! The table is keyed by *cluster* (16 consecutive blocks = 64 KiB, one repository chunk); an
 //! entry carries two 16-bit maps (which blocks of the cluster have data, which are zeros) and
 //! the index of the cluster's first data block. A cluster's data blocks are stored
@@ -58,6 +59,7 @@ pub struct Delta {
     table: Vec<TableEntry>,
     mask: u64,
     data_offset: u64,
+    crc_offset: u64,
     pub stats: DeltaStats,
 }
 
@@ -80,16 +82,19 @@ impl Delta {
         let entries = r.u64();
         let table_crc = r.u32();
         let zero_blocks = r.u64();
+        let crc_offset = r.u64();
         let corrupt = |what: String| StoreError::corrupt(path, format!("delta: {what}"));
         if bs as usize != BLOCK_SIZE || cluster_blocks as u64 != CLUSTER_BLOCKS {
             return Err(corrupt(format!("geometry {bs}/{cluster_blocks} not supported")));
         }
         let data_end = data_blocks.checked_mul(BLOCK_SIZE as u64).and_then(|b| b.checked_add(data_offset));
+        let crc_end = data_end.and_then(|e| e.checked_add(data_blocks * 4));
         if data_offset != HEADER_LEN as u64
             || !capacity.is_power_of_two()
             || entries >= capacity
             || capacity > 1 << 40
-            || data_end != Some(table_offset)
+            || data_end != Some(crc_offset)
+            || crc_end != Some(table_offset)
         {
             return Err(corrupt("inconsistent header".into()));
         }
@@ -140,6 +145,7 @@ impl Delta {
             table,
             mask,
             data_offset,
+            crc_offset,
             stats: DeltaStats { data_blocks, zero_blocks, clusters: entries, file_bytes: file_len },
         };
         for e in delta.table.iter().filter(|e| e.cluster != EMPTY) {
@@ -185,6 +191,18 @@ impl Delta {
         format::read_exact_at(&self.file, buf, offset, &self.path)
     }
 
+    /// Reads the block at `offset` (from `lookup`) and checks it against its stored CRC-32C.
+    pub fn read_verified(&self, block: u64, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        self.read_at(offset, buf)?;
+        let index = (offset - self.data_offset) / BLOCK_SIZE as u64;
+        let mut crc = [0u8; 4];
+        format::read_exact_at(&self.file, &mut crc, self.crc_offset + index * 4, &self.path)?;
+        if crc32c::crc32c(buf) != u32::from_le_bytes(crc) {
+            return Err(StoreError::corrupt(&self.path, format!("delta: block {block} does not match its checksum")));
+        }
+        Ok(())
+    }
+
     /// Every block of the delta, sorted by block number.
     pub fn blocks(&self) -> Vec<(u64, DeltaBlock)> {
         let mut clusters: Vec<&TableEntry> = self.table.iter().filter(|e| e.cluster != EMPTY).collect();
@@ -215,6 +233,7 @@ pub struct DeltaWriter {
     data_blocks: u64,
     zero_blocks: u64,
     last_block: Option<u64>,
+    crcs: Vec<u8>,
     batch: Vec<u8>,
     batch_start: u64,
 }
@@ -234,6 +253,7 @@ impl DeltaWriter {
             data_blocks: 0,
             zero_blocks: 0,
             last_block: None,
+            crcs: Vec::new(),
             batch: Vec::with_capacity(WRITE_BATCH),
             batch_start: HEADER_LEN as u64,
         })
@@ -259,6 +279,7 @@ impl DeltaWriter {
         debug_assert_eq!(data.len(), BLOCK_SIZE);
         self.entry_for(block).present |= 1 << (block % CLUSTER_BLOCKS);
         self.data_blocks += 1;
+        self.crcs.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
         self.batch.extend_from_slice(data);
         if self.batch.len() >= WRITE_BATCH {
             self.write_batch()?;
@@ -296,7 +317,9 @@ impl DeltaWriter {
             out[16..18].copy_from_slice(&e.present.to_le_bytes());
             out[18..20].copy_from_slice(&e.zero.to_le_bytes());
         }
-        let table_offset = HEADER_LEN as u64 + self.data_blocks * BLOCK_SIZE as u64;
+        let crc_offset = HEADER_LEN as u64 + self.data_blocks * BLOCK_SIZE as u64;
+        self.file.write_all_at(&self.crcs, crc_offset).map_err(|e| StoreError::io(&self.path, e))?;
+        let table_offset = crc_offset + self.crcs.len() as u64;
         self.file.write_all_at(&raw, table_offset).map_err(|e| StoreError::io(&self.path, e))?;
         let header = HeaderWriter::new(MAGIC, VERSION)
             .u32(BLOCK_SIZE as u32)
@@ -308,6 +331,7 @@ impl DeltaWriter {
             .u64(entries)
             .u32(crc32c::crc32c(&raw))
             .u64(self.zero_blocks)
+            .u64(crc_offset)
             .finish();
         self.file.write_all_at(&header, 0).map_err(|e| StoreError::io(&self.path, e))?;
         self.file.sync_all().map_err(|e| StoreError::io(&self.path, e))?;
@@ -361,7 +385,7 @@ pub fn fold(path: &Path, base: Option<&Delta>, wlog: &WriteLayer, disk_blocks: u
             match found {
                 DeltaBlock::Zero => out.push_zero(block),
                 DeltaBlock::Data(off) => {
-                    base.expect("lower blocks come from base").read_at(off, &mut buf)?;
+                    base.expect("lower blocks come from base").read_verified(block, off, &mut buf)?;
                     out.push_data(block, &buf)?;
                 }
                 DeltaBlock::Absent => {}
