@@ -287,8 +287,8 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
                 println!("{:<24} {:>12} {:<20} {:<20} DELTA", "DISK", "SIZE", "IMAGE", "PARENT");
                 for d in &disks {
                     let parent = match &d.parent {
-                        Some(p) if disks.iter().any(|o| &o.name == p) => p.clone(),
-                        Some(p) => format!("{p} (removed)"),
+                        Some(p) if d.parent_removed => format!("{p} (removed)"),
+                        Some(p) => p.clone(),
                         None => "-".into(),
                     };
                     println!(
@@ -310,7 +310,11 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
                 println!("disk:        {}", info.name);
                 println!("size:        {} ({} bytes)", human(info.size), info.size);
                 println!("image:       {} ({})", info.image, human(info.golden_bytes));
-                println!("parent:      {}", info.parent.as_deref().unwrap_or("-"));
+                println!(
+                    "parent:      {}{}",
+                    info.parent.as_deref().unwrap_or("-"),
+                    if info.parent_removed { " (removed)" } else { "" }
+                );
                 println!("children:    {}", if info.children.is_empty() { "-".into() } else { info.children.join(", ") });
                 match &info.delta {
                     Some(d) => println!(

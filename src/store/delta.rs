@@ -99,9 +99,10 @@ impl Delta {
             return Err(corrupt("inconsistent header".into()));
         }
         let file_len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
-        let expected_len = table_offset + capacity * ENTRY_LEN as u64;
-        if file_len != expected_len {
-            return Err(corrupt(format!("file is {file_len} bytes, header says {expected_len} (truncated?)")));
+        let expected_len = capacity.checked_mul(ENTRY_LEN as u64).and_then(|t| t.checked_add(table_offset));
+        if expected_len != Some(file_len) {
+            let said = expected_len.map_or("an impossible size".to_string(), |l| format!("{l} bytes"));
+            return Err(corrupt(format!("file is {file_len} bytes, header says {said} (truncated?)")));
         }
         let mut raw = vec![0u8; capacity as usize * ENTRY_LEN];
         format::read_exact_at(&file, &mut raw, table_offset, path)?;
@@ -117,6 +118,9 @@ impl Delta {
                 zero: le_u16(&e[18..20]),
             })
             .collect();
+        if raw.chunks_exact(ENTRY_LEN).any(|e| e[20..24] != [0u8; 4]) {
+            return Err(corrupt("hash table entry with non-zero reserved bytes".into()));
+        }
         // Structural checks, so that a lookup can trust the table (and always terminates).
         let mask = capacity - 1;
         let (mut seen, mut data, mut zeros) = (0u64, 0u64, 0u64);
@@ -139,6 +143,20 @@ impl Delta {
         if seen != entries || data != data_blocks || zeros != zero_blocks {
             return Err(corrupt("hash table does not match its header".into()));
         }
+        // Every data block belongs to exactly one cluster: the ranges tile [0, data_blocks).
+        let mut ranges: Vec<(u64, u64)> = table
+            .iter()
+            .filter(|e| e.cluster != EMPTY && e.present != 0)
+            .map(|e| (e.first, e.present.count_ones() as u64))
+            .collect();
+        ranges.sort_unstable();
+        let mut next = 0;
+        for (first, n) in ranges {
+            if first != next {
+                return Err(corrupt("hash table data ranges overlap or leave gaps".into()));
+            }
+            next = first + n;
+        }
         let delta = Delta {
             file,
             path: path.to_path_buf(),
@@ -149,7 +167,8 @@ impl Delta {
             stats: DeltaStats { data_blocks, zero_blocks, clusters: entries, file_bytes: file_len },
         };
         for e in delta.table.iter().filter(|e| e.cluster != EMPTY) {
-            if delta.find(e.cluster) != Some(e) {
+            // The probe must stop at this very entry (not an equal-looking earlier one).
+            if !delta.find(e.cluster).is_some_and(|found| std::ptr::eq(found, e)) {
                 return Err(corrupt(format!("cluster {} is listed twice", e.cluster)));
             }
         }

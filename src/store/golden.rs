@@ -50,10 +50,14 @@ impl Golden {
         let size = r.u64();
         let block_size = r.u32();
         let blocks = r.u64();
-        if block_size as usize != BLOCK_SIZE || blocks * BLOCK_SIZE as u64 != size {
+        let chunk_size = r.u32();
+        if block_size as usize != BLOCK_SIZE
+            || blocks.checked_mul(BLOCK_SIZE as u64) != Some(size)
+            || chunk_size as usize != CHUNK_SIZE
+        {
             return Err(StoreError::corrupt(
                 &path,
-                format!("golden image: inconsistent geometry (size {size}, block size {block_size}, {blocks} blocks)"),
+                format!("golden image: inconsistent geometry (size {size}, block size {block_size}, {blocks} blocks, chunk size {chunk_size})"),
             ));
         }
         let len = file.metadata().map_err(|e| StoreError::io(&path, e))?.len();
@@ -194,6 +198,10 @@ fn read_hashes(path: &Path, image_size: u64) -> Result<Vec<[u8; 32]>, StoreError
             path,
             format!("chunk hash file: describes {count} chunks of {chunk_size} bytes over {size} bytes, expected {expected} chunks of {CHUNK_SIZE} over {image_size}"),
         ));
+    }
+    let len = f.metadata().map_err(|e| StoreError::io(path, e))?.len();
+    if len != HEADER_LEN as u64 + count * 32 {
+        return Err(StoreError::corrupt(path, format!("chunk hash file: {len} bytes, expected {}", HEADER_LEN as u64 + count * 32)));
     }
     let mut raw = vec![0u8; count as usize * 32];
     format::read_exact_at(&f, &mut raw, HEADER_LEN as u64, path)?;

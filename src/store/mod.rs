@@ -187,6 +187,7 @@ pub struct DiskInfo {
     pub image: String,
     pub size: u64,
     pub parent: Option<String>,
+    pub parent_removed: bool,
     pub children: Vec<String>,
     pub golden_bytes: u64,
     pub delta: Option<DeltaInfo>,
@@ -334,6 +335,10 @@ impl Store {
                 progress(done, total);
             })?;
             let dest = self.image_dir(name);
+            if dest.exists() {
+                // Left by a crash between moving an import in and registering it.
+                fs::remove_dir_all(&dest).map_err(|e| StoreError::io(&dest, e))?;
+            }
             fs::rename(&image_dir, &dest).map_err(|e| StoreError::io(&dest, e))?;
             format::sync_dir(&self.root.join("images"))?;
             let rec = ImageRecord {
@@ -402,6 +407,7 @@ impl Store {
             wlog,
             parent: None,
             created_at: now_secs(),
+            parent_removed: false,
         };
         let put = self.registry.update(|t| {
             if t.disk(name)?.is_some() {
@@ -449,7 +455,8 @@ impl Store {
         Ok(Some((id, stats)))
     }
 
-    /// Folds the disk's write layer into its delta (a new delta if the old one is shared).
+    /// Folds the disk's write layer into a new delta (the old one stays while another branch
+    /// shares it). Nothing to do if the write layer is empty.
     pub fn compact(&self, name: &str) -> Result<DiskRecord, StoreError> {
         self.fork_or_compact(name, None)
     }
@@ -489,6 +496,7 @@ impl Store {
                         delta: parent.delta.clone(),
                         wlog,
                         parent: Some(name.into()),
+                        parent_removed: false,
                         created_at: now_secs(),
                     })
                 }
@@ -530,11 +538,15 @@ impl Store {
         self.registry.update(|t| {
             t.disk(name)?.ok_or_else(|| StoreError::DiskNotFound(name.into()))?;
             t.remove_disk(name)?;
+            for mut child in t.disks()?.into_iter().filter(|d| d.parent.as_deref() == Some(name) && !d.parent_removed) {
+                child.parent_removed = true;
+                t.put_disk(&child)?;
+            }
             Self::drop_unreferenced_deltas(t)
         })?;
-        self.collect_garbage()?;
-        let _ = fs::remove_file(self.root.join("locks").join(format!("disk-{name}.lock")));
-        Ok(())
+        // The lock file stays: deleting it while others may open it would let two holders
+        // lock two different files of the same name.
+        self.collect_garbage()
     }
 
     /// Deletes layer files and image directories the registry no longer references (left by
@@ -579,7 +591,7 @@ impl Store {
         let img = self.image(&rec.image)?;
         let children = all_disks
             .iter()
-            .filter(|d| d.parent.as_deref() == Some(name))
+            .filter(|d| d.parent.as_deref() == Some(name) && !d.parent_removed)
             .map(|d| d.name.clone())
             .collect();
         let delta = delta_rec.map(|d| DeltaInfo {
@@ -594,6 +606,8 @@ impl Store {
             zero_blocks: d.zero_blocks,
             file_bytes: d.file_bytes,
         });
+        // Opening the write layer may recover it; hold off structural changes meanwhile.
+        let _structure = self.structure_lock()?;
         let (write_layer, in_use) = match self.lock_disk(name) {
             Ok(_lock) => {
                 let w = WriteLayer::open(&self.wlog_dir(&rec.wlog))?;
@@ -618,6 +632,7 @@ impl Store {
             image: rec.image,
             size: rec.size,
             parent: rec.parent,
+            parent_removed: rec.parent_removed,
             children,
             golden_bytes: img.size,
             delta,

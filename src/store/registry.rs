@@ -1,6 +1,7 @@
-//! The registry: images, disks, deltas and the branch tree, in redb (embedded, ACID, stable
-//! format). Values are JSON documents so that `redb` dumps stay readable and fields can be
-//! added without a migration. Layout: kernel-notes/formats.md.
+//! The registry: images, disks, deltas and the branch tree, in redb (embedded, ACID; redb keeps
+//! its file format within a major version, and the version is pinned). Values are JSON
+//! documents so that dumps stay readable; a field added later must be `Option` or carry
+//! `#[serde(default)]` so that older records still load. Layout: kernel-notes/formats.md.
 //!
 //! redb lets one process open a database file at a time, and a served disk lives for days, so
 //! no process keeps the registry open: every operation opens it, runs one transaction and
@@ -48,6 +49,9 @@ pub struct DiskRecord {
     pub wlog: String,
     /// The disk this one was forked from.
     pub parent: Option<String>,
+    /// Set when the parent was removed (the name may since have been reused).
+    #[serde(default)]
+    pub parent_removed: bool,
     pub created_at: u64,
 }
 
@@ -98,6 +102,9 @@ impl Registry {
             let name = meta.get("format").map_err(|e| db_err(t.path, e))?.map(|v| v.value().to_string());
             let version = meta.get("version").map_err(|e| db_err(t.path, e))?.map(|v| v.value().to_string());
             match (name.as_deref(), version.as_deref()) {
+                (None, None) if t.txn.list_tables().map_err(|e| db_err(t.path, e))?.count() > 1 => {
+                    return Err(StoreError::corrupt(t.path, "registry: a redb database, but not a Stasis registry"))
+                }
                 (None, None) => {
                     meta.insert("format", FORMAT_NAME).map_err(|e| db_err(t.path, e))?;
                     meta.insert("version", FORMAT_VERSION).map_err(|e| db_err(t.path, e))?;

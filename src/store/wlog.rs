@@ -5,8 +5,10 @@
 //!   the slot holding the block's previous version, so a crash mid-write cannot tear data that
 //!   a FLUSH already made durable.
 //! - `journal`: fixed 32-byte records `(seq, block, slot, crc32c(data))` appended after the
-//!   header. A record's position is its sequence number, so concurrent writers append without
-//!   a lock: each reserves positions with one atomic add.
+//!   header. Record `p` carries sequence number `base_seq + p`, so concurrent writers append
+//!   without a lock: each reserves positions with one atomic add. Sequence numbers only grow,
+//!   across checkpoints too; for each block the highest one wins, both in the in-memory index
+//!   and in recovery, so reads after a crash match reads before it.
 //!
 //! FLUSH = fdatasync(data) + fdatasync(journal). A slot superseded by a newer version becomes
 //! reusable only after a FLUSH made the newer record durable, and only once no reader can still
@@ -66,7 +68,24 @@ impl Entry {
 
 struct Journal {
     file: File,
+    /// Sequence number of the record at position 0.
+    base: u64,
+    /// Next sequence number to hand out (absolute).
     next: AtomicU64,
+}
+
+impl Journal {
+    fn records(&self) -> u64 {
+        self.next.load(Ordering::SeqCst) - self.base
+    }
+}
+
+/// A block's current version in the index: where it is, and the sequence number of the
+/// journal record that put it there.
+#[derive(Clone, Copy)]
+struct Version {
+    packed: u64,
+    seq: u64,
 }
 
 struct SlotAlloc {
@@ -91,7 +110,7 @@ pub struct WriteLayer {
     data: File,
     id: u64,
     journal: RwLock<Journal>,
-    index: Box<[RwLock<HashMap<u64, u64>>]>,
+    index: Box<[RwLock<HashMap<u64, Version>>]>,
     alloc: Mutex<SlotAlloc>,
     pending_free: Mutex<Vec<u32>>,
     /// Readers hold it shared while they map a block to a slot and read that slot; freeing
@@ -130,18 +149,22 @@ fn encode_record(seq: u64, block: u64, entry: Entry, out: &mut [u8]) {
     out[28..32].copy_from_slice(&rc.to_le_bytes());
 }
 
-/// A journal record if it is intact and sits at its own position.
-pub fn decode_record(position: u64, rec: &[u8]) -> Option<(u64, Entry)> {
+/// A journal record if it is intact and carries the sequence number of its position.
+pub fn decode_record(expected_seq: u64, rec: &[u8]) -> Option<(u64, Entry)> {
     if rec.len() != RECORD_LEN || crc32c::crc32c(&rec[0..28]) != le_u32(&rec[28..32]) {
         return None;
     }
-    if le_u64(&rec[0..8]) != position || le_u32(&rec[24..28]) != 0 {
+    if le_u64(&rec[0..8]) != expected_seq || le_u32(&rec[24..28]) != 0 {
         return None;
     }
     let block = le_u64(&rec[8..16]);
     let slot = le_u32(&rec[16..20]);
     let crc = le_u32(&rec[20..24]);
-    Some((block, if slot == ZERO_SLOT { Entry::Zero } else { Entry::Data { slot, crc } }))
+    match slot {
+        ZERO_SLOT if crc != 0 => None,
+        ZERO_SLOT => Some((block, Entry::Zero)),
+        _ => Some((block, Entry::Data { slot, crc })),
+    }
 }
 
 fn is_zero(block: &[u8]) -> bool {
@@ -159,8 +182,8 @@ fn open_rw(path: &Path, create: bool) -> Result<File, StoreError> {
         .map_err(|e| StoreError::io(path, e))
 }
 
-fn journal_header(id: u64) -> Vec<u8> {
-    HeaderWriter::new(JOURNAL_MAGIC, VERSION).u64(id).u32(RECORD_LEN as u32).finish()
+fn journal_header(id: u64, base_seq: u64) -> Vec<u8> {
+    HeaderWriter::new(JOURNAL_MAGIC, VERSION).u64(id).u32(RECORD_LEN as u32).u64(base_seq).finish()
 }
 
 impl WriteLayer {
@@ -175,9 +198,12 @@ impl WriteLayer {
         data.sync_all().map_err(|e| StoreError::io(&data_path, e))?;
         let journal_path = dir.join(JOURNAL_FILE);
         let journal = open_rw(&journal_path, true)?;
-        journal.write_all_at(&journal_header(id), 0).map_err(|e| StoreError::io(&journal_path, e))?;
+        journal.write_all_at(&journal_header(id, 0), 0).map_err(|e| StoreError::io(&journal_path, e))?;
         journal.sync_all().map_err(|e| StoreError::io(&journal_path, e))?;
         format::sync_dir(dir)?;
+        if let Some(parent) = dir.parent() {
+            format::sync_dir(parent)?;
+        }
         Ok(())
     }
 
@@ -199,7 +225,11 @@ impl WriteLayer {
         let mut r = HeaderReader::parse(&hdr, JOURNAL_MAGIC, VERSION, &journal_path, "write layer journal")?;
         let journal_id = r.u64();
         let rec_len = r.u32();
-        if journal_id != id || rec_len as usize != RECORD_LEN {
+        let base_seq = r.u64();
+        if rec_len as usize != RECORD_LEN {
+            return Err(StoreError::corrupt(&journal_path, format!("write layer journal: record length {rec_len}")));
+        }
+        if journal_id != id {
             return Err(StoreError::corrupt(
                 &journal_path,
                 format!("write layer journal: belongs to layer {journal_id:016x}, data file to {id:016x}"),
@@ -216,7 +246,7 @@ impl WriteLayer {
 
         let clean_path = dir.join(CLEAN_FILE);
         let clean = read_clean_marker(&clean_path, id)?;
-        let index: Vec<RwLock<HashMap<u64, u64>>> = (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect();
+        let index: Vec<RwLock<HashMap<u64, Version>>> = (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect();
         let mut max_used: Option<u32> = None;
         let mut used = 0u64;
 
@@ -229,7 +259,8 @@ impl WriteLayer {
                 ));
             }
             for (pos, rec) in records.chunks_exact(RECORD_LEN).enumerate() {
-                let Some((block, entry)) = decode_record(pos as u64, rec) else {
+                let seq = base_seq + pos as u64;
+                let Some((block, entry)) = decode_record(seq, rec) else {
                     return Err(StoreError::corrupt(
                         &journal_path,
                         format!("write layer journal: record {pos} is damaged"),
@@ -243,47 +274,54 @@ impl WriteLayer {
                         ));
                     }
                 }
-                index[shard_of(block)].write().insert(block, entry.pack());
+                index[shard_of(block)].write().insert(block, Version { packed: entry.pack(), seq });
             }
         } else {
             let mut candidates: HashMap<u64, Vec<(u64, Entry)>> = HashMap::new();
             let mut damaged = 0u64;
             for (pos, rec) in records.chunks_exact(RECORD_LEN).enumerate() {
-                match decode_record(pos as u64, rec) {
-                    Some((block, entry)) => candidates.entry(block).or_default().push((pos as u64, entry)),
+                let seq = base_seq + pos as u64;
+                match decode_record(seq, rec) {
+                    Some((block, entry)) => candidates.entry(block).or_default().push((seq, entry)),
                     None => damaged += 1,
                 }
             }
             let mut buf = vec![0u8; BLOCK_SIZE];
-            let mut fell_back = 0u64;
+            let (mut fell_back, mut dropped) = (0u64, 0u64);
             for (block, mut versions) in candidates {
                 versions.sort_unstable_by(|a, b| b.0.cmp(&a.0));
-                for (i, (_, entry)) in versions.iter().enumerate() {
-                    let good = match *entry {
+                let mut found = false;
+                for (i, &(seq, entry)) in versions.iter().enumerate() {
+                    // A slot past the end of the file, or whose content does not match, was
+                    // never made durable: that write was not flushed, fall back to the one before.
+                    let good = match entry {
                         Entry::Zero => true,
-                        Entry::Data { slot, crc } => {
-                            slot < slots_in_file
-                                && data.read_exact_at(&mut buf, slot_offset(slot)).is_ok()
-                                && crc32c::crc32c(&buf) == crc
+                        Entry::Data { slot, crc } if slot < slots_in_file => {
+                            format::read_exact_at(&data, &mut buf, slot_offset(slot), &data_path)?;
+                            crc32c::crc32c(&buf) == crc
                         }
+                        Entry::Data { .. } => false,
                     };
                     if good {
                         fell_back += (i > 0) as u64;
-                        index[shard_of(block)].write().insert(block, entry.pack());
+                        index[shard_of(block)].write().insert(block, Version { packed: entry.pack(), seq });
+                        found = true;
                         break;
                     }
                 }
+                dropped += !found as u64;
             }
-            tracing::info!(
-                dir = %dir.display(), records = record_count, damaged, fell_back,
-                "write layer recovered from its journal"
+            tracing::warn!(
+                dir = %dir.display(), records = record_count, invalid_records = damaged,
+                blocks_rolled_back = fell_back, blocks_never_durable = dropped,
+                "write layer was not closed cleanly; recovered from its journal (unflushed writes may be rolled back)"
             );
         }
 
         let mut is_used = vec![false; slots_in_file as usize];
         for shard in &index {
-            for &v in shard.read().values() {
-                if let Entry::Data { slot, .. } = Entry::unpack(v) {
+            for v in shard.read().values() {
+                if let Entry::Data { slot, .. } = Entry::unpack(v.packed) {
                     if (slot as usize) < is_used.len() {
                         is_used[slot as usize] = true;
                     }
@@ -302,7 +340,7 @@ impl WriteLayer {
             journal_path,
             data,
             id,
-            journal: RwLock::new(Journal { file: journal, next: AtomicU64::new(record_count) }),
+            journal: RwLock::new(Journal { file: journal, base: base_seq, next: AtomicU64::new(base_seq + record_count) }),
             index: index.into_boxed_slice(),
             alloc: Mutex::new(SlotAlloc { free, next_fresh }),
             pending_free: Mutex::new(Vec::new()),
@@ -327,7 +365,7 @@ impl WriteLayer {
 
     #[inline]
     pub fn lookup(&self, block: u64) -> Option<Entry> {
-        self.index[shard_of(block)].read().get(&block).map(|&v| Entry::unpack(v))
+        self.index[shard_of(block)].read().get(&block).map(|v| Entry::unpack(v.packed))
     }
 
     /// Hold this while looking up blocks and reading their slots.
@@ -340,15 +378,19 @@ impl WriteLayer {
         format::read_exact_at(&self.data, buf, slot_offset(slot), &self.data_path)
     }
 
-    fn alloc_slots(&self, n: usize) -> Vec<u32> {
+    fn alloc_slots(&self, n: usize) -> Result<Vec<u32>, StoreError> {
         let mut a = self.alloc.lock();
         if a.free.len() >= n {
-            (0..n).filter_map(|_| a.free.pop_first()).collect()
+            Ok((0..n).filter_map(|_| a.free.pop_first()).collect())
         } else {
             // Not enough reusable slots: take a fresh contiguous run so the data goes out in one write.
             let first = a.next_fresh;
-            a.next_fresh += n as u32;
-            (first..first + n as u32).collect()
+            let end = first as u64 + n as u64;
+            if end >= ZERO_SLOT as u64 {
+                return Err(StoreError::corrupt(&self.dir, "write layer is full (16 TiB of slots); compact the disk"));
+            }
+            a.next_fresh = end as u32;
+            Ok((first..end as u32).collect())
         }
     }
 
@@ -364,7 +406,7 @@ impl WriteLayer {
         let n = data.len() / BLOCK_SIZE;
         let blocks: Vec<&[u8]> = data.chunks_exact(BLOCK_SIZE).collect();
         let zero: Vec<bool> = blocks.iter().map(|b| is_zero(b)).collect();
-        let mut slots = self.alloc_slots(zero.iter().filter(|z| !**z).count()).into_iter();
+        let mut slots = self.alloc_slots(zero.iter().filter(|z| !**z).count())?.into_iter();
         let mut entries = Vec::with_capacity(n);
         for (i, b) in blocks.iter().enumerate() {
             entries.push(if zero[i] {
@@ -412,7 +454,7 @@ impl WriteLayer {
         for (i, (entry, out)) in entries.iter().zip(records.chunks_exact_mut(RECORD_LEN)).enumerate() {
             encode_record(seq + i as u64, first_block + i as u64, *entry, out);
         }
-        let at = HEADER_LEN as u64 + seq * RECORD_LEN as u64;
+        let at = HEADER_LEN as u64 + (seq - journal.base) * RECORD_LEN as u64;
         if let Err(e) = journal.file.write_all_at(&records, at) {
             return self.fail(&self.journal_path, e);
         }
@@ -421,8 +463,20 @@ impl WriteLayer {
         let mut superseded = Vec::new();
         for (i, entry) in entries.iter().enumerate() {
             let block = first_block + i as u64;
-            let old = self.index[shard_of(block)].write().insert(block, entry.pack());
-            if let Some(Entry::Data { slot, .. }) = old.map(Entry::unpack) {
+            let mine = Version { packed: entry.pack(), seq: seq + i as u64 };
+            let mut shard = self.index[shard_of(block)].write();
+            let loser = match shard.get_mut(&block) {
+                // A concurrent write to the same block got a later sequence number but
+                // published first: it stays, as recovery would choose it.
+                Some(cur) if cur.seq > mine.seq => mine,
+                Some(cur) => std::mem::replace(cur, mine),
+                None => {
+                    shard.insert(block, mine);
+                    continue;
+                }
+            };
+            drop(shard);
+            if let Entry::Data { slot, .. } = Entry::unpack(loser.packed) {
                 superseded.push(slot);
             }
         }
@@ -454,7 +508,7 @@ impl WriteLayer {
                 return self.fail(&self.journal_path, e);
             }
             let live = self.dirty_blocks();
-            let wasteful = journal.next.load(Ordering::SeqCst) > 2 * live + CHECKPOINT_SLACK;
+            let wasteful = journal.records() > 2 * live + CHECKPOINT_SLACK;
             drop(journal);
             if wasteful {
                 self.checkpoint()?;
@@ -474,20 +528,29 @@ impl WriteLayer {
             return self.fail(&self.data_path, e);
         }
         let entries = self.entries();
+        // The new journal continues the sequence: its records are newer than any before.
+        let base = journal.next.load(Ordering::SeqCst);
         let tmp = self.dir.join("journal.new");
         let _ = fs::remove_file(&tmp);
         let file = open_rw(&tmp, true)?;
-        let mut buf = journal_header(self.id);
+        let mut buf = journal_header(self.id, base);
         buf.resize(HEADER_LEN + entries.len() * RECORD_LEN, 0);
         for (i, (block, entry)) in entries.iter().enumerate() {
             let at = HEADER_LEN + i * RECORD_LEN;
-            encode_record(i as u64, *block, *entry, &mut buf[at..at + RECORD_LEN]);
+            encode_record(base + i as u64, *block, *entry, &mut buf[at..at + RECORD_LEN]);
         }
         file.write_all_at(&buf, 0).map_err(|e| StoreError::io(&tmp, e))?;
         file.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
-        fs::rename(&tmp, &self.journal_path).map_err(|e| StoreError::io(&self.journal_path, e))?;
-        format::sync_dir(&self.dir)?;
-        *journal = Journal { file, next: AtomicU64::new(entries.len() as u64) };
+        if let Err(e) = fs::rename(&tmp, &self.journal_path) {
+            return self.fail(&self.journal_path, e);
+        }
+        // The new file is the journal from here on, whatever happens next.
+        *journal = Journal { file, base, next: AtomicU64::new(base + entries.len() as u64) };
+        drop(journal);
+        if let Err(e) = format::sync_dir(&self.dir) {
+            self.poisoned.store(true, Ordering::SeqCst);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -495,7 +558,7 @@ impl WriteLayer {
     pub fn entries(&self) -> Vec<(u64, Entry)> {
         let mut all = Vec::with_capacity(self.dirty_blocks() as usize);
         for shard in self.index.iter() {
-            all.extend(shard.read().iter().map(|(&b, &v)| (b, Entry::unpack(v))));
+            all.extend(shard.read().iter().map(|(&b, v)| (b, Entry::unpack(v.packed))));
         }
         all.sort_unstable_by_key(|e| e.0);
         all
@@ -509,15 +572,15 @@ impl WriteLayer {
     pub fn stats(&self) -> WriteLayerStats {
         let mut st = WriteLayerStats::default();
         for shard in self.index.iter() {
-            for &v in shard.read().values() {
-                match Entry::unpack(v) {
+            for v in shard.read().values() {
+                match Entry::unpack(v.packed) {
                     Entry::Zero => st.zero_blocks += 1,
                     Entry::Data { .. } => st.data_blocks += 1,
                 }
             }
         }
         st.slots = self.alloc.lock().next_fresh as u64;
-        st.journal_records = self.journal.read().next.load(Ordering::SeqCst);
+        st.journal_records = self.journal.read().records();
         st
     }
 
@@ -533,19 +596,22 @@ impl WriteLayer {
             return Ok(());
         }
         self.flush()?;
-        let records = self.journal.read().next.load(Ordering::SeqCst);
-        if records != self.dirty_blocks() {
+        if self.journal.read().records() != self.dirty_blocks() {
             self.checkpoint()?;
         }
         if self.poisoned.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let records = self.journal.read().next.load(Ordering::SeqCst);
+        let records = self.journal.read().records();
+        // Written aside and renamed: a crash leaves either no marker or a whole one.
         let path = self.dir.join(CLEAN_FILE);
+        let tmp = self.dir.join("clean.new");
+        let _ = fs::remove_file(&tmp);
         let marker = HeaderWriter::new(CLEAN_MAGIC, VERSION).u64(self.id).u64(records).finish();
-        let f = open_rw(&path, true)?;
-        f.write_all_at(&marker, 0).map_err(|e| StoreError::io(&path, e))?;
-        f.sync_all().map_err(|e| StoreError::io(&path, e))?;
+        let f = open_rw(&tmp, true)?;
+        f.write_all_at(&marker, 0).map_err(|e| StoreError::io(&tmp, e))?;
+        f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
+        fs::rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
         format::sync_dir(&self.dir)
     }
 }
