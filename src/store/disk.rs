@@ -12,6 +12,8 @@ use crate::blockdev::{check_range, BlockDevice, BlockError};
 
 const BS: u64 = BLOCK_SIZE as u64;
 const RMW_STRIPES: usize = 256;
+/// Blocks per delta cluster / index shard group.
+const CLUSTER: usize = super::delta::CLUSTER_BLOCKS as usize;
 /// Large requests are resolved and copied in pieces of this size to bound temporary buffers.
 const PIECE: u64 = 1 << 20;
 
@@ -151,24 +153,41 @@ impl Disk {
         self.wlog.abandon();
     }
 
+    /// Resolves `out.len()` consecutive blocks from `first`, all inside one 16-block cluster:
+    /// one index shard lock and one delta probe serve them all.
     #[inline]
-    fn resolve(&self, block: u64) -> Source {
-        match self.wlog.lookup(block) {
-            Some(Entry::Data { slot, .. }) => return Source::Slot(slot),
-            Some(Entry::Zero) => return Source::Zero,
-            None => {}
-        }
+    fn resolve_cluster(&self, first: u64, out: &mut [Source]) {
+        let m = out.len();
+        let mut upper = [None; CLUSTER];
+        self.wlog.lookup_cluster(first, &mut upper[..m]);
+        let mut middle = [DeltaBlock::Absent; CLUSTER];
         if let Some(delta) = &self.delta {
-            match delta.lookup(block) {
-                DeltaBlock::Data(off) => return Source::Delta(off),
-                DeltaBlock::Zero => return Source::Zero,
-                DeltaBlock::Absent => {}
+            if upper[..m].iter().any(Option::is_none) {
+                delta.lookup_cluster(first, &mut middle[..m]);
             }
         }
-        if block < self.golden.blocks {
-            Source::Golden(block)
-        } else {
-            Source::Zero
+        for k in 0..m {
+            let block = first + k as u64;
+            out[k] = match (upper[k], middle[k]) {
+                (Some(Entry::Data { slot, .. }), _) => Source::Slot(slot),
+                (Some(Entry::Zero), _) => Source::Zero,
+                (None, DeltaBlock::Data(off)) => Source::Delta(off),
+                (None, DeltaBlock::Zero) => Source::Zero,
+                (None, DeltaBlock::Absent) if block < self.golden.blocks => Source::Golden(block),
+                (None, DeltaBlock::Absent) => Source::Zero,
+            };
+        }
+    }
+
+    fn read_run(&self, src: Source, out: &mut [u8]) -> Result<(), StoreError> {
+        match src {
+            Source::Zero => {
+                out.fill(0);
+                Ok(())
+            }
+            Source::Slot(slot) => self.wlog.read_slots(slot, out),
+            Source::Delta(off) => self.delta.as_ref().expect("resolved from delta").read_at(off, out),
+            Source::Golden(block) => self.golden.read_blocks(block, out),
         }
     }
 
@@ -177,30 +196,28 @@ impl Disk {
         let n = (buf.len() / BLOCK_SIZE) as u64;
         // No slot can be reused while we hold this, so a block read is never another's data.
         let _guard = self.wlog.read_guard();
-        let mut i = 0;
-        let mut src = self.resolve(first);
+        let mut run: Option<(u64, Source)> = None;
+        let mut i = 0u64;
+        let mut sources = [Source::Zero; CLUSTER];
         while i < n {
-            let mut j = i + 1;
-            let mut next = None;
-            while j < n {
-                let s = self.resolve(first + j);
-                if !src.continues(j - i, s) {
-                    next = Some(s);
-                    break;
+            let block = first + i;
+            let m = ((CLUSTER as u64 - block % CLUSTER as u64).min(n - i)) as usize;
+            self.resolve_cluster(block, &mut sources[..m]);
+            for (k, &s) in sources[..m].iter().enumerate() {
+                let at = i + k as u64;
+                match run {
+                    Some((start, src)) if src.continues(at - start, s) => {}
+                    Some((start, src)) => {
+                        self.read_run(src, &mut buf[(start * BS) as usize..(at * BS) as usize])?;
+                        run = Some((at, s));
+                    }
+                    None => run = Some((at, s)),
                 }
-                j += 1;
             }
-            let out = &mut buf[(i * BS) as usize..(j * BS) as usize];
-            match src {
-                Source::Zero => out.fill(0),
-                Source::Slot(slot) => self.wlog.read_slots(slot, out)?,
-                Source::Delta(off) => self.delta.as_ref().expect("resolved from delta").read_at(off, out)?,
-                Source::Golden(block) => self.golden.read_blocks(block, out)?,
-            }
-            i = j;
-            if let Some(s) = next {
-                src = s;
-            }
+            i += m as u64;
+        }
+        if let Some((start, src)) = run {
+            self.read_run(src, &mut buf[(start * BS) as usize..])?;
         }
         Ok(())
     }
