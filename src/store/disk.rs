@@ -196,6 +196,20 @@ impl Disk {
         let n = (buf.len() / BLOCK_SIZE) as u64;
         // No slot can be reused while we hold this, so a block read is never another's data.
         let _guard = self.wlog.read_guard();
+        if n == 1 {
+            // The common 4 KiB case, without the batch machinery.
+            let src = match self.wlog.lookup(first) {
+                Some(Entry::Data { slot, .. }) => Source::Slot(slot),
+                Some(Entry::Zero) => Source::Zero,
+                None => match self.delta.as_ref().map_or(DeltaBlock::Absent, |d| d.lookup(first)) {
+                    DeltaBlock::Data(off) => Source::Delta(off),
+                    DeltaBlock::Zero => Source::Zero,
+                    DeltaBlock::Absent if first < self.golden.blocks => Source::Golden(first),
+                    DeltaBlock::Absent => Source::Zero,
+                },
+            };
+            return self.read_run(src, buf);
+        }
         let mut run: Option<(u64, Source)> = None;
         let mut i = 0u64;
         let mut sources = [Source::Zero; CLUSTER];
