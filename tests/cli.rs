@@ -312,9 +312,9 @@ fn damaged_chunk_hashes_and_data_blocks_are_found_by_verify() {
     expect_refused(&env, &hashes, &["image", "verify", "base"], "chunk hashes");
 
     for (what, file, at) in [
-        ("golden data", "golden", 4096 + 5000u64),
-        ("delta data", "delta", 4096 + 10),
-        ("write layer data", "data", 4096 + 7),
+        ("golden data", "golden", (1 << 20) + 5000u64),
+        ("delta data", "delta", (1 << 20) + 10),
+        ("write layer data", "data", (1 << 20) + 7),
     ] {
         let env = setup();
         let path = match file {

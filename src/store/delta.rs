@@ -14,7 +14,7 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::format::{self, le_u16, le_u64, HeaderReader, HeaderWriter, HEADER_LEN};
+use super::format::{self, le_u16, le_u64, HeaderReader, HeaderWriter, DATA_OFFSET};
 use super::wlog::{Entry as WEntry, WriteLayer};
 use super::{StoreError, BLOCK_SIZE};
 
@@ -89,7 +89,7 @@ impl Delta {
         }
         let data_end = data_blocks.checked_mul(BLOCK_SIZE as u64).and_then(|b| b.checked_add(data_offset));
         let crc_end = data_end.and_then(|e| e.checked_add(data_blocks * 4));
-        if data_offset != HEADER_LEN as u64
+        if data_offset != DATA_OFFSET
             || !capacity.is_power_of_two()
             || entries >= capacity
             || capacity > 1 << 40
@@ -294,7 +294,7 @@ impl DeltaWriter {
             last_block: None,
             crcs: Vec::new(),
             batch: Vec::with_capacity(WRITE_BATCH),
-            batch_start: HEADER_LEN as u64,
+            batch_start: DATA_OFFSET,
         })
     }
 
@@ -356,14 +356,14 @@ impl DeltaWriter {
             out[16..18].copy_from_slice(&e.present.to_le_bytes());
             out[18..20].copy_from_slice(&e.zero.to_le_bytes());
         }
-        let crc_offset = HEADER_LEN as u64 + self.data_blocks * BLOCK_SIZE as u64;
+        let crc_offset = DATA_OFFSET + self.data_blocks * BLOCK_SIZE as u64;
         self.file.write_all_at(&self.crcs, crc_offset).map_err(|e| StoreError::io(&self.path, e))?;
         let table_offset = crc_offset + self.crcs.len() as u64;
         self.file.write_all_at(&raw, table_offset).map_err(|e| StoreError::io(&self.path, e))?;
         let header = HeaderWriter::new(MAGIC, VERSION)
             .u32(BLOCK_SIZE as u32)
             .u32(CLUSTER_BLOCKS as u32)
-            .u64(HEADER_LEN as u64)
+            .u64(DATA_OFFSET)
             .u64(self.data_blocks)
             .u64(table_offset)
             .u64(capacity)

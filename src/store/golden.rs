@@ -1,6 +1,6 @@
 //! The golden image: an immutable base shared read-only by every disk made from it.
 //!
-//! Linear addressing: block N lives at byte `4096 + N * 4096` of the `golden` file, so a read
+//! Linear addressing: block N lives at byte `1 MiB + N * 4096` of the `golden` file, so a read
 //! needs no index. Beside it, `chunks.b3` holds the BLAKE3 hash of every chunk, computed once
 //! at import so the swap engine and image distribution never hash the golden again.
 //! Formats: kernel-notes/formats.md.
@@ -10,7 +10,7 @@ use std::io::{ErrorKind, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use super::format::{self, HeaderReader, HeaderWriter, HEADER_LEN};
+use super::format::{self, HeaderReader, HeaderWriter, DATA_OFFSET, HEADER_LEN};
 use super::{StoreError, BLOCK_SIZE, CHUNK_SIZE};
 
 const GOLDEN_MAGIC: &[u8; 8] = b"STASGOLD";
@@ -61,10 +61,10 @@ impl Golden {
             ));
         }
         let len = file.metadata().map_err(|e| StoreError::io(&path, e))?.len();
-        if len != HEADER_LEN as u64 + size {
+        if len != DATA_OFFSET + size {
             return Err(StoreError::corrupt(
                 &path,
-                format!("golden image: file is {len} bytes, header says {}", HEADER_LEN as u64 + size),
+                format!("golden image: file is {len} bytes, header says {}", DATA_OFFSET + size),
             ));
         }
         Ok(Golden { file, path, dir: dir.to_path_buf(), size, blocks })
@@ -73,7 +73,7 @@ impl Golden {
     /// Byte offset of `block` in the golden file (the caller checks `block < self.blocks`).
     #[inline]
     pub fn block_offset(block: u64) -> u64 {
-        HEADER_LEN as u64 + block * BLOCK_SIZE as u64
+        DATA_OFFSET + block * BLOCK_SIZE as u64
     }
 
     /// Reads whole blocks starting at `block`; blocks past the image's end read as zeros.
@@ -100,7 +100,7 @@ impl Golden {
         for (i, want) in stored.iter().enumerate() {
             let off = i as u64 * CHUNK_SIZE as u64;
             let len = (self.size - off).min(CHUNK_SIZE as u64) as usize;
-            format::read_exact_at(&self.file, &mut buf[..len], HEADER_LEN as u64 + off, &self.path)?;
+            format::read_exact_at(&self.file, &mut buf[..len], DATA_OFFSET + off, &self.path)?;
             if blake3::hash(&buf[..len]).as_bytes() != want {
                 bad.push(i as u64);
             }
@@ -149,7 +149,7 @@ pub fn import_raw(
             match (zero, run_start) {
                 (false, None) => run_start = Some(at),
                 (true, Some(s)) => {
-                    out.write_all_at(&buf[s..at], HEADER_LEN as u64 + source_size + s as u64)
+                    out.write_all_at(&buf[s..at], DATA_OFFSET + source_size + s as u64)
                         .map_err(|e| StoreError::io(&golden_tmp, e))?;
                     run_start = None;
                 }
@@ -157,7 +157,7 @@ pub fn import_raw(
             }
         }
         if let Some(s) = run_start {
-            out.write_all_at(&buf[s..len], HEADER_LEN as u64 + source_size + s as u64)
+            out.write_all_at(&buf[s..len], DATA_OFFSET + source_size + s as u64)
                 .map_err(|e| StoreError::io(&golden_tmp, e))?;
         }
         source_size += got as u64;
@@ -175,7 +175,7 @@ pub fn import_raw(
         .u32(CHUNK_SIZE as u32)
         .finish();
     out.write_all_at(&header, 0).map_err(|e| StoreError::io(&golden_tmp, e))?;
-    out.set_len(HEADER_LEN as u64 + size).map_err(|e| StoreError::io(&golden_tmp, e))?;
+    out.set_len(DATA_OFFSET + size).map_err(|e| StoreError::io(&golden_tmp, e))?;
     out.sync_all().map_err(|e| StoreError::io(&golden_tmp, e))?;
 
     write_hashes(&hashes_tmp, size, &hashes)?;

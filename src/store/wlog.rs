@@ -1,7 +1,7 @@
 //! The write layer: a crash-safe redo log of the writes since the last swapin.
 //!
 //! Two files (kernel-notes/formats.md):
-//! - `data`: 4 KiB slots after a 4 KiB header. A block write goes to a *free* slot, never over
+//! - `data`: 4 KiB slots from 1 MiB on, after a 4 KiB header. A block write goes to a *free* slot, never over
 //!   the slot holding the block's previous version, so a crash mid-write cannot tear data that
 //!   a FLUSH already made durable.
 //! - `journal`: fixed 32-byte records `(seq, block, slot, crc32c(data))` appended after the
@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
-use super::format::{self, le_u32, le_u64, HeaderReader, HeaderWriter, HEADER_LEN};
+use super::format::{self, le_u32, le_u64, HeaderReader, HeaderWriter, DATA_OFFSET, HEADER_LEN};
 use super::{StoreError, BLOCK_SIZE};
 
 const DATA_MAGIC: &[u8; 8] = b"STASWDAT";
@@ -162,7 +162,7 @@ fn shard_of(block: u64) -> usize {
 }
 
 fn slot_offset(slot: u32) -> u64 {
-    HEADER_LEN as u64 + slot as u64 * BLOCK_SIZE as u64
+    DATA_OFFSET + slot as u64 * BLOCK_SIZE as u64
 }
 
 fn encode_record(seq: u64, block: u64, entry: Entry, out: &mut [u8]) {
@@ -267,7 +267,7 @@ impl WriteLayer {
         }
 
         let data_len = data.metadata().map_err(|e| StoreError::io(&data_path, e))?.len();
-        let slots_in_file = (data_len.saturating_sub(HEADER_LEN as u64) / BLOCK_SIZE as u64) as u32;
+        let slots_in_file = (data_len.saturating_sub(DATA_OFFSET) / BLOCK_SIZE as u64).min(ZERO_SLOT as u64 - 1) as u32;
         let journal_len = journal.metadata().map_err(|e| StoreError::io(&journal_path, e))?.len();
         let body_len = journal_len.saturating_sub(HEADER_LEN as u64);
         let mut records = vec![0u8; body_len as usize];
