@@ -5,7 +5,8 @@
 //!   [0, 256M)    delta        (written, then compacted)
 //!   [256M, 512M) write layer  (written after the compaction)
 //!   [512M, 1G)   golden only
-//!   [1G, 2G)     beyond the golden: zeros; sequential writes go here
+//!   [1G, 1.5G)   beyond the golden (zeros); the sequential-write job writes here
+//!   [1.5G, 2G)   beyond the golden (zeros); the random-write job writes here
 //! The raw peer is a 2 GiB file with the same content.
 //!
 //! `tools/bench-store` runs it; STASIS_BENCH_DIR picks the directory (default
@@ -161,7 +162,7 @@ fn main() {
                 for i in 0..n {
                     let b = splitmix(rep * 7_000_003 + i) % (512 * MIB / BS);
                     fill(&mut buf[..64], i ^ rep << 32);
-                    t.write(512 * MIB + b * BS, &buf);
+                    t.write(3 * GIB / 2 + b * BS, &buf);
                     if (i + 1) % 64 == 0 {
                         t.flush();
                     }
@@ -170,7 +171,7 @@ fn main() {
             }),
         },
         Job {
-            name: "1M seqread, all layers",
+            name: "1M seqread, delta+wlog+golden",
             unit: "MiB/s",
             run: Box::new(|t, _| {
                 let mut buf = vec![0u8; MIB as usize];

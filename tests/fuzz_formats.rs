@@ -118,7 +118,7 @@ proptest! {
         let w = dir.path().join("w");
         WriteLayer::create(&w).unwrap();
         {
-            let layer = WriteLayer::open(&w).unwrap();
+            let layer = WriteLayer::open(&w, 1 << 16).unwrap();
             for b in 0..20u64 {
                 layer.write_blocks(b * 3, &vec![b as u8 + 1; 4096]).unwrap();
             }
@@ -133,7 +133,7 @@ proptest! {
             reseal(&mut bytes, false);
         }
         std::fs::write(&target, &bytes).unwrap();
-        if let Ok(layer) = WriteLayer::open(&w) {
+        if let Ok(layer) = WriteLayer::open(&w, 1 << 16) {
             let mut buf = vec![0u8; 4096];
             for (_, e) in layer.entries() {
                 if let stasis::store::wlog::Entry::Data { slot, .. } = e {

@@ -431,14 +431,14 @@ impl Store {
             Some(id) => Some(Arc::new(Delta::open(&self.delta_path(id))?)),
             None => None,
         };
-        let wlog = WriteLayer::open(&self.wlog_dir(&rec.wlog))?;
+        let wlog = WriteLayer::open(&self.wlog_dir(&rec.wlog), rec.size / BLOCK_SIZE as u64)?;
         Ok(Disk::new(rec.name, rec.size, golden, delta, wlog, lock))
     }
 
     /// Folds a disk's write layer into a new delta. Returns the new delta's id and stats, or
     /// None when the write layer is empty (the current delta stays as it is).
     fn fold_disk(&self, rec: &DiskRecord) -> Result<Option<(String, DeltaStats)>, StoreError> {
-        let wlog = WriteLayer::open(&self.wlog_dir(&rec.wlog))?;
+        let wlog = WriteLayer::open(&self.wlog_dir(&rec.wlog), rec.size / BLOCK_SIZE as u64)?;
         if wlog.dirty_blocks() == 0 {
             return Ok(None);
         }
@@ -610,7 +610,7 @@ impl Store {
         let _structure = self.structure_lock()?;
         let (write_layer, in_use) = match self.lock_disk(name) {
             Ok(_lock) => {
-                let w = WriteLayer::open(&self.wlog_dir(&rec.wlog))?;
+                let w = WriteLayer::open(&self.wlog_dir(&rec.wlog), rec.size / BLOCK_SIZE as u64)?;
                 let st = w.stats();
                 (
                     Some(WriteLayerInfo {

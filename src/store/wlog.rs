@@ -24,7 +24,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
@@ -49,7 +49,19 @@ pub enum Entry {
     Zero,
 }
 
+const MAP_ABSENT: u32 = 0;
+const MAP_ZERO: u32 = 1;
+/// Highest usable slot number (the map encodes slot s as s + 2).
+const MAX_SLOT: u32 = u32::MAX - 2;
+
 impl Entry {
+    fn map_value(self) -> u32 {
+        match self {
+            Entry::Zero => MAP_ZERO,
+            Entry::Data { slot, .. } => slot + 2,
+        }
+    }
+
     fn pack(self) -> u64 {
         match self {
             Entry::Data { slot, crc } => slot as u64 | (crc as u64) << 32,
@@ -141,6 +153,10 @@ pub struct WriteLayer {
     id: u64,
     journal: RwLock<Journal>,
     index: Box<[RwLock<BlockMap>]>,
+    /// Where each block of the disk is, for readers: one atomic load, no lock, no hashing
+    /// (4 bytes per block, 0.1% of the disk). Kept equal to `index` under the shard locks.
+    /// 0 = not in this layer, 1 = zeros, s + 2 = slot s.
+    map: Box<[AtomicU32]>,
     alloc: Mutex<SlotAlloc>,
     pending_free: Mutex<Vec<u32>>,
     /// Readers hold it shared while they map a block to a slot and read that slot; freeing
@@ -237,8 +253,9 @@ impl WriteLayer {
         Ok(())
     }
 
-    /// Opens the write layer in `dir`, recovering from the journal if it was not closed cleanly.
-    pub fn open(dir: &Path) -> Result<WriteLayer, StoreError> {
+    /// Opens the write layer in `dir` of a disk of `blocks` blocks, recovering from the
+    /// journal if it was not closed cleanly.
+    pub fn open(dir: &Path, blocks: u64) -> Result<WriteLayer, StoreError> {
         let data_path = dir.join(DATA_FILE);
         let journal_path = dir.join(JOURNAL_FILE);
         let data = open_rw(&data_path, false)?;
@@ -290,7 +307,7 @@ impl WriteLayer {
             }
             for (pos, rec) in records.chunks_exact(RECORD_LEN).enumerate() {
                 let seq = base_seq + pos as u64;
-                let Some((block, entry)) = decode_record(seq, rec) else {
+                let Some((block, entry)) = decode_record(seq, rec).filter(|(b, _)| *b < blocks) else {
                     return Err(StoreError::corrupt(
                         &journal_path,
                         format!("write layer journal: record {pos} is damaged"),
@@ -311,7 +328,7 @@ impl WriteLayer {
             let mut damaged = 0u64;
             for (pos, rec) in records.chunks_exact(RECORD_LEN).enumerate() {
                 let seq = base_seq + pos as u64;
-                match decode_record(seq, rec) {
+                match decode_record(seq, rec).filter(|(b, _)| *b < blocks) {
                     Some((block, entry)) => candidates.entry(block).or_default().push((seq, entry)),
                     None => damaged += 1,
                 }
@@ -348,9 +365,11 @@ impl WriteLayer {
             );
         }
 
+        let map: Box<[AtomicU32]> = (0..blocks).map(|_| AtomicU32::new(MAP_ABSENT)).collect();
         let mut is_used = vec![false; slots_in_file as usize];
         for shard in &index {
-            for v in shard.read().values() {
+            for (&block, v) in shard.read().iter() {
+                map[block as usize].store(Entry::unpack(v.packed).map_value(), Ordering::Relaxed);
                 if let Entry::Data { slot, .. } = Entry::unpack(v.packed) {
                     if (slot as usize) < is_used.len() {
                         is_used[slot as usize] = true;
@@ -373,6 +392,7 @@ impl WriteLayer {
             id,
             journal: RwLock::new(Journal { file: journal, base: base_seq, next: AtomicU64::new(base_seq + record_count) }),
             index: index.into_boxed_slice(),
+            map,
             alloc: Mutex::new(SlotAlloc { free, next_fresh, allocated: slots_in_file.max(next_fresh) }),
             pending_free: Mutex::new(Vec::new()),
             reuse_gate: RwLock::new(()),
@@ -394,23 +414,22 @@ impl WriteLayer {
         &self.dir
     }
 
+    /// Where `block` is in this layer (the caller holds `read_guard`). The checksum of a data
+    /// entry is not returned here (reads do not need it): see `entries`.
     #[inline]
     pub fn lookup(&self, block: u64) -> Option<Entry> {
-        self.index[shard_of(block)].read().get(&block).map(|v| Entry::unpack(v.packed))
+        match self.map.get(block as usize).map_or(MAP_ABSENT, |m| m.load(Ordering::Acquire)) {
+            MAP_ABSENT => None,
+            MAP_ZERO => Some(Entry::Zero),
+            v => Some(Entry::Data { slot: v - 2, crc: 0 }),
+        }
     }
 
-    /// Looks up `out.len()` consecutive blocks from `first`, which must lie in one 16-block
-    /// cluster (so one shard lock serves them all).
+    /// Looks up `out.len()` consecutive blocks from `first`.
     #[inline]
     pub fn lookup_cluster(&self, first: u64, out: &mut [Option<Entry>]) {
-        debug_assert!(out.is_empty() || first >> 4 == (first + out.len() as u64 - 1) >> 4);
-        let shard = self.index[shard_of(first)].read();
-        if shard.is_empty() {
-            out.fill(None);
-            return;
-        }
         for (i, o) in out.iter_mut().enumerate() {
-            *o = shard.get(&(first + i as u64)).map(|v| Entry::unpack(v.packed));
+            *o = self.lookup(first + i as u64);
         }
     }
 
@@ -437,12 +456,12 @@ impl WriteLayer {
         }
         let first = a.next_fresh;
         let end = first as u64 + n as u64;
-        if end >= ZERO_SLOT as u64 {
+        if end > MAX_SLOT as u64 {
             return Err(StoreError::corrupt(&self.dir, "write layer is full (16 TiB of slots); compact the disk"));
         }
         if end > a.allocated as u64 {
             let grow = (n as u32).max(PREALLOC_SLOTS).max(a.allocated / 4);
-            let new_allocated = (a.allocated as u64 + grow as u64).min(ZERO_SLOT as u64 - 1) as u32;
+            let new_allocated = (a.allocated as u64 + grow as u64).min(MAX_SLOT as u64) as u32;
             let from = slot_offset(a.allocated) as libc::off_t;
             let len = (new_allocated as u64 - a.allocated as u64) * BLOCK_SIZE as u64;
             // SAFETY: fallocate on a file descriptor we own.
@@ -517,6 +536,9 @@ impl WriteLayer {
 
     /// Appends journal records for `entries` (block `first_block + i`) and publishes them.
     fn commit(&self, first_block: u64, entries: &[Entry]) -> Result<(), StoreError> {
+        if first_block.checked_add(entries.len() as u64).is_none_or(|end| end > self.map.len() as u64) {
+            return Err(StoreError::corrupt(&self.dir, format!("write layer: block {first_block} is beyond the disk")));
+        }
         let journal = self.journal.read();
         let seq = journal.next.fetch_add(entries.len() as u64, Ordering::SeqCst);
         let mut records = vec![0u8; entries.len() * RECORD_LEN];
@@ -538,9 +560,13 @@ impl WriteLayer {
                 // A concurrent write to the same block got a later sequence number but
                 // published first: it stays, as recovery would choose it.
                 Some(cur) if cur.seq > mine.seq => mine,
-                Some(cur) => std::mem::replace(cur, mine),
+                Some(cur) => {
+                    self.map[block as usize].store(entry.map_value(), Ordering::Release);
+                    std::mem::replace(cur, mine)
+                }
                 None => {
                     shard.insert(block, mine);
+                    self.map[block as usize].store(entry.map_value(), Ordering::Release);
                     continue;
                 }
             };
@@ -732,7 +758,7 @@ mod tests {
 
     fn layer_with_two_versions(dir: &Path) -> (u32, u32) {
         WriteLayer::create(&dir.join("w")).unwrap();
-        let w = WriteLayer::open(&dir.join("w")).unwrap();
+        let w = WriteLayer::open(&dir.join("w"), 1 << 20).unwrap();
         w.write_blocks(5, &[1u8; BLOCK_SIZE]).unwrap();
         w.flush().unwrap();
         let Some(Entry::Data { slot: old, .. }) = w.lookup(5) else { panic!() };
@@ -744,7 +770,7 @@ mod tests {
     }
 
     fn content_after_reopen(dir: &Path) -> Vec<u8> {
-        let w = WriteLayer::open(&dir.join("w")).unwrap();
+        let w = WriteLayer::open(&dir.join("w"), 1 << 20).unwrap();
         let Some(Entry::Data { slot, .. }) = w.lookup(5) else { panic!("block lost") };
         let mut buf = vec![0u8; BLOCK_SIZE];
         w.read_slots(slot, &mut buf).unwrap();
@@ -771,7 +797,7 @@ mod tests {
         f.set_len(len - 7).unwrap(); // the last record is torn
         assert_eq!(content_after_reopen(dir.path()), vec![1u8; BLOCK_SIZE]);
         // ...and the recovered layer is consistent again: a clean close and strict reopen work.
-        let w = WriteLayer::open(&dir.path().join("w")).unwrap();
+        let w = WriteLayer::open(&dir.path().join("w"), 1 << 20).unwrap();
         w.close().unwrap();
         drop(w);
         assert_eq!(content_after_reopen(dir.path()), vec![1u8; BLOCK_SIZE]);
@@ -788,7 +814,7 @@ mod tests {
     fn superseded_slots_are_reused_only_after_a_flush() {
         let dir = tempfile::tempdir().unwrap();
         WriteLayer::create(&dir.path().join("w")).unwrap();
-        let w = WriteLayer::open(&dir.path().join("w")).unwrap();
+        let w = WriteLayer::open(&dir.path().join("w"), 1 << 20).unwrap();
         w.write_blocks(0, &[1u8; BLOCK_SIZE]).unwrap();
         for v in 2..10u8 {
             w.write_blocks(0, &[v; BLOCK_SIZE]).unwrap();
@@ -805,7 +831,7 @@ mod tests {
     fn zero_blocks_take_no_slot() {
         let dir = tempfile::tempdir().unwrap();
         WriteLayer::create(&dir.path().join("w")).unwrap();
-        let w = WriteLayer::open(&dir.path().join("w")).unwrap();
+        let w = WriteLayer::open(&dir.path().join("w"), 1 << 20).unwrap();
         let mut data = vec![0u8; 4 * BLOCK_SIZE];
         data[BLOCK_SIZE + 7] = 1;
         w.write_blocks(10, &data).unwrap();
