@@ -246,7 +246,7 @@ impl WriteLayer {
         let journal = open_rw(&journal_path, true)?;
         journal.write_all_at(&journal_header(id, 0), 0).map_err(|e| StoreError::io(&journal_path, e))?;
         journal.sync_all().map_err(|e| StoreError::io(&journal_path, e))?;
-        format::sync_dir(dir)?;
+        write_clean_marker(dir, id, 0)?;
         if let Some(parent) = dir.parent() {
             format::sync_dir(parent)?;
         }
@@ -702,17 +702,22 @@ impl WriteLayer {
             return Ok(());
         }
         let records = self.journal.read().records();
-        // Written aside and renamed: a crash leaves either no marker or a whole one.
-        let path = self.dir.join(CLEAN_FILE);
-        let tmp = self.dir.join("clean.new");
-        let _ = fs::remove_file(&tmp);
-        let marker = HeaderWriter::new(CLEAN_MAGIC, VERSION).u64(self.id).u64(records).finish();
-        let f = open_rw(&tmp, true)?;
-        f.write_all_at(&marker, 0).map_err(|e| StoreError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
-        fs::rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
-        format::sync_dir(&self.dir)
+        write_clean_marker(&self.dir, self.id, records)
     }
+}
+
+/// Leaves the marker that says the layer was closed cleanly with `records` journal records.
+/// Written aside and renamed: a crash leaves either no marker or a whole one.
+fn write_clean_marker(dir: &Path, id: u64, records: u64) -> Result<(), StoreError> {
+    let path = dir.join(CLEAN_FILE);
+    let tmp = dir.join("clean.new");
+    let _ = fs::remove_file(&tmp);
+    let marker = HeaderWriter::new(CLEAN_MAGIC, VERSION).u64(id).u64(records).finish();
+    let f = open_rw(&tmp, true)?;
+    f.write_all_at(&marker, 0).map_err(|e| StoreError::io(&tmp, e))?;
+    f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
+    fs::rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
+    format::sync_dir(dir)
 }
 
 /// `Some(records)` if a valid clean marker for layer `id` exists.

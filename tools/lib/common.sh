@@ -1,0 +1,42 @@
+# Shared by tools/*: install what Stasis needs on a Debian machine, and small output helpers.
+# Sourced, not run.
+
+STASIS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+note() { printf '    %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# Debian packages for the build (C compiler for blake3's SIMD code), the tests (qemu-img
+# for qcow2 import) and the quickstart (mkfs.ext4, e2fsck, debugfs).
+STASIS_APT_PACKAGES=(build-essential pkg-config e2fsprogs qemu-utils)
+
+install_deps() {
+    local missing=()
+    command -v cc >/dev/null || missing+=(build-essential)
+    command -v pkg-config >/dev/null || missing+=(pkg-config)
+    command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || missing+=(e2fsprogs)
+    command -v qemu-img >/dev/null || missing+=(qemu-utils)
+    if ((${#missing[@]})); then
+        step "installing Debian packages: ${missing[*]}"
+        local sudo=""
+        [ "$(id -u)" = 0 ] || sudo=sudo
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if ! command -v cargo >/dev/null; then
+        [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+    fi
+    if ! command -v cargo >/dev/null; then
+        step "installing Rust from Debian (cargo, rustc)"
+        local sudo=""
+        [ "$(id -u)" = 0 ] || sudo=sudo
+        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cargo rustc >/dev/null
+    fi
+    local need="1.85"
+    local have
+    have="$(rustc --version | awk '{print $2}')"
+    if [ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -1)" != "$need" ]; then
+        die "Stasis needs Rust >= $need (found $have); install it with rustup"
+    fi
+}
