@@ -17,6 +17,7 @@
 
 pub mod delta;
 pub mod disk;
+mod extents;
 pub mod format;
 pub mod golden;
 pub mod registry;

@@ -19,7 +19,7 @@
 //! before it, which is still intact because its slot was not reused. A clean close leaves a
 //! `clean` marker so that the next open can skip reading the data back.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 
+use super::extents::FreeExtents;
 use super::format::{self, le_u32, le_u64, HeaderReader, HeaderWriter, DATA_OFFSET, HEADER_LEN};
 use super::{StoreError, BLOCK_SIZE};
 
@@ -103,7 +104,7 @@ struct Version {
 
 struct SlotAlloc {
     /// Free slots below `next_fresh`; taken smallest first so that reused runs stay contiguous.
-    free: BTreeSet<u32>,
+    free: FreeExtents,
     /// Slots from here on have never been used.
     next_fresh: u32,
     /// Slots the data file has room for (it is preallocated ahead of `next_fresh`).
@@ -381,7 +382,8 @@ impl WriteLayer {
         }
         // Slots past the last used one are preallocated space, not holes to fill one by one.
         let next_fresh = max_used.map_or(0, |m| m + 1);
-        let free: BTreeSet<u32> = (0..next_fresh.min(slots_in_file)).filter(|&s| !is_used[s as usize]).collect();
+        let mut free = FreeExtents::default();
+        free.insert_all((0..next_fresh.min(slots_in_file)).filter(|&s| !is_used[s as usize]).collect());
         tracing::debug!(dir = %dir.display(), used, free = free.len(), "write layer open");
 
         let layer = WriteLayer {
@@ -451,8 +453,8 @@ impl WriteLayer {
         // Reuse free slots first, smallest first: runs freed together (an earlier sequential
         // write) come back contiguous, and their pages are already in the page cache, where
         // fresh file space would need new ones (measured: several times slower to fill).
-        if a.free.len() >= n {
-            return Ok((0..n).filter_map(|_| a.free.pop_first()).collect());
+        if let Some(slots) = a.free.take(n) {
+            return Ok(slots);
         }
         let first = a.next_fresh;
         let end = first as u64 + n as u64;
@@ -611,7 +613,7 @@ impl WriteLayer {
         }
         if !to_free.is_empty() {
             let _no_readers = self.reuse_gate.write();
-            self.alloc.lock().free.extend(to_free);
+            self.alloc.lock().free.insert_all(to_free);
         }
         Ok(())
     }
