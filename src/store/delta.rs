@@ -8,7 +8,7 @@
 //! consecutively, so block i of a cluster is at `first + popcount(present & ((1 << i) - 1))`.
 //! One probe answers a read; a sequential read of a cluster is one contiguous pread. The table
 //! is open addressing with linear probing at load factor <= 1/2 and lives in memory (24 bytes
-//! per 64 KiB of delta).
+//! per table slot: 48 to 96 bytes per stored 64 KiB cluster).
 
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
@@ -169,7 +169,7 @@ impl Delta {
         for e in delta.table.iter().filter(|e| e.cluster != EMPTY) {
             // The probe must stop at this very entry (not an equal-looking earlier one).
             if !delta.find(e.cluster).is_some_and(|found| std::ptr::eq(found, e)) {
-                return Err(corrupt(format!("cluster {} is listed twice", e.cluster)));
+                return Err(corrupt(format!("cluster {} is listed twice or off its probe chain", e.cluster)));
             }
         }
         Ok(delta)

@@ -154,7 +154,7 @@ impl Disk {
     }
 
     /// Resolves `out.len()` consecutive blocks from `first`, all inside one 16-block cluster:
-    /// one index shard lock and one delta probe serve them all.
+    /// one delta probe serves them all.
     #[inline]
     fn resolve_cluster(&self, first: u64, out: &mut [Source]) {
         let m = out.len();

@@ -16,9 +16,9 @@ use std::path::Path;
 use super::StoreError;
 
 pub const HEADER_LEN: usize = 4096;
-/// Where block data starts in golden, delta and write-layer data files. Block file offsets
-/// then share the alignment of disk offsets up to 1 MiB, which lets the page cache use large
-/// folios for them (measured on Linux 6.18: 4 KiB reads of a file whose data sits 4 KiB off
+/// Where block data starts in golden, delta and write-layer data files. Runs of blocks then
+/// sit at file offsets as aligned as their index (the disk offset for the golden, the data
+/// index or slot number for the others), which lets the page cache use large folios for them (measured on Linux 6.18: 4 KiB reads of a file whose data sits 4 KiB off
 /// alignment are ~13% slower). The gap after the header is a hole: it takes no space.
 pub const DATA_OFFSET: u64 = 1 << 20;
 const CRC_AT: usize = HEADER_LEN - 4;

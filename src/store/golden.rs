@@ -61,10 +61,10 @@ impl Golden {
             ));
         }
         let len = file.metadata().map_err(|e| StoreError::io(&path, e))?.len();
-        if len != DATA_OFFSET + size {
+        if DATA_OFFSET.checked_add(size) != Some(len) {
             return Err(StoreError::corrupt(
                 &path,
-                format!("golden image: file is {len} bytes, header says {}", DATA_OFFSET + size),
+                format!("golden image: file is {len} bytes, header says {}", DATA_OFFSET.saturating_add(size)),
             ));
         }
         Ok(Golden { file, path, dir: dir.to_path_buf(), size, blocks })
@@ -125,7 +125,7 @@ pub fn import_raw(
 ) -> Result<ImportSummary, StoreError> {
     let golden_tmp = dir.join("golden.tmp");
     let hashes_tmp = dir.join("chunks.b3.tmp");
-    let out = create_new(&golden_tmp)?;
+    let out = create_truncated(&golden_tmp)?;
     let mut hashes: Vec<u8> = Vec::new();
     // Read and write 1 MiB at a time (large page-cache folios make later reads cheaper);
     // hash and skip zeros per chunk.
@@ -186,7 +186,7 @@ pub fn import_raw(
 }
 
 fn write_hashes(path: &Path, image_size: u64, hashes: &[u8]) -> Result<(), StoreError> {
-    let f = create_new(path)?;
+    let f = create_truncated(path)?;
     let header = HeaderWriter::new(HASHES_MAGIC, HASHES_VERSION)
         .u32(CHUNK_SIZE as u32)
         .u64(hashes.len() as u64 / 32)
@@ -232,7 +232,7 @@ fn read_hashes(path: &Path, image_size: u64) -> Result<Vec<[u8; 32]>, StoreError
         .collect())
 }
 
-fn create_new(path: &Path) -> Result<File, StoreError> {
+fn create_truncated(path: &Path) -> Result<File, StoreError> {
     OpenOptions::new()
         .read(true)
         .write(true)

@@ -1,5 +1,5 @@
-//! The registry: images, disks, deltas and the branch tree, in redb (embedded, ACID; redb keeps
-//! its file format within a major version, and the version is pinned). Values are JSON
+//! The registry: images, disks, deltas and the branch tree, in redb (embedded, ACID; its
+//! version is pinned, since redb 2.0 changed the file format that 1.x promised). Values are JSON
 //! documents so that dumps stay readable; a field added later must be `Option` or carry
 //! `#[serde(default)]` so that older records still load. Layout: kernel-notes/formats.md.
 //!

@@ -52,7 +52,7 @@ pub enum Entry {
 
 const MAP_ABSENT: u32 = 0;
 const MAP_ZERO: u32 = 1;
-/// Highest usable slot number (the map encodes slot s as s + 2).
+/// Slot numbers stay below this (the map encodes slot s as s + 2).
 const MAX_SLOT: u32 = u32::MAX - 2;
 
 impl Entry {
@@ -103,7 +103,7 @@ struct Version {
 }
 
 struct SlotAlloc {
-    /// Free slots below `next_fresh`; taken smallest first so that reused runs stay contiguous.
+    /// Free slots below `next_fresh`, as runs; multi-slot requests get one run (first fit).
     free: FreeExtents,
     /// Slots from here on have never been used.
     next_fresh: u32,
@@ -292,6 +292,9 @@ impl WriteLayer {
         format::read_exact_at(&journal, &mut records, HEADER_LEN as u64, &journal_path)?;
         let record_count = body_len / RECORD_LEN as u64;
 
+        let next_seq = base_seq.checked_add(record_count).ok_or_else(|| {
+            StoreError::corrupt(&journal_path, format!("write layer journal: base sequence {base_seq} overflows"))
+        })?;
         let clean_path = dir.join(CLEAN_FILE);
         let clean = read_clean_marker(&clean_path, id)?;
         let index: Vec<RwLock<BlockMap>> = (0..SHARDS).map(|_| RwLock::new(BlockMap::default())).collect();
@@ -325,6 +328,10 @@ impl WriteLayer {
                 index[shard_of(block)].write().insert(block, Version { packed: entry.pack(), seq });
             }
         } else {
+            // Read the data from the disk, not from pages the kernel may still cache after a
+            // failed writeback (Linux marks those clean and keeps their unwritten content).
+            // SAFETY: posix_fadvise on a file descriptor we own; advisory only.
+            unsafe { libc::posix_fadvise(data.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
             let mut candidates: HashMap<u64, Vec<(u64, Entry)>> = HashMap::new();
             let mut damaged = 0u64;
             for (pos, rec) in records.chunks_exact(RECORD_LEN).enumerate() {
@@ -392,7 +399,7 @@ impl WriteLayer {
             journal_path,
             data,
             id,
-            journal: RwLock::new(Journal { file: journal, base: base_seq, next: AtomicU64::new(base_seq + record_count) }),
+            journal: RwLock::new(Journal { file: journal, base: base_seq, next: AtomicU64::new(next_seq) }),
             index: index.into_boxed_slice(),
             map,
             alloc: Mutex::new(SlotAlloc { free, next_fresh, allocated: slots_in_file.max(next_fresh) }),
@@ -450,9 +457,9 @@ impl WriteLayer {
             return Ok(Vec::new());
         }
         let mut a = self.alloc.lock();
-        // Reuse free slots first, smallest first: runs freed together (an earlier sequential
-        // write) come back contiguous, and their pages are already in the page cache, where
-        // fresh file space would need new ones (measured: several times slower to fill).
+        // Reuse free slots before fresh ones: runs freed together (an earlier sequential write)
+        // come back contiguous, and their pages are already in the page cache, where fresh
+        // file space would need new ones (measured: several times slower to fill).
         if let Some(slots) = a.free.take(n) {
             return Ok(slots);
         }
@@ -643,11 +650,13 @@ impl WriteLayer {
         }
         // The new file is the journal from here on, whatever happens next.
         *journal = Journal { file, base, next: AtomicU64::new(base + entries.len() as u64) };
-        drop(journal);
+        // Still holding the journal exclusively: no FLUSH may return before the rename is
+        // durable, or a power loss could bring back the old journal without its writes.
         if let Err(e) = format::sync_dir(&self.dir) {
             self.poisoned.store(true, Ordering::SeqCst);
             return Err(e);
         }
+        drop(journal);
         Ok(())
     }
 
@@ -701,7 +710,7 @@ impl WriteLayer {
             self.checkpoint()?;
         }
         if self.poisoned.load(Ordering::SeqCst) {
-            return Ok(());
+            return Err(StoreError::corrupt(&self.dir, "write layer: not closed cleanly after an I/O error"));
         }
         let records = self.journal.read().records();
         write_clean_marker(&self.dir, self.id, records)
