@@ -192,26 +192,21 @@ impl Delta {
     /// Looks up `out.len()` consecutive blocks from `first`, all in one cluster: one probe.
     #[inline]
     pub fn lookup_cluster(&self, first: u64, out: &mut [DeltaBlock]) {
-        let Some(e) = self.find(first / CLUSTER_BLOCKS) else {
-            out.fill(DeltaBlock::Absent);
-            return;
-        };
+        let entry = self.find(first / CLUSTER_BLOCKS);
         for (k, o) in out.iter_mut().enumerate() {
-            let bit = 1u16 << ((first + k as u64) % CLUSTER_BLOCKS);
-            *o = if e.zero & bit != 0 {
-                DeltaBlock::Zero
-            } else if e.present & bit != 0 {
-                let index = e.first + (e.present & (bit - 1)).count_ones() as u64;
-                DeltaBlock::Data(self.data_offset + index * BLOCK_SIZE as u64)
-            } else {
-                DeltaBlock::Absent
-            };
+            *o = self.block_in(entry, first + k as u64);
         }
     }
 
     #[inline]
     pub fn lookup(&self, block: u64) -> DeltaBlock {
-        let Some(e) = self.find(block / CLUSTER_BLOCKS) else {
+        self.block_in(self.find(block / CLUSTER_BLOCKS), block)
+    }
+
+    /// Where `block` is, given its cluster's table entry (if the cluster is in the delta).
+    #[inline]
+    fn block_in(&self, entry: Option<&TableEntry>, block: u64) -> DeltaBlock {
+        let Some(e) = entry else {
             return DeltaBlock::Absent;
         };
         let bit = 1u16 << (block % CLUSTER_BLOCKS);
