@@ -10,6 +10,9 @@ use clap::{Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 
+use crate::control::{ControlServer, ServeInfo};
+use crate::frontend::nbd::{Listen, NbdServer};
+use crate::frontend::Served;
 use crate::store::{Store, StoreError};
 use crate::units::{human, parse_size};
 
@@ -37,6 +40,23 @@ enum Command {
     /// Disks: copy-on-write branches of a golden image
     #[command(subcommand)]
     Disk(DiskCmd),
+    /// Serve a disk as a block device until SIGTERM/SIGINT (then: drain, flush, close)
+    Serve {
+        disk: String,
+        /// Serve over NBD: unix:PATH or tcp:HOST:PORT
+        #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+        nbd: Listen,
+    },
+    /// Talk to a served disk's control socket
+    Ctl {
+        disk: String,
+        #[arg(value_parser = ["status", "stats", "flush", "freeze", "thaw"])]
+        command: String,
+    },
+}
+
+fn parse_listen(s: &str) -> Result<Listen, String> {
+    s.parse().map_err(|e: crate::frontend::nbd::NbdError| e.to_string())
 }
 
 #[derive(Subcommand, Debug)]
@@ -181,6 +201,82 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Image(cmd) => image(&store, cmd, json),
         Command::Disk(cmd) => disk(&store, cmd, json),
+        Command::Serve { disk, nbd } => serve(&store, &disk, &nbd, json),
+        Command::Ctl { disk, command } => ctl(&store, &disk, &command, json),
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in this thread and every thread it spawns from now on, so that
+/// `wait_for_stop_signal` receives them (instead of the default action killing us mid-I/O).
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: plain signal-mask manipulation on a local sigset.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+fn wait_for_stop_signal(set: &libc::sigset_t) -> i32 {
+    let mut sig = 0;
+    // SAFETY: sigwait on signals blocked in every thread.
+    unsafe { libc::sigwait(set, &mut sig) };
+    sig
+}
+
+fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), Failure> {
+    let signals = block_stop_signals();
+    let disk = store.open_disk(name)?;
+    let served = std::sync::Arc::new(Served::new(disk));
+    let fail = |e: String| Failure::Failed(e);
+    let mut nbd = NbdServer::start(listen, name, served.clone()).map_err(|e| fail(e.to_string()))?;
+    let control_path = store.control_socket(name);
+    let info = ServeInfo {
+        disk: name.to_string(),
+        frontend: "nbd".into(),
+        address: nbd.uri.clone(),
+        started_at: crate::frontend::unix_now(),
+    };
+    let control = ControlServer::start(&control_path, served.clone(), info).map_err(|e| fail(e.to_string()))?;
+    if json {
+        println!("{}", json!({"disk": name, "nbd": nbd.uri, "control": control_path, "pid": std::process::id()}));
+    } else {
+        println!("serving disk {name} over NBD at {}", nbd.uri);
+        println!("control socket: {} (stasis ctl {name} status|stats|flush|freeze|thaw)", control_path.display());
+    }
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    let sig = wait_for_stop_signal(&signals);
+    tracing::info!(signal = sig, "stopping: draining I/O, flushing, closing");
+    // Order: no new connections or requests; finish what is in flight; hold anything left
+    // (the gate stays frozen); flush; close the write layer cleanly.
+    nbd.stop();
+    drop(control);
+    served.freeze().map_err(|e| fail(format!("final flush failed: {e}")))?;
+    served.device().close_shared()?;
+    if !json {
+        println!("stopped: disk {name} flushed and closed ({} connection(s) served)", nbd.connections_served.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    Ok(())
+}
+
+fn ctl(store: &Store, name: &str, command: &str, json: bool) -> Result<(), Failure> {
+    store.disk(name)?;
+    let reply = crate::control::request(&store.control_socket(name), name, command).map_err(|e| match e {
+        crate::control::ControlError::NotServed { .. } => Failure::Usage(e.to_string()),
+        other => Failure::Failed(other.to_string()),
+    })?;
+    if json {
+        println!("{reply}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+    }
+    if reply.get("ok").and_then(serde_json::Value::as_bool) == Some(true) {
+        Ok(())
+    } else {
+        Err(Failure::Failed(format!("{command}: {}", reply.get("error").and_then(serde_json::Value::as_str).unwrap_or("failed"))))
     }
 }
 

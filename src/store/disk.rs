@@ -110,6 +110,12 @@ impl Disk {
         self.wlog.close()
     }
 
+    /// Closes cleanly while others may still hold a reference. The caller guarantees that no
+    /// write comes after this (a server freezes its I/O gate first).
+    pub fn close_shared(&self) -> Result<(), StoreError> {
+        self.wlog.close()
+    }
+
     /// Re-reads every stored block of every layer and checks it: write-layer slots and delta
     /// blocks against their CRC-32C, golden chunks against their BLAKE3 hash.
     pub fn verify(&self, progress: &dyn Fn(u64)) -> Result<VerifyReport, StoreError> {

@@ -234,7 +234,7 @@ pub struct Store {
 impl Store {
     /// Opens the store at `root`, creating its directories and registry if needed.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        for sub in ["", "images", "deltas", "wlogs", "locks", "tmp"] {
+        for sub in ["", "images", "deltas", "wlogs", "locks", "tmp", "run"] {
             let dir = root.join(sub);
             fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
         }
@@ -244,6 +244,11 @@ impl Store {
 
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// The control socket of a served disk.
+    pub fn control_socket(&self, disk: &str) -> PathBuf {
+        self.root.join("run").join(format!("{disk}.sock"))
     }
 
     fn image_dir(&self, name: &str) -> PathBuf {

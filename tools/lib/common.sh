@@ -7,16 +7,18 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 note() { printf '    %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
-# Debian packages for the build (C compiler for blake3's SIMD code), the tests (qemu-img
-# for qcow2 import) and the quickstart (mkfs.ext4, e2fsck, debugfs).
-STASIS_APT_PACKAGES=(build-essential pkg-config e2fsprogs qemu-utils)
+# Debian packages: the build (C compiler for blake3's SIMD code), the tests (qemu-img and
+# qemu-io for qcow2 import and NBD; nbdinfo, nbdcopy, fio as NBD clients) and the quickstart
+# (mkfs.ext4, e2fsck, debugfs).
 
 install_deps() {
     local missing=()
     command -v cc >/dev/null || missing+=(build-essential)
     command -v pkg-config >/dev/null || missing+=(pkg-config)
     command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || missing+=(e2fsprogs)
-    command -v qemu-img >/dev/null || missing+=(qemu-utils)
+    command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || missing+=(qemu-utils)
+    command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null || missing+=(libnbd-bin)
+    command -v fio >/dev/null || missing+=(fio)
     if ((${#missing[@]})); then
         step "installing Debian packages: ${missing[*]}"
         local sudo=""

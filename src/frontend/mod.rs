@@ -1,0 +1,222 @@
+//! Device frontends: what turns a disk of the store into a device a VM or host uses.
+//! Every frontend serves a [`Served`] device: the disk plus the I/O gate (freeze/thaw, used by
+//! the control socket and, later, swapout) and the per-operation statistics.
+//!
+//! - [`nbd`]: the NBD protocol over a Unix or TCP socket (QEMU, qemu-io, nbdinfo, fio).
+
+pub mod nbd;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+
+use crate::blockdev::{BlockDevice, BlockError};
+
+/// Holds new I/O while frozen; counts I/O in flight so a freeze can wait for it to drain.
+#[derive(Default)]
+struct Gate {
+    state: Mutex<GateState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    frozen: bool,
+    in_flight: u64,
+}
+
+struct InFlight<'a>(&'a Gate);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock();
+        s.in_flight -= 1;
+        if s.in_flight == 0 {
+            self.0.changed.notify_all();
+        }
+    }
+}
+
+impl Gate {
+    fn enter(&self) -> InFlight<'_> {
+        let mut s = self.state.lock();
+        while s.frozen {
+            self.changed.wait(&mut s);
+        }
+        s.in_flight += 1;
+        InFlight(self)
+    }
+}
+
+#[derive(Default)]
+struct Counter {
+    ops: AtomicU64,
+    bytes: AtomicU64,
+}
+
+impl Counter {
+    fn add(&self, bytes: u64) {
+        self.ops.fetch_add(1, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    fn snapshot(&self) -> OpStats {
+        OpStats { ops: self.ops.load(Ordering::Relaxed), bytes: self.bytes.load(Ordering::Relaxed) }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct OpStats {
+    pub ops: u64,
+    pub bytes: u64,
+}
+
+/// What `stats` on the control socket reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub read: OpStats,
+    pub write: OpStats,
+    pub flush: OpStats,
+    pub discard: OpStats,
+    pub write_zeroes: OpStats,
+    pub errors: u64,
+    pub in_flight: u64,
+    pub frozen: bool,
+    /// Seconds since the last request completed (since serving started if none did): idleness.
+    pub idle_seconds: f64,
+}
+
+/// A device being served: I/O passes through the gate and is counted.
+pub struct Served<D: BlockDevice> {
+    dev: D,
+    gate: Gate,
+    read: Counter,
+    write: Counter,
+    flush: Counter,
+    discard: Counter,
+    zeroes: Counter,
+    errors: AtomicU64,
+    started: Instant,
+    /// Milliseconds after `started` at which the last request completed.
+    last_io_ms: AtomicU64,
+}
+
+impl<D: BlockDevice> Served<D> {
+    pub fn new(dev: D) -> Self {
+        Served {
+            dev,
+            gate: Gate::default(),
+            read: Counter::default(),
+            write: Counter::default(),
+            flush: Counter::default(),
+            discard: Counter::default(),
+            zeroes: Counter::default(),
+            errors: AtomicU64::new(0),
+            started: Instant::now(),
+            last_io_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    pub fn into_device(self) -> D {
+        self.dev
+    }
+
+    fn done<T>(&self, counter: &Counter, bytes: u64, r: Result<T, BlockError>) -> Result<T, BlockError> {
+        match &r {
+            Ok(_) => counter.add(bytes),
+            Err(_) => {
+                self.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.last_io_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        r
+    }
+
+    /// Finishes the I/O in flight, holds new I/O, and flushes. Returns when the device is
+    /// quiescent and durable; it stays frozen until `thaw`.
+    pub fn freeze(&self) -> Result<(), BlockError> {
+        {
+            let mut s = self.gate.state.lock();
+            s.frozen = true;
+            while s.in_flight > 0 {
+                self.gate.changed.wait(&mut s);
+            }
+        }
+        self.dev.flush()
+    }
+
+    pub fn thaw(&self) {
+        self.gate.state.lock().frozen = false;
+        self.gate.changed.notify_all();
+    }
+
+    pub fn is_frozen(&self) -> bool {
+        self.gate.state.lock().frozen
+    }
+
+    pub fn stats(&self) -> Stats {
+        let (in_flight, frozen) = {
+            let s = self.gate.state.lock();
+            (s.in_flight, s.frozen)
+        };
+        let now_ms = self.started.elapsed().as_millis() as u64;
+        Stats {
+            read: self.read.snapshot(),
+            write: self.write.snapshot(),
+            flush: self.flush.snapshot(),
+            discard: self.discard.snapshot(),
+            write_zeroes: self.zeroes.snapshot(),
+            errors: self.errors.load(Ordering::Relaxed),
+            in_flight,
+            frozen,
+            idle_seconds: now_ms.saturating_sub(self.last_io_ms.load(Ordering::Relaxed)) as f64 / 1000.0,
+        }
+    }
+}
+
+impl<D: BlockDevice> BlockDevice for Served<D> {
+    fn size(&self) -> u64 {
+        self.dev.size()
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
+        let _io = self.gate.enter();
+        let r = self.dev.read_at(offset, buf);
+        self.done(&self.read, buf.len() as u64, r)
+    }
+
+    fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
+        let _io = self.gate.enter();
+        let r = self.dev.write_at(offset, data, fua);
+        self.done(&self.write, data.len() as u64, r)
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
+        let _io = self.gate.enter();
+        let r = self.dev.write_zeroes(offset, len, fua);
+        self.done(&self.zeroes, len, r)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+        let _io = self.gate.enter();
+        let r = self.dev.discard(offset, len);
+        self.done(&self.discard, len, r)
+    }
+
+    fn flush(&self) -> Result<(), BlockError> {
+        let _io = self.gate.enter();
+        let r = self.dev.flush();
+        self.done(&self.flush, 0, r)
+    }
+}
+
+/// Wall-clock seconds, for status replies.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
