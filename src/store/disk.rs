@@ -123,6 +123,12 @@ impl Disk {
         let mut buf = vec![0u8; BLOCK_SIZE];
         for (block, entry) in self.wlog.entries() {
             if let Entry::Data { slot, crc } = entry {
+                // The block may have been rewritten since the listing (a served disk): check
+                // the version that is still current, under the reuse gate.
+                let _guard = self.wlog.read_guard();
+                if !matches!(self.wlog.lookup(block), Some(Entry::Data { slot: s, .. }) if s == slot) {
+                    continue;
+                }
                 self.wlog.read_slots(slot, &mut buf)?;
                 if crc32c::crc32c(&buf) != crc {
                     report.damaged.push(format!("{}: write layer block {block} (slot {slot})", self.wlog.dir().display()));
@@ -247,15 +253,24 @@ impl Disk {
     }
 
     /// Writes `bytes` at byte `at` inside `block`, keeping the rest of the block.
+    /// Optimistic: the merged block is committed only if no other write changed the block
+    /// since it was read (else it is read and merged again), so a whole-block write racing
+    /// this one is never undone. The stripe lock serialises sub-block writes to one block.
     fn write_partial(&self, block: u64, at: usize, bytes: Option<&[u8]>, len: usize) -> Result<(), StoreError> {
         let _g = self.rmw_lock(block);
         let mut buf = vec![0u8; BLOCK_SIZE];
-        self.read_blocks(block, &mut buf)?;
-        match bytes {
-            Some(b) => buf[at..at + len].copy_from_slice(b),
-            None => buf[at..at + len].fill(0),
+        loop {
+            // The version first, then the content: a write landing in between is caught.
+            let version = self.wlog.block_version(block);
+            self.read_blocks(block, &mut buf)?;
+            match bytes {
+                Some(b) => buf[at..at + len].copy_from_slice(b),
+                None => buf[at..at + len].fill(0),
+            }
+            if self.wlog.write_block_if_unchanged(block, &buf, version)? {
+                return Ok(());
+            }
         }
-        self.wlog.write_blocks(block, &buf)
     }
 
     /// Splits `[offset, offset+len)` into a partial head, whole blocks, and a partial tail.
@@ -322,7 +337,12 @@ impl BlockDevice for Disk {
             return Ok(());
         }
         if offset % BS == 0 && buf.len() as u64 % BS == 0 {
-            return self.read_blocks(offset / BS, buf).map_err(storage);
+            // In pieces: each holds the reuse gate briefly, so a FLUSH freeing slots never
+            // waits behind one huge read (nor do the readers queued behind it).
+            for (i, piece) in buf.chunks_mut(PIECE as usize).enumerate() {
+                self.read_blocks(offset / BS + i as u64 * (PIECE / BS), piece).map_err(storage)?;
+            }
+            return Ok(());
         }
         // Unaligned: read the covering blocks piecewise and copy out.
         let end = offset + buf.len() as u64;

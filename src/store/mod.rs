@@ -523,7 +523,11 @@ impl Store {
             })?;
             Ok(child_rec.unwrap_or(parent))
         })();
-        self.collect_garbage()?;
+        // The registry is committed (or untouched): leftover files are only garbage, swept
+        // again by the next structural change.
+        if let Err(e) = self.collect_garbage() {
+            tracing::warn!("removing unreferenced layers: {e}");
+        }
         result
     }
 

@@ -167,6 +167,8 @@ pub struct WriteLayer {
     /// success and the layer is not marked clean (the next open recovers from the log).
     poisoned: AtomicBool,
     closed: AtomicBool,
+    /// Serialises FLUSH, checkpoint and close (see `flush_locked`).
+    sync_lock: Mutex<()>,
 }
 
 const DATA_FILE: &str = "data";
@@ -407,6 +409,7 @@ impl WriteLayer {
             reuse_gate: RwLock::new(()),
             poisoned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            sync_lock: Mutex::new(()),
         };
         if clean.is_none() {
             // Rewrite the journal from what was recovered, dropping damaged and stale records.
@@ -456,6 +459,9 @@ impl WriteLayer {
         if n == 0 {
             return Ok(Vec::new());
         }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::corrupt(&self.dir, "write layer: write after close"));
+        }
         let mut a = self.alloc.lock();
         // Reuse free slots before fresh ones: runs freed together (an earlier sequential write)
         // come back contiguous, and their pages are already in the page cache, where fresh
@@ -499,6 +505,23 @@ impl WriteLayer {
     /// Writes whole blocks starting at `first_block`. All-zero blocks are recorded as zeros
     /// and take no slot.
     pub fn write_blocks(&self, first_block: u64, data: &[u8]) -> Result<(), StoreError> {
+        self.write_blocks_if(first_block, data, None).map(|_| ())
+    }
+
+    /// The sequence number of `block`'s current version in this layer (None: not in it).
+    pub fn block_version(&self, block: u64) -> Option<u64> {
+        self.index[shard_of(block)].read().get(&block).map(|v| v.seq)
+    }
+
+    /// Writes one whole block only if its version is still `expected` (from `block_version`,
+    /// read before the content the caller merged into `data`). Returns false, writing
+    /// nothing, if another write got there first: the caller re-reads and tries again.
+    pub fn write_block_if_unchanged(&self, block: u64, data: &[u8], expected: Option<u64>) -> Result<bool, StoreError> {
+        debug_assert_eq!(data.len(), BLOCK_SIZE);
+        self.write_blocks_if(block, data, Some(expected))
+    }
+
+    fn write_blocks_if(&self, first_block: u64, data: &[u8], expect: Option<Option<u64>>) -> Result<bool, StoreError> {
         debug_assert_eq!(data.len() % BLOCK_SIZE, 0);
         let n = data.len() / BLOCK_SIZE;
         let blocks: Vec<&[u8]> = data.chunks_exact(BLOCK_SIZE).collect();
@@ -528,7 +551,16 @@ impl WriteLayer {
             }
             i = j;
         }
-        self.commit(first_block, &entries)
+        let committed = self.commit(first_block, &entries, expect)?;
+        if !committed {
+            // Never journaled nor published: no reader can know these slots.
+            let slots: Vec<u32> = entries.iter().filter_map(|e| match e {
+                Entry::Data { slot, .. } => Some(*slot),
+                Entry::Zero => None,
+            }).collect();
+            self.alloc.lock().free.insert_all(slots);
+        }
+        Ok(committed)
     }
 
     /// Records `count` blocks from `first_block` as zeros.
@@ -537,18 +569,37 @@ impl WriteLayer {
         let mut done = 0;
         while done < count {
             let n = (count - done).min(1 << 16);
-            self.commit(first_block + done, &vec![Entry::Zero; n as usize])?;
+            self.commit(first_block + done, &vec![Entry::Zero; n as usize], None)?;
             done += n;
         }
         Ok(())
     }
 
     /// Appends journal records for `entries` (block `first_block + i`) and publishes them.
-    fn commit(&self, first_block: u64, entries: &[Entry]) -> Result<(), StoreError> {
+    /// With `expect`, a single block is committed only if its version is still the expected
+    /// one; returns whether it was committed.
+    fn commit(&self, first_block: u64, entries: &[Entry], expect: Option<Option<u64>>) -> Result<bool, StoreError> {
         if first_block.checked_add(entries.len() as u64).is_none_or(|end| end > self.map.len() as u64) {
             return Err(StoreError::corrupt(&self.dir, format!("write layer: block {first_block} is beyond the disk")));
         }
+        // Shared: a checkpoint (exclusive) sees all of this write or none of it.
         let journal = self.journal.read();
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(StoreError::corrupt(&self.dir, "write layer: write after close"));
+        }
+        // Lock the shards of all the blocks, in ascending order, from reserving the sequence
+        // numbers to publishing: per block, publication order is sequence order (what
+        // recovery will choose), and a conditional write checks and commits atomically.
+        let mut ids: Vec<usize> = (0..entries.len() as u64).map(|i| shard_of(first_block + i)).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut shards: Vec<_> = ids.iter().map(|&i| self.index[i].write()).collect();
+        let slot_of = |block: u64| ids.binary_search(&shard_of(block)).unwrap_or(0);
+        if let Some(expected) = expect {
+            if shards[slot_of(first_block)].get(&first_block).map(|v| v.seq) != expected {
+                return Ok(false);
+            }
+        }
         let seq = journal.next.fetch_add(entries.len() as u64, Ordering::SeqCst);
         let mut records = vec![0u8; entries.len() * RECORD_LEN];
         for (i, (entry, out)) in entries.iter().zip(records.chunks_exact_mut(RECORD_LEN)).enumerate() {
@@ -558,71 +609,72 @@ impl WriteLayer {
         if let Err(e) = journal.file.write_all_at(&records, at) {
             return self.fail(&self.journal_path, e);
         }
-        // Publish while still holding the journal shared: a checkpoint (which takes it
-        // exclusively) then sees either none or all of this write.
         let mut superseded = Vec::new();
         for (i, entry) in entries.iter().enumerate() {
             let block = first_block + i as u64;
             let mine = Version { packed: entry.pack(), seq: seq + i as u64 };
-            let mut shard = self.index[shard_of(block)].write();
-            let loser = match shard.get_mut(&block) {
-                // A concurrent write to the same block got a later sequence number but
-                // published first: it stays, as recovery would choose it.
-                Some(cur) if cur.seq > mine.seq => mine,
-                Some(cur) => {
-                    self.map[block as usize].store(entry.map_value(), Ordering::Release);
-                    std::mem::replace(cur, mine)
-                }
-                None => {
-                    shard.insert(block, mine);
-                    self.map[block as usize].store(entry.map_value(), Ordering::Release);
-                    continue;
-                }
-            };
-            drop(shard);
-            if let Entry::Data { slot, .. } = Entry::unpack(loser.packed) {
+            let old = shards[slot_of(block)].insert(block, mine);
+            debug_assert!(old.is_none_or(|o| o.seq < mine.seq), "publication out of sequence order");
+            self.map[block as usize].store(entry.map_value(), Ordering::Release);
+            if let Some(Entry::Data { slot, .. }) = old.map(|o| Entry::unpack(o.packed)) {
                 superseded.push(slot);
             }
         }
+        drop(shards);
         drop(journal);
         if !superseded.is_empty() {
             self.pending_free.lock().extend(superseded);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Makes every write that completed before this call durable.
     pub fn flush(&self) -> Result<(), StoreError> {
+        let _sync = self.sync_lock.lock();
+        self.flush_locked()
+    }
+
+    fn check_poisoned(&self) -> Result<(), StoreError> {
         if self.poisoned.load(Ordering::SeqCst) {
             return Err(StoreError::corrupt(
                 &self.dir,
                 "write layer: an earlier I/O error may have lost writes; reopen the disk to recover",
             ));
         }
-        // Slots superseded by records that completed before now; the sync below makes the
+        Ok(())
+    }
+
+    /// FLUSH, with `sync_lock` held. Syncs never run concurrently: Linux reports a writeback
+    /// error to one fsync of a file only, and the FLUSH that missed it must not succeed.
+    fn flush_locked(&self) -> Result<(), StoreError> {
+        self.check_poisoned()?;
+        // Slots superseded by records that completed before now; the syncs below make the
         // superseding records durable, after which the old versions are no longer needed.
         let to_free = std::mem::take(&mut *self.pending_free.lock());
         if let Err(e) = self.data.sync_data() {
             return self.fail(&self.data_path, e);
         }
-        {
+        let wasteful = {
             let journal = self.journal.read();
             if let Err(e) = journal.file.sync_data() {
                 drop(journal);
                 return self.fail(&self.journal_path, e);
             }
-            let live = self.dirty_blocks();
-            let wasteful = journal.records() > 2 * live + CHECKPOINT_SLACK;
-            drop(journal);
-            if wasteful {
-                self.checkpoint()?;
-            }
-        }
+            journal.records() > 2 * self.dirty_blocks() + CHECKPOINT_SLACK
+        };
+        self.check_poisoned()?;
         if !to_free.is_empty() {
             let _no_readers = self.reuse_gate.write();
             self.alloc.lock().free.insert_all(to_free);
         }
-        Ok(())
+        if wasteful {
+            // Only an optimisation: the writes are durable already. A failure that may have
+            // lost state poisons the layer (checked below); others are just reported.
+            if let Err(e) = self.checkpoint() {
+                tracing::warn!(dir = %self.dir.display(), "journal checkpoint failed: {e}");
+            }
+        }
+        self.check_poisoned()
     }
 
     /// Rewrites the journal as one record per live block (atomically, by rename).
@@ -696,12 +748,18 @@ impl WriteLayer {
         self.closed.store(true, Ordering::SeqCst);
     }
 
-    /// Flushes, compacts the journal, and leaves the clean marker. Idempotent.
+    /// Flushes, compacts the journal, and leaves the clean marker. Idempotent. Writes after
+    /// this fail.
     pub fn close(&self) -> Result<(), StoreError> {
-        if self.closed.swap(true, Ordering::SeqCst) {
-            return Ok(());
+        {
+            // Under the journal lock: a write either committed before, or sees `closed`.
+            let _journal = self.journal.write();
+            if self.closed.swap(true, Ordering::SeqCst) {
+                return Ok(());
+            }
         }
-        self.flush()?;
+        let _sync = self.sync_lock.lock();
+        self.flush_locked()?;
         let used_end = slot_offset(self.alloc.lock().next_fresh);
         if let Err(e) = self.data.set_len(used_end).and_then(|_| self.data.sync_all()) {
             return self.fail(&self.data_path, e);
@@ -709,9 +767,7 @@ impl WriteLayer {
         if self.journal.read().records() != self.dirty_blocks() {
             self.checkpoint()?;
         }
-        if self.poisoned.load(Ordering::SeqCst) {
-            return Err(StoreError::corrupt(&self.dir, "write layer: not closed cleanly after an I/O error"));
-        }
+        self.check_poisoned()?;
         let records = self.journal.read().records();
         write_clean_marker(&self.dir, self.id, records)
     }
