@@ -250,8 +250,10 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     let _ = std::io::Write::flush(&mut std::io::stdout());
     let sig = wait_for_stop_signal(&signals);
     tracing::info!(signal = sig, "stopping: draining I/O, flushing, closing");
-    // Order: no new connections or requests; finish what is in flight; hold anything left
-    // (the gate stays frozen); flush; close the write layer cleanly.
+    // Order: release anything a freeze holds (else it could never finish); no new
+    // connections or requests; finish what is in flight; hold anything left (the gate stays
+    // frozen); flush; close the write layer cleanly.
+    served.thaw();
     nbd.stop();
     drop(control);
     served.freeze().map_err(|e| fail(format!("final flush failed: {e}")))?;

@@ -51,7 +51,11 @@ pub struct ControlServer {
 impl ControlServer {
     pub fn start<D: BlockDevice + 'static>(path: &Path, dev: Arc<Served<D>>, info: ServeInfo) -> Result<ControlServer, ControlError> {
         let io_err = |e| ControlError::Io { path: path.to_path_buf(), source: e };
-        if path.exists() {
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !meta.file_type().is_socket() {
+                return Err(io_err(io::Error::new(io::ErrorKind::AlreadyExists, "a file that is not a socket is there")));
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(io_err(io::Error::new(io::ErrorKind::AddrInUse, "a server for this disk is running")));
             }

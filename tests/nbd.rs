@@ -129,7 +129,7 @@ fn real_clients_roundtrip_and_sigterm_keeps_everything() {
     tool("qemu-io", &["-f", "raw", "-c", "write -P 0xab 1000 5000", "-c", "write -f -P 0xcd 9000000 70000",
         "-c", "write -z 20000000 1000000", "-c", "read -P 0xab 1000 5000", "-c", "read -P 0xcd 9000000 70000",
         "-c", "read -P 0 20000000 1000000", &srv.uri]);
-    // fio: random writes over two connections at once, then verified.
+    // fio: random writes at queue depth 16 on one connection, then verified.
     tool("fio", &["--name=verify", "--ioengine=nbd", &format!("--uri={}", srv.uri), "--rw=randwrite", "--bs=4k",
         "--iodepth=16", "--offset=32M", "--size=16M", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1"]);
     tool("qemu-img", &["info", &srv.uri]);

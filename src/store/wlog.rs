@@ -12,7 +12,9 @@
 //!
 //! FLUSH = fdatasync(data) + fdatasync(journal). A slot superseded by a newer version becomes
 //! reusable only after a FLUSH made the newer record durable, and only once no reader can still
-//! be reading it (the reuse gate).
+//! be reading it (the reuse gate). A version no FLUSH has covered needs no such protection (a
+//! crash may roll the block back to its last flushed version anyway): its slot is recycled as
+//! soon as it is superseded.
 //!
 //! Recovery after a crash replays the journal and, for every block, takes the newest record
 //! whose data matches its checksum: a write that never became durable falls back to the version
@@ -160,6 +162,11 @@ pub struct WriteLayer {
     map: Box<[AtomicU32]>,
     alloc: Mutex<SlotAlloc>,
     pending_free: Mutex<Vec<u32>>,
+    /// Slots of superseded versions that no FLUSH covered: reusable once readers are past.
+    recyclable: Mutex<Vec<u32>>,
+    /// Records with a sequence number below this may have been promised durable (the journal
+    /// position when the latest FLUSH started).
+    flush_mark: AtomicU64,
     /// Readers hold it shared while they map a block to a slot and read that slot; freeing
     /// superseded slots takes it exclusively, so a slot is never reused under a reader.
     reuse_gate: RwLock<()>,
@@ -406,6 +413,9 @@ impl WriteLayer {
             map,
             alloc: Mutex::new(SlotAlloc { free, next_fresh, allocated: slots_in_file.max(next_fresh) }),
             pending_free: Mutex::new(Vec::new()),
+            recyclable: Mutex::new(Vec::new()),
+            // Everything in the journal at open is durable.
+            flush_mark: AtomicU64::new(next_seq),
             reuse_gate: RwLock::new(()),
             poisoned: AtomicBool::new(false),
             closed: AtomicBool::new(false),
@@ -463,6 +473,18 @@ impl WriteLayer {
             return Err(StoreError::corrupt(&self.dir, "write layer: write after close"));
         }
         let mut a = self.alloc.lock();
+        if (a.free.len() as usize) < n {
+            let recycled = std::mem::take(&mut *self.recyclable.lock());
+            if !recycled.is_empty() {
+                drop(a);
+                {
+                    // No reader may still be reading the old versions in them.
+                    let _no_readers = self.reuse_gate.write();
+                    self.alloc.lock().free.insert_all(recycled);
+                }
+                a = self.alloc.lock();
+            }
+        }
         // Reuse free slots before fresh ones: runs freed together (an earlier sequential write)
         // come back contiguous, and their pages are already in the page cache, where fresh
         // file space would need new ones (measured: several times slower to fill).
@@ -609,21 +631,32 @@ impl WriteLayer {
         if let Err(e) = journal.file.write_all_at(&records, at) {
             return self.fail(&self.journal_path, e);
         }
-        let mut superseded = Vec::new();
+        let (mut superseded, mut recyclable) = (Vec::new(), Vec::new());
+        // Read under the journal lock, which a FLUSH takes exclusively to move the mark.
+        let flush_mark = self.flush_mark.load(Ordering::SeqCst);
         for (i, entry) in entries.iter().enumerate() {
             let block = first_block + i as u64;
             let mine = Version { packed: entry.pack(), seq: seq + i as u64 };
             let old = shards[slot_of(block)].insert(block, mine);
             debug_assert!(old.is_none_or(|o| o.seq < mine.seq), "publication out of sequence order");
             self.map[block as usize].store(entry.map_value(), Ordering::Release);
-            if let Some(Entry::Data { slot, .. }) = old.map(|o| Entry::unpack(o.packed)) {
-                superseded.push(slot);
+            if let Some(old) = old {
+                if let Entry::Data { slot, .. } = Entry::unpack(old.packed) {
+                    if old.seq >= flush_mark {
+                        recyclable.push(slot);
+                    } else {
+                        superseded.push(slot);
+                    }
+                }
             }
         }
         drop(shards);
         drop(journal);
         if !superseded.is_empty() {
             self.pending_free.lock().extend(superseded);
+        }
+        if !recyclable.is_empty() {
+            self.recyclable.lock().extend(recyclable);
         }
         Ok(true)
     }
@@ -648,6 +681,10 @@ impl WriteLayer {
     /// error to one fsync of a file only, and the FLUSH that missed it must not succeed.
     fn flush_locked(&self) -> Result<(), StoreError> {
         self.check_poisoned()?;
+        // From here on, versions below the journal's position may be promised durable. Taken
+        // exclusively: every commit below the mark has completed, and commits after it see it.
+        let mark = self.journal.write().next.load(Ordering::SeqCst);
+        self.flush_mark.fetch_max(mark, Ordering::SeqCst);
         // Slots superseded by records that completed before now; the syncs below make the
         // superseding records durable, after which the old versions are no longer needed.
         let to_free = std::mem::take(&mut *self.pending_free.lock());
@@ -883,20 +920,52 @@ mod tests {
     }
 
     #[test]
-    fn superseded_slots_are_reused_only_after_a_flush() {
+    fn a_flushed_version_keeps_its_slot_until_the_next_flush() {
         let dir = tempfile::tempdir().unwrap();
         WriteLayer::create(&dir.path().join("w")).unwrap();
         let w = WriteLayer::open(&dir.path().join("w"), 1 << 20).unwrap();
+        let slot_of = |w: &WriteLayer, b: u64| match w.lookup(b) {
+            Some(Entry::Data { slot, .. }) => slot,
+            other => panic!("{other:?}"),
+        };
         w.write_blocks(0, &[1u8; BLOCK_SIZE]).unwrap();
-        for v in 2..10u8 {
-            w.write_blocks(0, &[v; BLOCK_SIZE]).unwrap();
-        }
-        assert_eq!(w.stats().slots, 9, "no reuse before a flush");
         w.flush().unwrap();
-        for v in 10..18u8 {
+        let durable = slot_of(&w, 0);
+        // Many unflushed overwrites of block 0 and writes elsewhere: never in the durable slot.
+        for v in 2..40u8 {
             w.write_blocks(0, &[v; BLOCK_SIZE]).unwrap();
+            w.write_blocks(100 + v as u64, &[v; BLOCK_SIZE]).unwrap();
+            assert_ne!(slot_of(&w, 0), durable);
+            assert_ne!(slot_of(&w, 100 + v as u64), durable, "the flushed version's slot was reused before a flush");
         }
-        assert_eq!(w.stats().slots, 9, "freed slots are reused after the flush");
+        let slots_before = w.stats().slots;
+        assert!(slots_before < 2 * 38 + 2, "unflushed versions were recycled ({slots_before} slots)");
+        w.flush().unwrap();
+        // After the flush the old durable slot is free and gets reused.
+        w.write_blocks(500, &[7u8; BLOCK_SIZE]).unwrap();
+        w.write_blocks(501, &[7u8; BLOCK_SIZE]).unwrap();
+        assert!(slot_of(&w, 500) == durable || slot_of(&w, 501) == durable || w.stats().slots == slots_before);
+    }
+
+    #[test]
+    fn unflushed_versions_are_recycled_at_once_and_recovery_still_finds_the_flushed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        WriteLayer::create(&dir.path().join("w")).unwrap();
+        let w = WriteLayer::open(&dir.path().join("w"), 1 << 20).unwrap();
+        w.write_blocks(5, &[1u8; BLOCK_SIZE]).unwrap(); // V0, flushed
+        w.flush().unwrap();
+        w.write_blocks(5, &[2u8; BLOCK_SIZE]).unwrap(); // V1, never flushed
+        let Some(Entry::Data { slot: v1, .. }) = w.lookup(5) else { panic!() };
+        w.write_blocks(5, &[3u8; BLOCK_SIZE]).unwrap(); // V2: V1's slot is recyclable now
+        let Some(Entry::Data { slot: v2, .. }) = w.lookup(5) else { panic!() };
+        w.write_blocks(9, &[4u8; BLOCK_SIZE]).unwrap(); // another block takes V1's slot
+        assert_eq!(w.lookup(9), Some(Entry::Data { slot: v1, crc: 0 }), "V1's slot reused without a flush");
+        w.abandon();
+        drop(w);
+        // Power loss tears V2: recovery must skip V1 (its slot holds block 9) and return V0.
+        let f = OpenOptions::new().write(true).open(dir.path().join("w/data")).unwrap();
+        f.write_all_at(&[9u8; 100], slot_offset(v2) + 7).unwrap();
+        assert_eq!(content_after_reopen(dir.path()), vec![1u8; BLOCK_SIZE]);
     }
 
     #[test]

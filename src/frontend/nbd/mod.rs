@@ -162,7 +162,14 @@ impl NbdServer {
     pub fn start<D: BlockDevice + 'static>(listen: &Listen, name: &str, dev: Arc<D>) -> Result<NbdServer, NbdError> {
         let (listener, uri) = match listen {
             Listen::Unix(path) => {
-                if path.exists() {
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    use std::os::unix::fs::FileTypeExt;
+                    if !meta.file_type().is_socket() {
+                        return Err(NbdError::Io {
+                            what: format!("listen on {}", path.display()),
+                            source: io::Error::new(io::ErrorKind::AlreadyExists, "a file that is not a socket is there"),
+                        });
+                    }
                     // A stale socket from a crashed server: only replace it if nobody answers.
                     if UnixStream::connect(path).is_ok() {
                         return Err(NbdError::Io {
@@ -423,11 +430,11 @@ fn errno_of(e: &BlockError, write: bool) -> u32 {
 fn execute<D: BlockDevice>(dev: &D, job: &Job) -> (u32, Option<Vec<u8>>) {
     let r = job.req;
     let fua = r.flags & CMD_FLAG_FUA != 0;
+    // FUA is advertised, so it is accepted on every command (a no-op where it means nothing;
+    // older QEMU sets it on FLUSH).
     let allowed_flags = match r.command {
-        CMD_WRITE => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-        CMD_TRIM => CMD_FLAG_FUA,
-        _ => 0,
+        _ => CMD_FLAG_FUA,
     };
     if r.flags & !allowed_flags != 0 {
         return (EINVAL, None);
