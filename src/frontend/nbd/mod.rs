@@ -346,6 +346,27 @@ struct Job {
     payload: Vec<u8>,
 }
 
+/// Buffers handed back and forth between a connection's reader and its workers: a fresh
+/// large allocation costs an mmap, page faults and zeroing per request.
+#[derive(Default)]
+struct BufferPool(Mutex<Vec<Vec<u8>>>);
+
+impl BufferPool {
+    /// A buffer of exactly `len` bytes (content unspecified: the caller overwrites it).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let mut b = self.0.lock().pop().unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        let mut pool = self.0.lock();
+        if pool.len() < QUEUE_DEPTH + WORKERS_PER_CONNECTION {
+            pool.push(b);
+        }
+    }
+}
+
 fn serve_connection<D: BlockDevice + 'static>(mut conn: Conn, name: &str, dev: Arc<D>) -> Result<(), NbdError> {
     // The accept loop keeps a handle to every socket (to close them on stop), so dropping
     // ours would not close it: shut it down explicitly however the connection ends.
@@ -359,13 +380,14 @@ fn transmit<D: BlockDevice + 'static>(conn: &mut Conn, name: &str, dev: Arc<D>) 
     let writer = Arc::new(Mutex::new(conn.try_clone().map_err(io_err("clone socket"))?));
     let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
     let rx = Arc::new(Mutex::new(rx));
+    let pool = Arc::new(BufferPool::default());
     let workers: Vec<JoinHandle<()>> = (0..WORKERS_PER_CONNECTION)
         .filter_map(|i| {
-            let (rx, writer, dev) = (rx.clone(), writer.clone(), dev.clone());
-            std::thread::Builder::new().name(format!("nbd-worker-{i}")).spawn(move || worker(&rx, &writer, &*dev)).ok()
+            let (rx, writer, dev, pool) = (rx.clone(), writer.clone(), dev.clone(), pool.clone());
+            std::thread::Builder::new().name(format!("nbd-worker-{i}")).spawn(move || worker(&rx, &writer, &*dev, &pool)).ok()
         })
         .collect();
-    let result = read_requests(conn, &tx);
+    let result = read_requests(conn, &tx, &pool);
     drop(tx);
     for w in workers {
         let _ = w.join();
@@ -374,7 +396,7 @@ fn transmit<D: BlockDevice + 'static>(conn: &mut Conn, name: &str, dev: Arc<D>) 
 }
 
 /// Reads requests until the client disconnects; hands them to the workers.
-fn read_requests(conn: &mut Conn, tx: &std::sync::mpsc::SyncSender<Job>) -> Result<(), NbdError> {
+fn read_requests(conn: &mut Conn, tx: &std::sync::mpsc::SyncSender<Job>, pool: &BufferPool) -> Result<(), NbdError> {
     loop {
         let mut hdr = [0u8; REQUEST_LEN];
         match conn.read_exact(&mut hdr) {
@@ -387,7 +409,7 @@ fn read_requests(conn: &mut Conn, tx: &std::sync::mpsc::SyncSender<Job>) -> Resu
         if req.command == CMD_DISC {
             return Ok(());
         }
-        let mut payload = vec![0u8; req.payload_len() as usize];
+        let mut payload = pool.take(req.payload_len() as usize);
         conn.read_exact(&mut payload).map_err(io_err("read write payload (client vanished mid-request?)"))?;
         if tx.send(Job { req, payload }).is_err() {
             return Ok(());
@@ -395,20 +417,21 @@ fn read_requests(conn: &mut Conn, tx: &std::sync::mpsc::SyncSender<Job>) -> Resu
     }
 }
 
-fn worker<D: BlockDevice>(rx: &Mutex<Receiver<Job>>, writer: &Mutex<Conn>, dev: &D) {
+fn worker<D: BlockDevice>(rx: &Mutex<Receiver<Job>>, writer: &Mutex<Conn>, dev: &D, pool: &BufferPool) {
+    // Reply header and read data go out in one buffer: one write under the lock.
+    let mut out: Vec<u8> = Vec::new();
     loop {
         let job = match rx.lock().recv() {
             Ok(j) => j,
             Err(_) => return,
         };
-        let (error, data) = execute(dev, &job);
-        let header = simple_reply(error, job.req.cookie);
-        let mut w = writer.lock();
-        let sent = w.write_all(&header).and_then(|_| match &data {
-            Some(d) if error == 0 => w.write_all(d),
-            _ => Ok(()),
-        });
-        if let Err(e) = sent {
+        let error = execute(dev, &job, &mut out);
+        out[..16].copy_from_slice(&simple_reply(error, job.req.cookie));
+        if error != 0 {
+            out.truncate(16);
+        }
+        pool.give(job.payload);
+        if let Err(e) = writer.lock().write_all(&out) {
             tracing::debug!("nbd: reply not delivered: {e}");
         }
     }
@@ -426,8 +449,10 @@ fn errno_of(e: &BlockError, write: bool) -> u32 {
     }
 }
 
-/// Carries out one request: (error code, read data).
-fn execute<D: BlockDevice>(dev: &D, job: &Job) -> (u32, Option<Vec<u8>>) {
+/// Carries out one request; returns the error code. `out` is sized to a reply header (16
+/// bytes) followed, for a successful read, by the data.
+fn execute<D: BlockDevice>(dev: &D, job: &Job, out: &mut Vec<u8>) -> u32 {
+    out.resize(16, 0);
     let r = job.req;
     let fua = r.flags & CMD_FLAG_FUA != 0;
     // FUA is advertised, so it is accepted on every command (a no-op where it means nothing;
@@ -437,18 +462,15 @@ fn execute<D: BlockDevice>(dev: &D, job: &Job) -> (u32, Option<Vec<u8>>) {
         _ => CMD_FLAG_FUA,
     };
     if r.flags & !allowed_flags != 0 {
-        return (EINVAL, None);
+        return EINVAL;
     }
     let result = match r.command {
         CMD_READ => {
             if r.length > MAX_PAYLOAD {
-                return (EINVAL, None);
+                return EINVAL;
             }
-            let mut buf = vec![0u8; r.length as usize];
-            return match dev.read_at(r.offset, &mut buf) {
-                Ok(()) => (0, Some(buf)),
-                Err(e) => (errno_of(&e, false), None),
-            };
+            out.resize(16 + r.length as usize, 0);
+            dev.read_at(r.offset, &mut out[16..]).map_err(|e| errno_of(&e, false))
         }
         CMD_WRITE => dev.write_at(r.offset, &job.payload, fua).map_err(|e| errno_of(&e, true)),
         CMD_FLUSH => dev.flush().map_err(|e| errno_of(&e, false)),
@@ -464,7 +486,7 @@ fn execute<D: BlockDevice>(dev: &D, job: &Job) -> (u32, Option<Vec<u8>>) {
         }
     };
     match result {
-        Ok(()) => (0, None),
-        Err(code) => (code, None),
+        Ok(()) => 0,
+        Err(code) => code,
     }
 }
