@@ -362,7 +362,12 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
             }
         }
         DiskCmd::Fork { new, from } => {
-            let rec = store.fork(&new, &from)?;
+            let pb = progress_bar(json, &format!("folding {from}"));
+            let rec = store.fork_with_progress(&new, &from, &|done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+            })?;
+            pb.finish_and_clear();
             if json {
                 print_json(&json!(rec));
             } else {
@@ -370,7 +375,12 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
             }
         }
         DiskCmd::Compact { disk } => {
-            let rec = store.compact(&disk)?;
+            let pb = progress_bar(json, &format!("folding {disk}"));
+            let rec = store.compact_with_progress(&disk, &|done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+            })?;
+            pb.finish_and_clear();
             if json {
                 print_json(&json!(rec));
             } else {

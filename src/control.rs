@@ -146,7 +146,8 @@ fn handle<D: BlockDevice>(line: &[u8], dev: &Served<D>, info: &ServeInfo) -> Val
             Err(e) => json!({"ok": false, "error": e.to_string()}),
         },
         "freeze" => match dev.freeze() {
-            Ok(()) => json!({"ok": true, "frozen": true}),
+            Ok(true) => json!({"ok": true, "frozen": true}),
+            Ok(false) => json!({"ok": false, "error": "a thaw arrived while the freeze waited for I/O to drain; not frozen"}),
             Err(e) => {
                 dev.thaw();
                 json!({"ok": false, "error": format!("flush during freeze failed: {e}")})
@@ -162,7 +163,10 @@ fn handle<D: BlockDevice>(line: &[u8], dev: &Served<D>, info: &ServeInfo) -> Val
 
 /// Sends one command to the server of `disk` and returns its reply.
 pub fn request(path: &Path, disk: &str, cmd: &str) -> Result<Value, ControlError> {
-    let stream = UnixStream::connect(path).map_err(|e| ControlError::NotServed { disk: disk.into(), path: path.into(), source: e })?;
+    let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ControlError::NotServed { disk: disk.into(), path: path.into(), source: e },
+        _ => ControlError::Io { path: path.to_path_buf(), source: e },
+    })?;
     let io_err = |e| ControlError::Io { path: path.to_path_buf(), source: e };
     // A freeze waits for I/O in flight; give it time, but not forever.
     stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(io_err)?;

@@ -139,16 +139,19 @@ impl<D: BlockDevice> Served<D> {
     }
 
     /// Finishes the I/O in flight, holds new I/O, and flushes. Returns when the device is
-    /// quiescent and durable; it stays frozen until `thaw`.
-    pub fn freeze(&self) -> Result<(), BlockError> {
-        {
+    /// quiescent and durable; it stays frozen until `thaw`. Returns false if a `thaw` came
+    /// while it waited for I/O to drain (the device is then not frozen).
+    pub fn freeze(&self) -> Result<bool, BlockError> {
+        let still_frozen = {
             let mut s = self.gate.state.lock();
             s.frozen = true;
-            while s.in_flight > 0 {
+            while s.in_flight > 0 && s.frozen {
                 self.gate.changed.wait(&mut s);
             }
-        }
-        self.dev.flush()
+            s.frozen
+        };
+        self.dev.flush()?;
+        Ok(still_frozen)
     }
 
     pub fn thaw(&self) {
@@ -219,4 +222,85 @@ impl<D: BlockDevice> BlockDevice for Served<D> {
 /// Wall-clock seconds, for status replies.
 pub(crate) fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::sync::Arc;
+
+    /// A device whose reads wait until the test lets them go.
+    struct Held(Mutex<Option<mpsc::Receiver<()>>>);
+
+    impl BlockDevice for Held {
+        fn size(&self) -> u64 {
+            4096
+        }
+        fn read_at(&self, _: u64, _: &mut [u8]) -> Result<(), BlockError> {
+            if let Some(rx) = self.0.lock().take() {
+                let _ = rx.recv();
+            }
+            Ok(())
+        }
+        fn write_at(&self, _: u64, _: &[u8], _: bool) -> Result<(), BlockError> {
+            Ok(())
+        }
+        fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
+            Ok(())
+        }
+        fn discard(&self, _: u64, _: u64) -> Result<(), BlockError> {
+            Ok(())
+        }
+        fn flush(&self) -> Result<(), BlockError> {
+            Ok(())
+        }
+    }
+
+    fn wait_until(cond: impl Fn() -> bool) {
+        for _ in 0..500 {
+            if cond() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        panic!("condition not reached");
+    }
+
+    #[test]
+    fn freeze_waits_for_in_flight_io_and_holds_new_io_until_thaw() {
+        let (release, rx) = mpsc::channel();
+        let dev = Arc::new(Served::new(Held(Mutex::new(Some(rx)))));
+        let reader = { let d = dev.clone(); std::thread::spawn(move || d.read_at(0, &mut [0u8; 512])) };
+        wait_until(|| dev.stats().in_flight == 1);
+        let freezer = { let d = dev.clone(); std::thread::spawn(move || d.freeze()) };
+        wait_until(|| dev.is_frozen());
+        // New I/O is held while frozen.
+        let late = { let d = dev.clone(); std::thread::spawn(move || d.write_at(0, &[1u8; 512], false)) };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!freezer.is_finished(), "freeze returned with I/O in flight");
+        release.send(()).unwrap();
+        assert!(reader.join().unwrap().is_ok());
+        assert_eq!(freezer.join().unwrap().unwrap(), true, "frozen once drained");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!late.is_finished(), "a write passed a frozen gate");
+        dev.thaw();
+        assert!(late.join().unwrap().is_ok());
+        assert_eq!(dev.stats().write.ops, 1);
+    }
+
+    #[test]
+    fn a_thaw_during_the_drain_makes_the_freeze_report_not_frozen() {
+        let (release, rx) = mpsc::channel();
+        let dev = Arc::new(Served::new(Held(Mutex::new(Some(rx)))));
+        let reader = { let d = dev.clone(); std::thread::spawn(move || d.read_at(0, &mut [0u8; 512])) };
+        wait_until(|| dev.stats().in_flight == 1);
+        let freezer = { let d = dev.clone(); std::thread::spawn(move || d.freeze()) };
+        wait_until(|| dev.is_frozen());
+        dev.thaw();
+        assert_eq!(freezer.join().unwrap().unwrap(), false, "the freeze must not claim a frozen disk");
+        release.send(()).unwrap();
+        assert!(reader.join().unwrap().is_ok());
+        assert!(!dev.is_frozen());
+    }
 }

@@ -380,13 +380,26 @@ impl DeltaWriter {
 
 /// Writes at `path` the delta that results from laying `wlog` over `base`: the write layer
 /// wins wherever it has the block. Blocks at or past `disk_blocks` are dropped.
-pub fn fold(path: &Path, base: Option<&Delta>, wlog: &WriteLayer, disk_blocks: u64) -> Result<DeltaStats, StoreError> {
+pub fn fold(
+    path: &Path,
+    base: Option<&Delta>,
+    wlog: &WriteLayer,
+    disk_blocks: u64,
+    progress: &dyn Fn(u64, u64),
+) -> Result<DeltaStats, StoreError> {
     let lower = base.map(|d| d.blocks()).unwrap_or_default();
     let upper = wlog.entries();
+    // Bytes to go through, as an upper bound (blocks in both layers count once when written).
+    let total = (lower.len() + upper.len()) as u64 * BLOCK_SIZE as u64;
+    let mut seen = 0u64;
     let mut out = DeltaWriter::create(path)?;
     let mut buf = vec![0u8; BLOCK_SIZE];
     let (mut i, mut j) = (0, 0);
     while i < lower.len() || j < upper.len() {
+        seen += 1;
+        if seen % 256 == 0 {
+            progress((i + j) as u64 * BLOCK_SIZE as u64, total);
+        }
         let take_upper = j < upper.len() && (i >= lower.len() || upper[j].0 <= lower[i].0);
         if take_upper {
             let (block, entry) = upper[j];
@@ -426,5 +439,6 @@ pub fn fold(path: &Path, base: Option<&Delta>, wlog: &WriteLayer, disk_blocks: u
             }
         }
     }
+    progress(total, total);
     out.finish()
 }

@@ -443,7 +443,7 @@ impl Store {
 
     /// Folds a disk's write layer into a new delta. Returns the new delta's id and stats, or
     /// None when the write layer is empty (the current delta stays as it is).
-    fn fold_disk(&self, rec: &DiskRecord) -> Result<Option<(String, DeltaStats)>, StoreError> {
+    fn fold_disk(&self, rec: &DiskRecord, progress: &dyn Fn(u64, u64)) -> Result<Option<(String, DeltaStats)>, StoreError> {
         let wlog = WriteLayer::open(&self.wlog_dir(&rec.wlog), rec.size / BLOCK_SIZE as u64)?;
         if wlog.dirty_blocks() == 0 {
             return Ok(None);
@@ -454,7 +454,7 @@ impl Store {
         };
         let id = Self::new_id();
         let tmp = self.root.join("tmp").join(format!("{id}.delta"));
-        let stats = delta::fold(&tmp, base.as_ref(), &wlog, rec.size / BLOCK_SIZE as u64)?;
+        let stats = delta::fold(&tmp, base.as_ref(), &wlog, rec.size / BLOCK_SIZE as u64, progress)?;
         let dest = self.delta_path(&id);
         fs::rename(&tmp, &dest).map_err(|e| StoreError::io(&dest, e))?;
         format::sync_dir(&self.root.join("deltas"))?;
@@ -464,17 +464,27 @@ impl Store {
     /// Folds the disk's write layer into a new delta (the old one stays while another branch
     /// shares it). Nothing to do if the write layer is empty.
     pub fn compact(&self, name: &str) -> Result<DiskRecord, StoreError> {
-        self.fork_or_compact(name, None)
+        self.compact_with_progress(name, &|_, _| {})
+    }
+
+    /// `compact`, reporting (bytes done, bytes in all) while it folds.
+    pub fn compact_with_progress(&self, name: &str, progress: &dyn Fn(u64, u64)) -> Result<DiskRecord, StoreError> {
+        self.fork_or_compact(name, None, progress)
     }
 
     /// Makes `new` a branch of `from`: both share the golden and `from`'s state as of now
     /// (its write layer folded into a read-only delta), and neither sees the other's later writes.
     pub fn fork(&self, new: &str, from: &str) -> Result<DiskRecord, StoreError> {
-        validate_name(new)?;
-        self.fork_or_compact(from, Some(new))
+        self.fork_with_progress(new, from, &|_, _| {})
     }
 
-    fn fork_or_compact(&self, name: &str, child: Option<&str>) -> Result<DiskRecord, StoreError> {
+    /// `fork`, reporting (bytes done, bytes in all) while it folds.
+    pub fn fork_with_progress(&self, new: &str, from: &str, progress: &dyn Fn(u64, u64)) -> Result<DiskRecord, StoreError> {
+        validate_name(new)?;
+        self.fork_or_compact(from, Some(new), progress)
+    }
+
+    fn fork_or_compact(&self, name: &str, child: Option<&str>, progress: &dyn Fn(u64, u64)) -> Result<DiskRecord, StoreError> {
         let _structure = self.structure_lock()?;
         let _lock = self.lock_disk(name)?;
         let rec = self.disk(name)?;
@@ -484,7 +494,7 @@ impl Store {
             }
         }
         let result = (|| {
-            let folded = self.fold_disk(&rec)?;
+            let folded = self.fold_disk(&rec, progress)?;
             let mut parent = rec.clone();
             if let Some((id, _)) = &folded {
                 parent.delta = Some(id.clone());
