@@ -41,11 +41,18 @@ enum Command {
     #[command(subcommand)]
     Disk(DiskCmd),
     /// Serve a disk as a block device until SIGTERM/SIGINT (then: drain, flush, close)
+    #[command(group(clap::ArgGroup::new("frontend").required(true).args(["nbd", "ublk"])))]
     Serve {
         disk: String,
         /// Serve over NBD: unix:PATH or tcp:HOST:PORT
         #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
-        nbd: Listen,
+        nbd: Option<Listen>,
+        /// Serve as /dev/ublkbN (Linux ublk driver; root)
+        #[arg(long)]
+        ublk: bool,
+        /// ublk queues [default: one per CPU]
+        #[arg(long, requires = "ublk")]
+        queues: Option<u16>,
     },
     /// Talk to a served disk's control socket
     Ctl {
@@ -201,7 +208,8 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Image(cmd) => image(&store, cmd, json),
         Command::Disk(cmd) => disk(&store, cmd, json),
-        Command::Serve { disk, nbd } => serve(&store, &disk, &nbd, json),
+        Command::Serve { disk, nbd: Some(nbd), .. } => serve(&store, &disk, &nbd, json),
+        Command::Serve { disk, queues, .. } => serve_ublk(&store, &disk, queues, json),
         Command::Ctl { disk, command } => ctl(&store, &disk, &command, json),
     }
 }
@@ -260,6 +268,70 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     served.device().close_shared()?;
     if !json {
         println!("stopped: disk {name} flushed and closed ({} connection(s) served)", nbd.connections_served.load(std::sync::atomic::Ordering::Relaxed));
+    }
+    Ok(())
+}
+
+fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Result<(), Failure> {
+    use crate::frontend::ublk;
+    let signals = block_stop_signals();
+    let fail = |e: String| Failure::Failed(e);
+    // The server must not share a mount namespace with a mount of its own device when it
+    // exits (the exit deadlocks): give it a private one, which never sees such mounts.
+    // SAFETY: unshare and mount with constant arguments.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0
+            || libc::mount(c"none".as_ptr(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0
+        {
+            return Err(fail(format!("private mount namespace: {}", std::io::Error::last_os_error())));
+        }
+    }
+    let disk = store.open_disk(name)?;
+    let served = std::sync::Arc::new(Served::new(disk));
+    let mut opts = ublk::UblkOptions::default();
+    if let Some(q) = queues {
+        opts.queues = q.max(1);
+    }
+    let ctrl = ublk::create("stasis", &opts).map_err(|e| fail(e.to_string()))?;
+    let dev_id = ctrl.dev_info().dev_id;
+    let control_path = store.control_socket(name);
+    let info = ServeInfo {
+        disk: name.to_string(),
+        frontend: "ublk".into(),
+        address: format!("/dev/ublkb{dev_id}"),
+        started_at: crate::frontend::unix_now(),
+    };
+    let control = ControlServer::start(&control_path, served.clone(), info).map_err(|e| fail(e.to_string()))?;
+    // The stop signal arrives on its own thread, which stops the device.
+    let stopper = {
+        let (ctrl, served) = (ctrl.clone(), served.clone());
+        std::thread::spawn(move || {
+            let sig = wait_for_stop_signal(&signals);
+            tracing::info!(signal = sig, "stopping: deleting the device, flushing, closing");
+            served.thaw();
+            if let Err(e) = ublk::init_control_ring().map_err(|e| e.to_string()).and_then(|_| ctrl.kill_dev().map(|_| ()).map_err(|e| e.to_string())) {
+                tracing::error!("ublk: stopping the device: {e}");
+            }
+        })
+    };
+    let control_shown = control_path.clone();
+    let name_owned = name.to_string();
+    ublk::serve(&ctrl, served.clone(), move |id| {
+        if json {
+            println!("{}", json!({"disk": name_owned, "ublk": format!("/dev/ublkb{id}"), "control": control_shown, "pid": std::process::id()}));
+        } else {
+            println!("serving disk {name_owned} as /dev/ublkb{id}");
+            println!("control socket: {} (stasis ctl {name_owned} status|stats|flush|freeze|thaw)", control_shown.display());
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    })
+    .map_err(|e| fail(e.to_string()))?;
+    let _ = stopper.join();
+    drop(control);
+    served.freeze().map_err(|e| fail(format!("final flush failed: {e}")))?;
+    served.device().close_shared()?;
+    if !json {
+        println!("stopped: /dev/ublkb{dev_id} deleted; disk {name} flushed and closed");
     }
     Ok(())
 }

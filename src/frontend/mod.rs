@@ -5,6 +5,7 @@
 //! - [`nbd`]: the NBD protocol over a Unix or TCP socket (QEMU, qemu-io, nbdinfo, fio).
 
 pub mod nbd;
+pub mod ublk;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};

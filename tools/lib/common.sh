@@ -7,7 +7,7 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 note() { printf '    %s\n' "$*"; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
-# Debian packages: the build (C compiler for blake3's SIMD code), the tests (qemu-img and
+# Debian packages: the build (C compiler for blake3's SIMD code, libclang for libublk), the tests (qemu-img and
 # qemu-io for qcow2 import and NBD; nbdinfo, nbdcopy, fio as NBD clients) and the quickstart
 # (mkfs.ext4, e2fsck, debugfs).
 
@@ -15,6 +15,8 @@ install_deps() {
     local missing=()
     command -v cc >/dev/null || missing+=(build-essential)
     command -v pkg-config >/dev/null || missing+=(pkg-config)
+    # libublk's bindings are generated with bindgen, which needs libclang.
+    dpkg -s libclang-dev >/dev/null 2>&1 || missing+=(libclang-dev)
     command -v mkfs.ext4 >/dev/null && command -v debugfs >/dev/null || missing+=(e2fsprogs)
     command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || missing+=(qemu-utils)
     command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null || missing+=(libnbd-bin)
