@@ -302,11 +302,16 @@ fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Res
         started_at: crate::frontend::unix_now(),
     };
     let control = ControlServer::start(&control_path, served.clone(), info).map_err(|e| fail(e.to_string()))?;
-    // The stop signal arrives on its own thread, which stops the device.
+    // The stop signal arrives on its own thread, which stops the device; a signal that comes
+    // while the device is still starting waits for the start (a stop before it would be lost).
+    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopper = {
-        let (ctrl, served) = (ctrl.clone(), served.clone());
+        let (ctrl, served, started) = (ctrl.clone(), served.clone(), started.clone());
         std::thread::spawn(move || {
             let sig = wait_for_stop_signal(&signals);
+            while !started.load(std::sync::atomic::Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
             tracing::info!(signal = sig, "stopping: deleting the device, flushing, closing");
             served.thaw();
             if let Err(e) = ublk::init_control_ring().map_err(|e| e.to_string()).and_then(|_| ctrl.kill_dev().map(|_| ()).map_err(|e| e.to_string())) {
@@ -316,7 +321,9 @@ fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Res
     };
     let control_shown = control_path.clone();
     let name_owned = name.to_string();
+    let started_flag = started.clone();
     ublk::serve(&ctrl, served.clone(), move |id| {
+        started_flag.store(true, std::sync::atomic::Ordering::SeqCst);
         if json {
             println!("{}", json!({"disk": name_owned, "ublk": format!("/dev/ublkb{id}"), "control": control_shown, "pid": std::process::id()}));
         } else {

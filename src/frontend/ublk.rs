@@ -61,7 +61,11 @@ fn handle<D: BlockDevice>(dev: &D, iod: &sys::ublksrv_io_desc, buf: &mut [u8]) -
         _ => return -libc::EOPNOTSUPP,
     };
     match result {
-        Ok(()) => bytes as i32,
+        // Reads and writes report their bytes (at most the tag's buffer, far below 2 GiB);
+        // discard and write-zeroes report 0: their length can be 2 GiB, which does not fit
+        // the i32 result (a kernel ignores non-negative results for them).
+        Ok(()) if matches!(op, sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE) => bytes as i32,
+        Ok(()) => 0,
         Err(e) => {
             tracing::warn!(op, offset, bytes, "ublk: request failed: {e}");
             -e.errno()
@@ -75,7 +79,7 @@ async fn io_task<D: BlockDevice>(q: &UblkQueue<'_>, tag: u16, dev: &D) -> Result
     loop {
         // SAFETY: between a request's arrival and its commit the kernel does not touch this
         // tag's buffer, and only this task uses it.
-        let data = unsafe { std::slice::from_raw_parts_mut(buf.as_slice().as_ptr() as *mut u8, buf.len()) };
+        let data = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), buf.len()) };
         let res = handle(dev, q.get_iod(tag), data);
         q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
     }
