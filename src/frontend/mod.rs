@@ -268,14 +268,22 @@ mod tests {
         panic!("condition not reached");
     }
 
-    #[test]
-    fn freeze_waits_for_in_flight_io_and_holds_new_io_until_thaw() {
+    type Joined<T> = std::thread::JoinHandle<Result<T, BlockError>>;
+
+    /// A read held inside the device, and a freeze started behind it (frozen, draining).
+    fn read_in_flight_then_freeze() -> (mpsc::Sender<()>, Arc<Served<Held>>, Joined<()>, Joined<bool>) {
         let (release, rx) = mpsc::channel();
         let dev = Arc::new(Served::new(Held(Mutex::new(Some(rx)))));
         let reader = { let d = dev.clone(); std::thread::spawn(move || d.read_at(0, &mut [0u8; 512])) };
         wait_until(|| dev.stats().in_flight == 1);
         let freezer = { let d = dev.clone(); std::thread::spawn(move || d.freeze()) };
         wait_until(|| dev.is_frozen());
+        (release, dev, reader, freezer)
+    }
+
+    #[test]
+    fn freeze_waits_for_in_flight_io_and_holds_new_io_until_thaw() {
+        let (release, dev, reader, freezer) = read_in_flight_then_freeze();
         // New I/O is held while frozen.
         let late = { let d = dev.clone(); std::thread::spawn(move || d.write_at(0, &[1u8; 512], false)) };
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -292,12 +300,7 @@ mod tests {
 
     #[test]
     fn a_thaw_during_the_drain_makes_the_freeze_report_not_frozen() {
-        let (release, rx) = mpsc::channel();
-        let dev = Arc::new(Served::new(Held(Mutex::new(Some(rx)))));
-        let reader = { let d = dev.clone(); std::thread::spawn(move || d.read_at(0, &mut [0u8; 512])) };
-        wait_until(|| dev.stats().in_flight == 1);
-        let freezer = { let d = dev.clone(); std::thread::spawn(move || d.freeze()) };
-        wait_until(|| dev.is_frozen());
+        let (release, dev, reader, freezer) = read_in_flight_then_freeze();
         dev.thaw();
         assert_eq!(freezer.join().unwrap().unwrap(), false, "the freeze must not claim a frozen disk");
         release.send(()).unwrap();
