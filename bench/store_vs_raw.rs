@@ -95,8 +95,13 @@ fn randread(lo: u64, hi: u64, n: u64) -> Box<dyn Fn(&dyn Target, u64) -> f64> {
 }
 
 fn main() {
-    let dir = PathBuf::from(std::env::var("STASIS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/stasis-bench".into()));
-    let repeats: u64 = std::env::var("STASIS_BENCH_REPEATS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let dir = PathBuf::from(
+        std::env::var("STASIS_BENCH_DIR").unwrap_or_else(|_| "/var/tmp/stasis-bench".into()),
+    );
+    let repeats: u64 = std::env::var("STASIS_BENCH_REPEATS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("bench dir");
     eprintln!("setting up in {} ...", dir.display());
@@ -121,9 +126,17 @@ fn main() {
         r.sync_all().expect("sync raw");
     }
     let store = Store::open(&dir.join("store")).expect("store");
-    store.import_image("golden", &golden_path, &|_, _| {}).expect("import");
-    store.create_disk("bench", "golden", Some(DISK)).expect("create");
-    let raw = Raw(OpenOptions::new().read(true).write(true).open(&raw_path).expect("open raw"));
+    store
+        .import_image("golden", &golden_path, &|_, _| {})
+        .expect("import");
+    store
+        .create_disk("bench", "golden", Some(DISK))
+        .expect("create");
+    let raw = Raw(OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&raw_path)
+        .expect("open raw"));
     {
         // [0, 256M) into the delta, [256M, 512M) into the write layer; same bytes into raw.
         let mut buf = vec![0u8; MIB as usize];
@@ -149,9 +162,21 @@ fn main() {
     let index_rss = rss_bytes().saturating_sub(rss_before);
 
     let jobs: Vec<Job> = vec![
-        Job { name: "4k randread, delta", unit: "IOPS", run: randread(0, 256 * MIB, 200_000) },
-        Job { name: "4k randread, write layer", unit: "IOPS", run: randread(256 * MIB, 512 * MIB, 200_000) },
-        Job { name: "4k randread, golden", unit: "IOPS", run: randread(512 * MIB, GIB, 200_000) },
+        Job {
+            name: "4k randread, delta",
+            unit: "IOPS",
+            run: randread(0, 256 * MIB, 200_000),
+        },
+        Job {
+            name: "4k randread, write layer",
+            unit: "IOPS",
+            run: randread(256 * MIB, 512 * MIB, 200_000),
+        },
+        Job {
+            name: "4k randread, golden",
+            unit: "IOPS",
+            run: randread(512 * MIB, GIB, 200_000),
+        },
         Job {
             name: "4k randwrite, flush/64",
             unit: "IOPS",
@@ -208,7 +233,8 @@ fn main() {
             (j.run)(&raw, 999);
         }
     }
-    let mut results: Vec<(Vec<f64>, Vec<f64>)> = jobs.iter().map(|_| (Vec::new(), Vec::new())).collect();
+    let mut results: Vec<(Vec<f64>, Vec<f64>)> =
+        jobs.iter().map(|_| (Vec::new(), Vec::new())).collect();
     for rep in 0..repeats {
         for (j, job) in jobs.iter().enumerate() {
             // Alternate who goes first so drift does not favour one side.
@@ -219,7 +245,10 @@ fn main() {
                 results[j].1.push((job.run)(&raw, rep));
                 results[j].0.push((job.run)(&disk, rep));
             }
-            eprintln!("rep {rep} {:<28} store {:>10.0}  raw {:>10.0}", job.name, results[j].0[rep as usize], results[j].1[rep as usize]);
+            eprintln!(
+                "rep {rep} {:<28} store {:>10.0}  raw {:>10.0}",
+                job.name, results[j].0[rep as usize], results[j].1[rep as usize]
+            );
         }
     }
     let median = |v: &[f64]| {
@@ -232,7 +261,14 @@ fn main() {
     let mut json = Vec::new();
     for (job, (s, r)) in jobs.iter().zip(&results) {
         let (ms, mr) = (median(s), median(r));
-        println!("| {} | {} | {:.0} | {:.0} | {:.2}x |", job.name, job.unit, ms, mr, ms / mr);
+        println!(
+            "| {} | {} | {:.0} | {:.0} | {:.2}x |",
+            job.name,
+            job.unit,
+            ms,
+            mr,
+            ms / mr
+        );
         json.push(serde_json::json!({"job": job.name, "unit": job.unit, "stasis": s, "raw": r, "ratio_of_medians": ms / mr}));
     }
     let st = disk.write_layer().stats();
@@ -245,17 +281,27 @@ fn main() {
         delta_clusters,
         human(budget)
     );
-    println!("repeats: {repeats}, interleaved; directory {}", dir.display());
+    println!(
+        "repeats: {repeats}, interleaved; directory {}",
+        dir.display()
+    );
     let out = serde_json::json!({"results": json, "index_rss_bytes": index_rss, "budget_bytes": budget, "repeats": repeats});
     let _ = std::fs::create_dir_all("bench/out");
-    let _ = std::fs::write("bench/out/store_vs_raw.json", serde_json::to_string_pretty(&out).unwrap_or_default());
+    let _ = std::fs::write(
+        "bench/out/store_vs_raw.json",
+        serde_json::to_string_pretty(&out).unwrap_or_default(),
+    );
     drop(disk);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     pages * 4096
 }
 

@@ -17,7 +17,11 @@ use crate::store::{Store, StoreError};
 use crate::units::{human, parse_size};
 
 #[derive(Parser, Debug)]
-#[command(name = "stasis", version, about = "Stateful swapout of virtual machines: branching copy-on-write VM disks")]
+#[command(
+    name = "stasis",
+    version,
+    about = "Stateful swapout of virtual machines: branching copy-on-write VM disks"
+)]
 pub struct Cli {
     /// Store directory [default: /var/lib/stasis as root, else $XDG_DATA_HOME/stasis]
     #[arg(long, global = true, env = "STASIS_STORE", value_name = "DIR")]
@@ -63,7 +67,8 @@ enum Command {
 }
 
 fn parse_listen(s: &str) -> Result<Listen, String> {
-    s.parse().map_err(|e: crate::frontend::nbd::NbdError| e.to_string())
+    s.parse()
+        .map_err(|e: crate::frontend::nbd::NbdError| e.to_string())
 }
 
 #[derive(Subcommand, Debug)]
@@ -124,7 +129,9 @@ fn default_store() -> PathBuf {
     if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {
         return PathBuf::from(x).join("stasis");
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".local/share/stasis")
 }
 
@@ -151,9 +158,11 @@ fn progress_bar(json: bool, what: &str) -> ProgressBar {
     }
     let pb = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
     pb.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}")
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
+        ProgressStyle::with_template(
+            "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb
@@ -208,7 +217,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
         Command::Image(cmd) => image(&store, cmd, json),
         Command::Disk(cmd) => disk(&store, cmd, json),
-        Command::Serve { disk, nbd: Some(nbd), .. } => serve(&store, &disk, &nbd, json),
+        Command::Serve {
+            disk,
+            nbd: Some(nbd),
+            ..
+        } => serve(&store, &disk, &nbd, json),
         Command::Serve { disk, queues, .. } => serve_ublk(&store, &disk, queues, json),
         Command::Ctl { disk, command } => ctl(&store, &disk, &command, json),
     }
@@ -240,7 +253,8 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     let disk = store.open_disk(name)?;
     let served = std::sync::Arc::new(Served::new(disk));
     let fail = |e: String| Failure::Failed(e);
-    let mut nbd = NbdServer::start(listen, name, served.clone()).map_err(|e| fail(e.to_string()))?;
+    let mut nbd =
+        NbdServer::start(listen, name, served.clone()).map_err(|e| fail(e.to_string()))?;
     let control_path = store.control_socket(name);
     let info = ServeInfo {
         disk: name.to_string(),
@@ -248,12 +262,19 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
         address: nbd.uri.clone(),
         started_at: crate::frontend::unix_now(),
     };
-    let control = ControlServer::start(&control_path, served.clone(), info).map_err(|e| fail(e.to_string()))?;
+    let control = ControlServer::start(&control_path, served.clone(), info)
+        .map_err(|e| fail(e.to_string()))?;
     if json {
-        println!("{}", json!({"disk": name, "nbd": nbd.uri, "control": control_path, "pid": std::process::id()}));
+        println!(
+            "{}",
+            json!({"disk": name, "nbd": nbd.uri, "control": control_path, "pid": std::process::id()})
+        );
     } else {
         println!("serving disk {name} over NBD at {}", nbd.uri);
-        println!("control socket: {} (stasis ctl {name} status|stats|flush|freeze|thaw)", control_path.display());
+        println!(
+            "control socket: {} (stasis ctl {name} status|stats|flush|freeze|thaw)",
+            control_path.display()
+        );
     }
     let _ = std::io::Write::flush(&mut std::io::stdout());
     let sig = wait_for_stop_signal(&signals);
@@ -264,10 +285,16 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     served.thaw();
     nbd.stop();
     drop(control);
-    served.freeze().map_err(|e| fail(format!("final flush failed: {e}")))?;
+    served
+        .freeze()
+        .map_err(|e| fail(format!("final flush failed: {e}")))?;
     served.device().close_shared()?;
     if !json {
-        println!("stopped: disk {name} flushed and closed ({} connection(s) served)", nbd.connections_served.load(std::sync::atomic::Ordering::Relaxed));
+        println!(
+            "stopped: disk {name} flushed and closed ({} connection(s) served)",
+            nbd.connections_served
+                .load(std::sync::atomic::Ordering::Relaxed)
+        );
     }
     Ok(())
 }
@@ -281,9 +308,18 @@ fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Res
     // SAFETY: unshare and mount with constant arguments.
     unsafe {
         if libc::unshare(libc::CLONE_NEWNS) != 0
-            || libc::mount(c"none".as_ptr(), c"/".as_ptr(), std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0
+            || libc::mount(
+                c"none".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
         {
-            return Err(fail(format!("private mount namespace: {}", std::io::Error::last_os_error())));
+            return Err(fail(format!(
+                "private mount namespace: {}",
+                std::io::Error::last_os_error()
+            )));
         }
     }
     let disk = store.open_disk(name)?;
@@ -301,7 +337,8 @@ fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Res
         address: format!("/dev/ublkb{dev_id}"),
         started_at: crate::frontend::unix_now(),
     };
-    let control = ControlServer::start(&control_path, served.clone(), info).map_err(|e| fail(e.to_string()))?;
+    let control = ControlServer::start(&control_path, served.clone(), info)
+        .map_err(|e| fail(e.to_string()))?;
     // The stop signal arrives on its own thread, which stops the device; a signal that comes
     // while the device is still starting waits for the start (a stop before it would be lost).
     let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -312,9 +349,15 @@ fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Res
             while !started.load(std::sync::atomic::Ordering::SeqCst) {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            tracing::info!(signal = sig, "stopping: deleting the device, flushing, closing");
+            tracing::info!(
+                signal = sig,
+                "stopping: deleting the device, flushing, closing"
+            );
             served.thaw();
-            if let Err(e) = ublk::init_control_ring().map_err(|e| e.to_string()).and_then(|_| ctrl.kill_dev().map(|_| ()).map_err(|e| e.to_string())) {
+            if let Err(e) = ublk::init_control_ring()
+                .map_err(|e| e.to_string())
+                .and_then(|_| ctrl.kill_dev().map(|_| ()).map_err(|e| e.to_string()))
+            {
                 tracing::error!("ublk: stopping the device: {e}");
             }
         })
@@ -335,7 +378,9 @@ fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Res
     .map_err(|e| fail(e.to_string()))?;
     let _ = stopper.join();
     drop(control);
-    served.freeze().map_err(|e| fail(format!("final flush failed: {e}")))?;
+    served
+        .freeze()
+        .map_err(|e| fail(format!("final flush failed: {e}")))?;
     served.device().close_shared()?;
     if !json {
         println!("stopped: /dev/ublkb{dev_id} deleted; disk {name} flushed and closed");
@@ -345,19 +390,30 @@ fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Res
 
 fn ctl(store: &Store, name: &str, command: &str, json: bool) -> Result<(), Failure> {
     store.disk(name)?;
-    let reply = crate::control::request(&store.control_socket(name), name, command).map_err(|e| match e {
-        crate::control::ControlError::NotServed { .. } => Failure::Usage(e.to_string()),
-        other => Failure::Failed(other.to_string()),
-    })?;
+    let reply = crate::control::request(&store.control_socket(name), name, command).map_err(
+        |e| match e {
+            crate::control::ControlError::NotServed { .. } => Failure::Usage(e.to_string()),
+            other => Failure::Failed(other.to_string()),
+        },
+    )?;
     if json {
         println!("{reply}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&reply).unwrap_or_default());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&reply).unwrap_or_default()
+        );
     }
     if reply.get("ok").and_then(serde_json::Value::as_bool) == Some(true) {
         Ok(())
     } else {
-        Err(Failure::Failed(format!("{command}: {}", reply.get("error").and_then(serde_json::Value::as_str).unwrap_or("failed"))))
+        Err(Failure::Failed(format!(
+            "{command}: {}",
+            reply
+                .get("error")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("failed")
+        )))
     }
 }
 
@@ -393,10 +449,20 @@ fn image(store: &Store, cmd: ImageCmd, json: bool) -> Result<(), Failure> {
             if json {
                 print_json(&json!(images));
             } else {
-                println!("{:<24} {:>12} {:>8} {:>6}  SOURCE", "IMAGE", "SIZE", "CHUNKS", "DISKS");
+                println!(
+                    "{:<24} {:>12} {:>8} {:>6}  SOURCE",
+                    "IMAGE", "SIZE", "CHUNKS", "DISKS"
+                );
                 for i in images {
                     let users = disks.iter().filter(|d| d.image == i.name).count();
-                    println!("{:<24} {:>12} {:>8} {:>6}  {}", i.name, human(i.size), i.chunks, users, i.source);
+                    println!(
+                        "{:<24} {:>12} {:>8} {:>6}  {}",
+                        i.name,
+                        human(i.size),
+                        i.chunks,
+                        users,
+                        i.source
+                    );
                 }
             }
         }
@@ -437,7 +503,12 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
             if json {
                 print_json(&json!(rec));
             } else {
-                println!("created disk {} ({}) from image {}", rec.name, human(rec.size), rec.image);
+                println!(
+                    "created disk {} ({}) from image {}",
+                    rec.name,
+                    human(rec.size),
+                    rec.image
+                );
             }
         }
         DiskCmd::Fork { new, from } => {
@@ -450,7 +521,12 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
             if json {
                 print_json(&json!(rec));
             } else {
-                println!("forked disk {} from {} (both now share delta {})", rec.name, from, rec.delta.as_deref().unwrap_or("none"));
+                println!(
+                    "forked disk {} from {} (both now share delta {})",
+                    rec.name,
+                    from,
+                    rec.delta.as_deref().unwrap_or("none")
+                );
             }
         }
         DiskCmd::Compact { disk } => {
@@ -463,7 +539,11 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
             if json {
                 print_json(&json!(rec));
             } else {
-                println!("compacted disk {}: write layer folded into delta {}", rec.name, rec.delta.as_deref().unwrap_or("none"));
+                println!(
+                    "compacted disk {}: write layer folded into delta {}",
+                    rec.name,
+                    rec.delta.as_deref().unwrap_or("none")
+                );
             }
         }
         DiskCmd::List => {
@@ -471,7 +551,10 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
             if json {
                 print_json(&json!(disks));
             } else {
-                println!("{:<24} {:>12} {:<20} {:<20} DELTA", "DISK", "SIZE", "IMAGE", "PARENT");
+                println!(
+                    "{:<24} {:>12} {:<20} {:<20} DELTA",
+                    "DISK", "SIZE", "IMAGE", "PARENT"
+                );
                 for d in &disks {
                     let parent = match &d.parent {
                         Some(p) if d.parent_removed => format!("{p} (removed)"),
@@ -500,9 +583,20 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
                 println!(
                     "parent:      {}{}",
                     info.parent.as_deref().unwrap_or("-"),
-                    if info.parent_removed { " (removed)" } else { "" }
+                    if info.parent_removed {
+                        " (removed)"
+                    } else {
+                        ""
+                    }
                 );
-                println!("children:    {}", if info.children.is_empty() { "-".into() } else { info.children.join(", ") });
+                println!(
+                    "children:    {}",
+                    if info.children.is_empty() {
+                        "-".into()
+                    } else {
+                        info.children.join(", ")
+                    }
+                );
                 match &info.delta {
                     Some(d) => println!(
                         "delta:       {} ({} data blocks = {}, {} zero blocks; file {}){}",
@@ -511,7 +605,11 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
                         human(d.data_bytes),
                         d.zero_blocks,
                         human(d.file_bytes),
-                        if d.shared_with.is_empty() { String::new() } else { format!(", shared with {}", d.shared_with.join(", ")) }
+                        if d.shared_with.is_empty() {
+                            String::new()
+                        } else {
+                            format!(", shared with {}", d.shared_with.join(", "))
+                        }
                     ),
                     None => println!("delta:       - (none)"),
                 }
@@ -543,7 +641,9 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
             pb.finish_and_clear();
             d.close()?;
             if json {
-                print_json(&json!({ "disk": disk, "ok": report.damaged.is_empty(), "report": report }));
+                print_json(
+                    &json!({ "disk": disk, "ok": report.damaged.is_empty(), "report": report }),
+                );
             } else {
                 println!(
                     "disk {disk}: {} stored blocks and {} of golden checked, {} damaged",
@@ -567,9 +667,15 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
             })?;
             pb.finish_and_clear();
             if json {
-                print_json(&json!({ "disk": disk, "file": file, "offset": offset, "bytes": bytes, "changed_bytes": changed }));
+                print_json(
+                    &json!({ "disk": disk, "file": file, "offset": offset, "bytes": bytes, "changed_bytes": changed }),
+                );
             } else {
-                println!("wrote {} into disk {disk} at offset {offset}: {} changed, flushed", file.display(), human(changed));
+                println!(
+                    "wrote {} into disk {disk} at offset {offset}: {} changed, flushed",
+                    file.display(),
+                    human(changed)
+                );
             }
         }
     }
@@ -588,7 +694,11 @@ fn export(store: &Store, disk: &str, file: &Path, json: bool) -> Result<(), Fail
     if json {
         print_json(&json!({ "disk": disk, "file": file, "bytes": size, "seconds": secs }));
     } else {
-        println!("exported disk {disk} to {} ({}) in {secs:.1}s", file.display(), human(size));
+        println!(
+            "exported disk {disk} to {} ({}) in {secs:.1}s",
+            file.display(),
+            human(size)
+        );
     }
     Ok(())
 }

@@ -28,7 +28,11 @@ pub enum ControlError {
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error("no server for disk '{disk}' ({}: {source})", path.display())]
-    NotServed { disk: String, path: PathBuf, source: io::Error },
+    NotServed {
+        disk: String,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("control socket: {0}")]
     Protocol(String),
 }
@@ -49,15 +53,28 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    pub fn start<D: BlockDevice + 'static>(path: &Path, dev: Arc<Served<D>>, info: ServeInfo) -> Result<ControlServer, ControlError> {
-        let io_err = |e| ControlError::Io { path: path.to_path_buf(), source: e };
+    pub fn start<D: BlockDevice + 'static>(
+        path: &Path,
+        dev: Arc<Served<D>>,
+        info: ServeInfo,
+    ) -> Result<ControlServer, ControlError> {
+        let io_err = |e| ControlError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        };
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
             if !meta.file_type().is_socket() {
-                return Err(io_err(io::Error::new(io::ErrorKind::AlreadyExists, "a file that is not a socket is there")));
+                return Err(io_err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is there",
+                )));
             }
             if UnixStream::connect(path).is_ok() {
-                return Err(io_err(io::Error::new(io::ErrorKind::AddrInUse, "a server for this disk is running")));
+                return Err(io_err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "a server for this disk is running",
+                )));
             }
             std::fs::remove_file(path).map_err(io_err)?;
         }
@@ -69,22 +86,34 @@ impl ControlServer {
             .name("control".into())
             .spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    let mut pfd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                    let mut pfd = libc::pollfd {
+                        fd: listener.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
                     // SAFETY: one valid pollfd.
                     if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
                         continue;
                     }
-                    let Ok((stream, _)) = listener.accept() else { continue };
+                    let Ok((stream, _)) = listener.accept() else {
+                        continue;
+                    };
                     let (dev, info) = (dev.clone(), info.clone());
-                    let _ = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
-                        if let Err(e) = serve_client(stream, &dev, &info) {
-                            tracing::debug!("control: client: {e}");
-                        }
-                    });
+                    let _ = std::thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || {
+                            if let Err(e) = serve_client(stream, &dev, &info) {
+                                tracing::debug!("control: client: {e}");
+                            }
+                        });
                 }
             })
             .map_err(io_err)?;
-        Ok(ControlServer { path: path.to_path_buf(), stopping, thread: Some(thread) })
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            stopping,
+            thread: Some(thread),
+        })
     }
 }
 
@@ -98,12 +127,18 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve_client<D: BlockDevice>(stream: UnixStream, dev: &Served<D>, info: &ServeInfo) -> io::Result<()> {
+fn serve_client<D: BlockDevice>(
+    stream: UnixStream,
+    dev: &Served<D>,
+    info: &ServeInfo,
+) -> io::Result<()> {
     let mut out = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
     loop {
         let mut line = Vec::new();
-        let n = (&mut reader).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+        let n = (&mut reader)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)?;
         if n == 0 {
             return Ok(());
         }
@@ -147,7 +182,9 @@ fn handle<D: BlockDevice>(line: &[u8], dev: &Served<D>, info: &ServeInfo) -> Val
         },
         "freeze" => match dev.freeze() {
             Ok(true) => json!({"ok": true, "frozen": true}),
-            Ok(false) => json!({"ok": false, "error": "a thaw arrived while the freeze waited for I/O to drain; not frozen"}),
+            Ok(false) => {
+                json!({"ok": false, "error": "a thaw arrived while the freeze waited for I/O to drain; not frozen"})
+            }
             Err(e) => {
                 dev.thaw();
                 json!({"ok": false, "error": format!("flush during freeze failed: {e}")})
@@ -157,24 +194,42 @@ fn handle<D: BlockDevice>(line: &[u8], dev: &Served<D>, info: &ServeInfo) -> Val
             dev.thaw();
             json!({"ok": true, "frozen": false})
         }
-        other => json!({"ok": false, "error": format!("unknown command '{other}' (status, stats, flush, freeze, thaw)")}),
+        other => {
+            json!({"ok": false, "error": format!("unknown command '{other}' (status, stats, flush, freeze, thaw)")})
+        }
     }
 }
 
 /// Sends one command to the server of `disk` and returns its reply.
 pub fn request(path: &Path, disk: &str, cmd: &str) -> Result<Value, ControlError> {
     let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ControlError::NotServed { disk: disk.into(), path: path.into(), source: e },
-        _ => ControlError::Io { path: path.to_path_buf(), source: e },
+        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ControlError::NotServed {
+            disk: disk.into(),
+            path: path.into(),
+            source: e,
+        },
+        _ => ControlError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
     })?;
-    let io_err = |e| ControlError::Io { path: path.to_path_buf(), source: e };
+    let io_err = |e| ControlError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    };
     // A freeze waits for I/O in flight; give it time, but not forever.
-    stream.set_read_timeout(Some(Duration::from_secs(120))).map_err(io_err)?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .map_err(io_err)?;
     let mut out = stream.try_clone().map_err(io_err)?;
-    let mut line = serde_json::to_vec(&json!({"cmd": cmd})).map_err(|e| ControlError::Protocol(e.to_string()))?;
+    let mut line = serde_json::to_vec(&json!({"cmd": cmd}))
+        .map_err(|e| ControlError::Protocol(e.to_string()))?;
     line.push(b'\n');
     out.write_all(&line).map_err(io_err)?;
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply).map_err(io_err)?;
-    serde_json::from_str(&reply).map_err(|e| ControlError::Protocol(format!("bad reply {reply:?}: {e}")))
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(io_err)?;
+    serde_json::from_str(&reply)
+        .map_err(|e| ControlError::Protocol(format!("bad reply {reply:?}: {e}")))
 }

@@ -6,7 +6,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(digits_end);
     if num.is_empty() {
-        return Err(format!("'{s}' is not a size (examples: 4096, 512M, 2G, 1TiB)"));
+        return Err(format!(
+            "'{s}' is not a size (examples: 4096, 512M, 2G, 1TiB)"
+        ));
     }
     let n: u64 = num.parse().map_err(|_| format!("'{s}' is too large"))?;
     let shift = match suffix.trim().to_ascii_uppercase().as_str() {
@@ -17,7 +19,8 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "T" | "TB" | "TIB" => 40,
         _ => return Err(format!("'{s}' has an unknown unit (use K, M, G or T)")),
     };
-    n.checked_mul(1u64 << shift).ok_or_else(|| format!("'{s}' is too large"))
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("'{s}' is too large"))
 }
 
 /// `1.5 GiB`-style rendering for humans.

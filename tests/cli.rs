@@ -56,14 +56,50 @@ fn setup() -> Env {
     let mut golden = pattern(MIB + 1000, 1);
     golden[300_000..700_000].fill(0);
     std::fs::write(work.join("golden.raw"), &golden).unwrap();
-    ok(&root, &["image", "import", "base", work.join("golden.raw").to_str().unwrap()]);
-    ok(&root, &["disk", "create", "d", "--from", "base", "--size", "2M"]);
+    ok(
+        &root,
+        &[
+            "image",
+            "import",
+            "base",
+            work.join("golden.raw").to_str().unwrap(),
+        ],
+    );
+    ok(
+        &root,
+        &["disk", "create", "d", "--from", "base", "--size", "2M"],
+    );
     std::fs::write(work.join("w1"), pattern(100_000, 2)).unwrap();
-    ok(&root, &["disk", "write", "d", work.join("w1").to_str().unwrap(), "--offset", "12345"]);
+    ok(
+        &root,
+        &[
+            "disk",
+            "write",
+            "d",
+            work.join("w1").to_str().unwrap(),
+            "--offset",
+            "12345",
+        ],
+    );
     ok(&root, &["disk", "fork", "e", "--from", "d"]);
     std::fs::write(work.join("w2"), pattern(50_000, 3)).unwrap();
-    ok(&root, &["disk", "write", "d", work.join("w2").to_str().unwrap(), "--offset", "1500000"]);
-    Env { _dir: dir, root, work, golden }
+    ok(
+        &root,
+        &[
+            "disk",
+            "write",
+            "d",
+            work.join("w2").to_str().unwrap(),
+            "--offset",
+            "1500000",
+        ],
+    );
+    Env {
+        _dir: dir,
+        root,
+        work,
+        golden,
+    }
 }
 
 /// Content hash of every layer file in the store, plus the registry's content. (redb rewrites
@@ -71,7 +107,10 @@ fn setup() -> Env {
 /// holds, read through a plain redb reader, not by its bytes.)
 fn snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
     let mut out = BTreeMap::new();
-    out.insert(root.join("registry.redb"), registry_content(&root.join("registry.redb")));
+    out.insert(
+        root.join("registry.redb"),
+        registry_content(&root.join("registry.redb")),
+    );
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         for entry in std::fs::read_dir(&dir).unwrap() {
@@ -79,7 +118,12 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
             if p.is_dir() {
                 stack.push(p);
             } else if !p.starts_with(root.join("locks")) && !p.ends_with("registry.redb") {
-                out.insert(p.clone(), blake3::hash(&std::fs::read(&p).unwrap()).to_hex().to_string());
+                out.insert(
+                    p.clone(),
+                    blake3::hash(&std::fs::read(&p).unwrap())
+                        .to_hex()
+                        .to_string(),
+                );
             }
         }
     }
@@ -89,22 +133,33 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
 fn registry_content(path: &Path) -> String {
     use redb::{ReadableDatabase, ReadableTable, TableDefinition};
     let Ok(db) = redb::Database::builder().create(path) else {
-        return format!("unreadable:{}", blake3::hash(&std::fs::read(path).unwrap_or_default()).to_hex());
+        return format!(
+            "unreadable:{}",
+            blake3::hash(&std::fs::read(path).unwrap_or_default()).to_hex()
+        );
     };
     let txn = db.begin_read().unwrap();
     let mut out = String::new();
     for name in ["meta", "images", "disks", "deltas"] {
         if name == "meta" {
-            let t = txn.open_table(TableDefinition::<&str, &str>::new(name)).unwrap();
+            let t = txn
+                .open_table(TableDefinition::<&str, &str>::new(name))
+                .unwrap();
             for kv in t.iter().unwrap() {
                 let (k, v) = kv.unwrap();
                 out += &format!("{name}/{}={}\n", k.value(), v.value());
             }
         } else {
-            let t = txn.open_table(TableDefinition::<&str, &[u8]>::new(name)).unwrap();
+            let t = txn
+                .open_table(TableDefinition::<&str, &[u8]>::new(name))
+                .unwrap();
             for kv in t.iter().unwrap() {
                 let (k, v) = kv.unwrap();
-                out += &format!("{name}/{}={}\n", k.value(), String::from_utf8_lossy(v.value()));
+                out += &format!(
+                    "{name}/{}={}\n",
+                    k.value(),
+                    String::from_utf8_lossy(v.value())
+                );
             }
         }
     }
@@ -133,37 +188,63 @@ fn tour_export_matches_and_branches_are_isolated() {
         g.resize(2 * MIB, 0);
         g[1_500_000..1_550_000].to_vec()
     });
-    assert!(std::fs::read(&out_d).unwrap() == want_d, "export of d differs");
-    assert!(std::fs::read(&out_e).unwrap() == want_e, "e saw d's writes made after the fork");
+    assert!(
+        std::fs::read(&out_d).unwrap() == want_d,
+        "export of d differs"
+    );
+    assert!(
+        std::fs::read(&out_e).unwrap() == want_e,
+        "e saw d's writes made after the fork"
+    );
 
     // Compact folds d's write layer; content stays; e still shares nothing new.
     ok(&env.root, &["disk", "compact", "d"]);
     ok(&env.root, &["disk", "export", "d", out_d.to_str().unwrap()]);
-    assert!(std::fs::read(&out_d).unwrap() == want_d, "compact changed d");
-    let info: serde_json::Value = serde_json::from_str(&ok(&env.root, &["disk", "info", "d", "--json"])).unwrap();
+    assert!(
+        std::fs::read(&out_d).unwrap() == want_d,
+        "compact changed d"
+    );
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&env.root, &["disk", "info", "d", "--json"])).unwrap();
     assert_eq!(info["write_layer"]["dirty_blocks"], 0);
     assert_eq!(info["parent"], serde_json::Value::Null);
     assert_eq!(info["children"], serde_json::json!(["e"]));
-    let info_e: serde_json::Value = serde_json::from_str(&ok(&env.root, &["disk", "info", "e", "--json"])).unwrap();
+    let info_e: serde_json::Value =
+        serde_json::from_str(&ok(&env.root, &["disk", "info", "e", "--json"])).unwrap();
     assert_eq!(info_e["parent"], "d");
-    assert_ne!(info_e["delta"]["id"], info["delta"]["id"], "d's compaction made a new delta; e keeps the old");
+    assert_ne!(
+        info_e["delta"]["id"], info["delta"]["id"],
+        "d's compaction made a new delta; e keeps the old"
+    );
 
     // Removing the parent keeps the child's shared layers.
     ok(&env.root, &["disk", "rm", "d"]);
     ok(&env.root, &["disk", "export", "e", out_e.to_str().unwrap()]);
-    assert!(std::fs::read(&out_e).unwrap() == want_e, "removing d damaged e");
-    let list: serde_json::Value = serde_json::from_str(&ok(&env.root, &["disk", "list", "--json"])).unwrap();
+    assert!(
+        std::fs::read(&out_e).unwrap() == want_e,
+        "removing d damaged e"
+    );
+    let list: serde_json::Value =
+        serde_json::from_str(&ok(&env.root, &["disk", "list", "--json"])).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 1);
     assert!(ok(&env.root, &["disk", "list"]).contains("d (removed)"));
-    let images: serde_json::Value = serde_json::from_str(&ok(&env.root, &["image", "list", "--json"])).unwrap();
+    let images: serde_json::Value =
+        serde_json::from_str(&ok(&env.root, &["image", "list", "--json"])).unwrap();
     assert_eq!(images[0]["name"], "base");
-    assert_eq!(images[0]["size"], (MIB + 4096) as u64, "image padded to whole blocks");
+    assert_eq!(
+        images[0]["size"],
+        (MIB + 4096) as u64,
+        "image padded to whole blocks"
+    );
     ok(&env.root, &["disk", "verify", "e"]);
     ok(&env.root, &["image", "verify", "base"]);
     // Once no disk uses it, the image can go, and the store holds no layer files any more.
     ok(&env.root, &["disk", "rm", "e"]);
     ok(&env.root, &["image", "rm", "base"]);
-    let left: Vec<_> = snapshot(&env.root).into_keys().filter(|p| !p.ends_with("registry.redb")).collect();
+    let left: Vec<_> = snapshot(&env.root)
+        .into_keys()
+        .filter(|p| !p.ends_with("registry.redb"))
+        .collect();
     assert!(left.is_empty(), "files left behind: {left:?}");
 }
 
@@ -201,14 +282,29 @@ fn wrong_use_exits_2_with_one_line_and_changes_nothing() {
     for args in cases {
         let out = stasis(&env.root, &args);
         let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "stasis {args:?}: status {:?}, stderr {err}", out.status);
-        if !args.is_empty() && !matches!(args.get(1), Some(&"frobnicate") | Some(&"create") if args.len() <= 2) {
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "stasis {args:?}: status {:?}, stderr {err}",
+            out.status
+        );
+        if !args.is_empty()
+            && !matches!(args.get(1), Some(&"frobnicate") | Some(&"create") if args.len() <= 2)
+        {
             if !err.starts_with("error:") {
-                assert_eq!(err.trim_end().lines().count(), 1, "stasis {args:?}: not one line: {err}");
+                assert_eq!(
+                    err.trim_end().lines().count(),
+                    1,
+                    "stasis {args:?}: not one line: {err}"
+                );
                 assert!(err.starts_with("stasis: "), "{err}");
             }
         }
-        assert_eq!(snapshot(&env.root), before, "stasis {args:?} changed the store");
+        assert_eq!(
+            snapshot(&env.root),
+            before,
+            "stasis {args:?} changed the store"
+        );
     }
     assert!(!Path::new("/tmp/never-written").exists());
 }
@@ -219,11 +315,23 @@ fn expect_refused(env: &Env, file: &Path, args: &[&str], what: &str) {
     let before = snapshot(&env.root);
     let out = stasis(&env.root, args);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{what}: stasis {args:?} -> {:?}: {err}", out.status);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{what}: stasis {args:?} -> {:?}: {err}",
+        out.status
+    );
     let name = file.file_name().unwrap().to_string_lossy();
-    assert!(err.contains(&*name), "{what}: error does not name {name}: {err}");
+    assert!(
+        err.contains(&*name),
+        "{what}: error does not name {name}: {err}"
+    );
     assert!(!err.contains("panicked"), "{what}: {err}");
-    assert_eq!(snapshot(&env.root), before, "{what}: the failed command changed the store");
+    assert_eq!(
+        snapshot(&env.root),
+        before,
+        "{what}: the failed command changed the store"
+    );
 }
 
 fn find(root: &Path, sub: &str, suffix: &str) -> PathBuf {
@@ -242,8 +350,11 @@ fn find(root: &Path, sub: &str, suffix: &str) -> PathBuf {
 }
 
 fn wlog_of(env: &Env, disk: &str) -> PathBuf {
-    let info: serde_json::Value = serde_json::from_str(&ok(&env.root, &["disk", "info", disk, "--json"])).unwrap();
-    env.root.join("wlogs").join(info["write_layer"]["id"].as_str().unwrap())
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&env.root, &["disk", "info", disk, "--json"])).unwrap();
+    env.root
+        .join("wlogs")
+        .join(info["write_layer"]["id"].as_str().unwrap())
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -286,11 +397,31 @@ const HEADER_DAMAGE: [Damage; 7] = [
 #[test]
 fn damaged_layer_files_are_refused_by_name() {
     let targets: Vec<(&str, Box<dyn Fn(&Env) -> PathBuf>, Vec<Damage>)> = vec![
-        ("golden", Box::new(|e: &Env| e.root.join("images/base/golden")), vec![Damage::TruncateBy(1)]),
-        ("delta", Box::new(|e: &Env| find(&e.root, "deltas", ".delta")), vec![Damage::TruncateBy(1), Damage::FlipFromEnd(5)]),
-        ("journal", Box::new(|e: &Env| wlog_of(e, "d").join("journal")), vec![Damage::TruncateBy(1), Damage::FlipFromEnd(3)]),
-        ("wlog data", Box::new(|e: &Env| wlog_of(e, "d").join("data")), vec![Damage::TruncateBy(4096)]),
-        ("clean marker", Box::new(|e: &Env| wlog_of(e, "d").join("clean")), vec![]),
+        (
+            "golden",
+            Box::new(|e: &Env| e.root.join("images/base/golden")),
+            vec![Damage::TruncateBy(1)],
+        ),
+        (
+            "delta",
+            Box::new(|e: &Env| find(&e.root, "deltas", ".delta")),
+            vec![Damage::TruncateBy(1), Damage::FlipFromEnd(5)],
+        ),
+        (
+            "journal",
+            Box::new(|e: &Env| wlog_of(e, "d").join("journal")),
+            vec![Damage::TruncateBy(1), Damage::FlipFromEnd(3)],
+        ),
+        (
+            "wlog data",
+            Box::new(|e: &Env| wlog_of(e, "d").join("data")),
+            vec![Damage::TruncateBy(4096)],
+        ),
+        (
+            "clean marker",
+            Box::new(|e: &Env| wlog_of(e, "d").join("clean")),
+            vec![],
+        ),
     ];
     for (what, locate, extra) in &targets {
         for how in HEADER_DAMAGE.iter().chain(extra.iter()) {
@@ -298,8 +429,16 @@ fn damaged_layer_files_are_refused_by_name() {
             let file = locate(&env);
             damage(&file, *how);
             let out = env.work.join("out.raw");
-            expect_refused(&env, &file, &["disk", "export", "d", out.to_str().unwrap()], &format!("{what} {how:?}"));
-            assert!(!out.exists(), "{what} {how:?}: export wrote output from a damaged disk");
+            expect_refused(
+                &env,
+                &file,
+                &["disk", "export", "d", out.to_str().unwrap()],
+                &format!("{what} {how:?}"),
+            );
+            assert!(
+                !out.exists(),
+                "{what} {how:?}: export wrote output from a damaged disk"
+            );
         }
     }
 }
@@ -327,14 +466,28 @@ fn damaged_chunk_hashes_and_data_blocks_are_found_by_verify() {
         let out = stasis(&env.root, &["disk", "verify", "d"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert_eq!(out.status.code(), Some(1), "{what}: {text}");
-        let name = if file == "data" { wlog_of(&env, "d").to_string_lossy().to_string() } else { path.to_string_lossy().to_string() };
-        assert!(text.contains("damaged: ") && text.contains(&name), "{what}: {text}");
+        let name = if file == "data" {
+            wlog_of(&env, "d").to_string_lossy().to_string()
+        } else {
+            path.to_string_lossy().to_string()
+        };
+        assert!(
+            text.contains("damaged: ") && text.contains(&name),
+            "{what}: {text}"
+        );
     }
 }
 
 #[test]
 fn damaged_registry_is_refused() {
-    for how in [Damage::Truncate(0), Damage::Truncate(1000), Damage::Flip(0), Damage::Flip(600), Damage::FlipFromEnd(9), Damage::TruncateBy(4096)] {
+    for how in [
+        Damage::Truncate(0),
+        Damage::Truncate(1000),
+        Damage::Flip(0),
+        Damage::Flip(600),
+        Damage::FlipFromEnd(9),
+        Damage::TruncateBy(4096),
+    ] {
         let env = setup();
         let reg = env.root.join("registry.redb");
         if matches!(how, Damage::Truncate(0)) {
@@ -348,7 +501,10 @@ fn damaged_registry_is_refused() {
         let err = String::from_utf8_lossy(&out.stderr);
         // Either refused naming the registry, or (damage in unused pages) still correct.
         if out.status.success() {
-            assert!(String::from_utf8_lossy(&out.stdout).contains("d "), "{how:?}: wrong listing");
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("d "),
+                "{how:?}: wrong listing"
+            );
         } else {
             assert_eq!(out.status.code(), Some(1), "{how:?}: {err}");
             assert!(err.contains("registry.redb"), "{how:?}: {err}");

@@ -42,7 +42,8 @@ fn sub_block_writes_to_one_block_from_many_threads_all_land() {
             std::thread::spawn(move || {
                 for round in 0..20u64 {
                     for b in 0..64u64 {
-                        d.write_at(b * BS + t * 512, &[(t * 16 + round) as u8; 512], false).unwrap();
+                        d.write_at(b * BS + t * 512, &[(t * 16 + round) as u8; 512], false)
+                            .unwrap();
                     }
                 }
             })
@@ -54,7 +55,10 @@ fn sub_block_writes_to_one_block_from_many_threads_all_land() {
         d.read_at(b * BS, &mut buf).unwrap();
         for t in 0..8u64 {
             let sector = &buf[(t * 512) as usize..((t + 1) * 512) as usize];
-            assert!(sector.iter().all(|&x| x == (t * 16 + 19) as u8), "block {b} sector {t} lost a write");
+            assert!(
+                sector.iter().all(|&x| x == (t * 16 + 19) as u8),
+                "block {b} sector {t} lost a write"
+            );
         }
     }
 }
@@ -93,7 +97,11 @@ fn readers_never_see_another_blocks_data_while_slots_are_recycled() {
                     let owner = u64::from_le_bytes(buf[0..8].try_into().unwrap());
                     let version = &buf[8..16];
                     assert_eq!(owner, b, "block {b} returned block {owner}'s data");
-                    assert!(buf.chunks(16).all(|c| c[0..8] == buf[0..8] && &c[8..16] == version), "block {b} torn");
+                    assert!(
+                        buf.chunks(16)
+                            .all(|c| c[0..8] == buf[0..8] && &c[8..16] == version),
+                        "block {b} torn"
+                    );
                     reads += 1;
                     i += 1;
                 }
@@ -104,7 +112,10 @@ fn readers_never_see_another_blocks_data_while_slots_are_recycled() {
     writers.into_iter().for_each(|t| t.join().unwrap());
     stop.store(true, Ordering::Relaxed);
     let reads: u64 = readers.into_iter().map(|t| t.join().unwrap()).sum();
-    assert!(reads > 100, "readers ran concurrently with the writers ({reads} reads)");
+    assert!(
+        reads > 100,
+        "readers ran concurrently with the writers ({reads} reads)"
+    );
 }
 
 #[test]
@@ -135,6 +146,9 @@ fn sub_block_writes_never_undo_a_concurrent_whole_block_write() {
         partial.join().unwrap();
         let mut buf = vec![0u8; BS as usize];
         d.read_at(3 * BS, &mut buf).unwrap();
-        assert!(buf[512..] == stamp(round, last)[512..], "round {round}: a sub-block write brought back old bytes");
+        assert!(
+            buf[512..] == stamp(round, last)[512..],
+            "round {round}: a sub-block write brought back old bytes"
+        );
     }
 }

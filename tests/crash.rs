@@ -42,7 +42,10 @@ fn op(seed: u64, i: u64) -> Op {
     let count = 1 + (r >> 8) % 8;
     let first = (r >> 16) % (DISK_BLOCKS - count + 1);
     if r % 7 == 0 {
-        Op::Zero { first, count: count.min(4) }
+        Op::Zero {
+            first,
+            count: count.min(4),
+        }
     } else {
         Op::Write { first, count }
     }
@@ -75,10 +78,12 @@ fn child(root: &Path, disk: &str, seed: u64) {
                 for b in first..first + count {
                     buf.extend_from_slice(&block_content(seed, i, b));
                 }
-                d.write_at(first * BS as u64, &buf, false).expect("child: write");
+                d.write_at(first * BS as u64, &buf, false)
+                    .expect("child: write");
             }
             Op::Zero { first, count } => {
-                d.write_zeroes(first * BS as u64, count * BS as u64, false).expect("child: zero");
+                d.write_zeroes(first * BS as u64, count * BS as u64, false)
+                    .expect("child: zero");
             }
         }
         if (i + 1) % FLUSH_EVERY == 0 {
@@ -98,7 +103,12 @@ struct Outcome {
 fn run_child(root: &Path, disk: &str, seed: u64, kill_after: Duration) -> Outcome {
     let exe = std::env::current_exe().expect("own path");
     let mut c = Command::new(exe)
-        .args(["--child", root.to_str().expect("utf-8 path"), disk, &seed.to_string()])
+        .args([
+            "--child",
+            root.to_str().expect("utf-8 path"),
+            disk,
+            &seed.to_string(),
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -107,10 +117,18 @@ fn run_child(root: &Path, disk: &str, seed: u64, kill_after: Duration) -> Outcom
     // SIGKILL: no destructor, no flush, no clean marker.
     let _ = c.kill();
     let status = c.wait().expect("wait child");
-    assert!(!status.success() || kill_after.is_zero(), "child ended on its own: {status}");
+    assert!(
+        !status.success() || kill_after.is_zero(),
+        "child ended on its own: {status}"
+    );
     let mut out = String::new();
-    BufReader::new(c.stdout.take().expect("stdout")).read_to_string(&mut out).expect("read child output");
-    let mut outcome = Outcome { flushed: None, opened: false };
+    BufReader::new(c.stdout.take().expect("stdout"))
+        .read_to_string(&mut out)
+        .expect("read child output");
+    let mut outcome = Outcome {
+        flushed: None,
+        opened: false,
+    };
     for line in out.lines() {
         if line == "O" {
             outcome.opened = true;
@@ -122,8 +140,16 @@ fn run_child(root: &Path, disk: &str, seed: u64, kill_after: Duration) -> Outcom
 }
 
 /// Checks the disk against what the child may have left, and returns its actual content.
-fn verify(store: &Store, disk: &str, seed: u64, baseline: &[Vec<u8>], outcome: &Outcome) -> Vec<Vec<u8>> {
-    let d = store.open_disk(disk).unwrap_or_else(|e| panic!("reopen {disk} after kill: {e}"));
+fn verify(
+    store: &Store,
+    disk: &str,
+    seed: u64,
+    baseline: &[Vec<u8>],
+    outcome: &Outcome,
+) -> Vec<Vec<u8>> {
+    let d = store
+        .open_disk(disk)
+        .unwrap_or_else(|e| panic!("reopen {disk} after kill: {e}"));
     // Ops after the last acknowledged flush may or may not be there: at most up to the next flush.
     let last_possible = match outcome.flushed {
         Some(f) => f + FLUSH_EVERY,
@@ -137,7 +163,11 @@ fn verify(store: &Store, disk: &str, seed: u64, baseline: &[Vec<u8>], outcome: &
             Op::Zero { first, count } => (first, count, true),
         };
         for b in first..first + count {
-            let content = if zero { vec![0u8; BS] } else { block_content(seed, i, b) };
+            let content = if zero {
+                vec![0u8; BS]
+            } else {
+                block_content(seed, i, b)
+            };
             if outcome.flushed.is_some_and(|f| i <= f) {
                 must.insert(b, content);
             } else {
@@ -148,11 +178,15 @@ fn verify(store: &Store, disk: &str, seed: u64, baseline: &[Vec<u8>], outcome: &
     let mut actual = Vec::with_capacity(DISK_BLOCKS as usize);
     let mut buf = vec![0u8; BS];
     for b in 0..DISK_BLOCKS {
-        d.read_at(b * BS as u64, &mut buf).expect("read after recovery");
+        d.read_at(b * BS as u64, &mut buf)
+            .expect("read after recovery");
         let durable = must.get(&b).unwrap_or(&baseline[b as usize]);
         let later = may.get(&b).map(|v| v.as_slice()).unwrap_or(&[]);
         if &buf != durable && !later.iter().any(|v| v == &buf) {
-            let head: Vec<u64> = buf[..24].chunks(8).map(|c| u64::from_le_bytes(c.try_into().unwrap())).collect();
+            let head: Vec<u64> = buf[..24]
+                .chunks(8)
+                .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
             panic!(
                 "disk {disk} block {b} after kill (seed {seed}, flushed through {:?}): content {:?}... is neither the \
                  flushed version nor a later write",
@@ -180,18 +214,29 @@ fn read_all(store: &Store, disk: &str) -> Vec<Vec<u8>> {
 fn parent(trials: u64) {
     let dir = tempfile::tempdir().expect("tempdir");
     let root: PathBuf = dir.path().join("store");
-    let golden: Vec<u8> = (0..GOLDEN_BLOCKS as usize * BS).map(|i| splitmix(i as u64 / 8) as u8).collect();
+    let golden: Vec<u8> = (0..GOLDEN_BLOCKS as usize * BS)
+        .map(|i| splitmix(i as u64 / 8) as u8)
+        .collect();
     let gpath = dir.path().join("golden.raw");
     std::fs::write(&gpath, &golden).expect("write golden");
     let store = Store::open(&root).expect("open store");
-    store.import_image("base", &gpath, &|_, _| {}).expect("import");
+    store
+        .import_image("base", &gpath, &|_, _| {})
+        .expect("import");
     let started = Instant::now();
     let (mut kills, mut with_flush, mut during_open) = (0u64, 0u64, 0u64);
     for trial in 0..trials {
         let disk = format!("t{trial}");
-        store.create_disk(&disk, "base", Some(DISK_BLOCKS * BS as u64)).expect("create");
+        store
+            .create_disk(&disk, "base", Some(DISK_BLOCKS * BS as u64))
+            .expect("create");
         let mut baseline: Vec<Vec<u8>> = (0..DISK_BLOCKS as usize)
-            .map(|b| golden.get(b * BS..(b + 1) * BS).map(|s| s.to_vec()).unwrap_or_else(|| vec![0u8; BS]))
+            .map(|b| {
+                golden
+                    .get(b * BS..(b + 1) * BS)
+                    .map(|s| s.to_vec())
+                    .unwrap_or_else(|| vec![0u8; BS])
+            })
             .collect();
         let mut sibling: Option<(String, Vec<Vec<u8>>)> = None;
         for round in 0..2u64 {
@@ -205,7 +250,10 @@ fn parent(trials: u64) {
             baseline = verify(&store, &disk, seed, &baseline, &outcome);
             if round == 0 && trial % 4 == 1 {
                 store.compact(&disk).expect("compact after recovery");
-                assert!(read_all(&store, &disk) == baseline, "compaction changed {disk}");
+                assert!(
+                    read_all(&store, &disk) == baseline,
+                    "compaction changed {disk}"
+                );
             }
             if round == 0 && trial % 4 == 2 {
                 let s = format!("{disk}-sibling");
@@ -214,7 +262,10 @@ fn parent(trials: u64) {
             }
         }
         if let Some((s, content)) = sibling {
-            assert!(read_all(&store, &s) == content, "sibling {s} saw writes made to {disk} after the fork");
+            assert!(
+                read_all(&store, &s) == content,
+                "sibling {s} saw writes made to {disk} after the fork"
+            );
             store.remove_disk(&s).expect("rm sibling");
         }
         store.remove_disk(&disk).expect("rm");
@@ -238,7 +289,9 @@ fn main() {
         println!("crash: test");
         return;
     }
-    let trials = std::env::var("STASIS_CRASH_TRIALS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
+    let trials = std::env::var("STASIS_CRASH_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
     parent(trials);
 }
-

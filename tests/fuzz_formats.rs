@@ -63,13 +63,21 @@ fn apply(bytes: &mut Vec<u8>, muts: &[Mutation], focus: usize) {
         match *m {
             // Half the mutations land in the header's fields, where they matter most.
             Mutation::Flip { at, bit } => {
-                let i = if at % 2 == 0 { 16 + at % focus } else { at % len };
+                let i = if at % 2 == 0 {
+                    16 + at % focus
+                } else {
+                    at % len
+                };
                 if i < bytes.len() {
                     bytes[i] ^= 1 << bit;
                 }
             }
             Mutation::Set { at, value } => {
-                let i = if at % 2 == 0 { 16 + at % focus } else { at % len };
+                let i = if at % 2 == 0 {
+                    16 + at % focus
+                } else {
+                    at % len
+                };
                 if i < bytes.len() {
                     bytes[i] = value;
                 }

@@ -17,14 +17,39 @@ const DISK_SIZE: u64 = 64 * BS;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { disk: usize, offset: u64, len: u64, seed: u8 },
-    Read { disk: usize, offset: u64, len: u64 },
-    Discard { disk: usize, offset: u64, len: u64 },
-    WriteZeroes { disk: usize, offset: u64, len: u64 },
-    Flush { disk: usize },
-    Fork { disk: usize },
-    Compact { disk: usize },
-    Reopen { disk: usize },
+    Write {
+        disk: usize,
+        offset: u64,
+        len: u64,
+        seed: u8,
+    },
+    Read {
+        disk: usize,
+        offset: u64,
+        len: u64,
+    },
+    Discard {
+        disk: usize,
+        offset: u64,
+        len: u64,
+    },
+    WriteZeroes {
+        disk: usize,
+        offset: u64,
+        len: u64,
+    },
+    Flush {
+        disk: usize,
+    },
+    Fork {
+        disk: usize,
+    },
+    Compact {
+        disk: usize,
+    },
+    Reopen {
+        disk: usize,
+    },
 }
 
 /// Offsets and lengths: half block-aligned, half arbitrary, all inside the disk.
@@ -32,7 +57,8 @@ fn range() -> impl Strategy<Value = (u64, u64)> {
     prop_oneof![
         (0..DISK_SIZE / BS, 1..=8u64).prop_map(|(b, n)| (b * BS, n.min(DISK_SIZE / BS - b) * BS)),
         (0..DISK_SIZE - 1, 1..=3 * BS).prop_map(|(o, l)| (o, l.min(DISK_SIZE - o))),
-        (0..DISK_SIZE / BS, 1..=700u64).prop_map(|(b, l)| (b * BS + 512, l.min(DISK_SIZE - b * BS - 512))),
+        (0..DISK_SIZE / BS, 1..=700u64)
+            .prop_map(|(b, l)| (b * BS + 512, l.min(DISK_SIZE - b * BS - 512))),
     ]
 }
 
@@ -51,7 +77,13 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn pattern(seed: u8, offset: u64, len: u64) -> Vec<u8> {
-    (0..len).map(|i| (offset + i).wrapping_mul(31).wrapping_add(seed as u64 * 7 + 1) as u8).collect()
+    (0..len)
+        .map(|i| {
+            (offset + i)
+                .wrapping_mul(31)
+                .wrapping_add(seed as u64 * 7 + 1) as u8
+        })
+        .collect()
 }
 
 struct World {
@@ -70,7 +102,9 @@ impl World {
     fn disk(&mut self, name: &str) -> &Disk {
         let store = &self.store;
         let entry = self.disks.get_mut(name).expect("known disk");
-        entry.0.get_or_insert_with(|| store.open_disk(name).expect("open disk"))
+        entry
+            .0
+            .get_or_insert_with(|| store.open_disk(name).expect("open disk"))
     }
 
     fn close(&mut self, name: &str) {
@@ -91,7 +125,9 @@ impl World {
 }
 
 fn run(ops: Vec<Op>, dir: &Path) {
-    let golden: Vec<u8> = (0..GOLDEN_LEN).map(|i| (i * 7 + i / 4096) as u8 ^ 0x5a).collect();
+    let golden: Vec<u8> = (0..GOLDEN_LEN)
+        .map(|i| (i * 7 + i / 4096) as u8 ^ 0x5a)
+        .collect();
     let gpath = dir.join("golden.raw");
     std::fs::write(&gpath, &golden).unwrap();
     let store = Store::open(&dir.join("store")).unwrap();
@@ -99,23 +135,36 @@ fn run(ops: Vec<Op>, dir: &Path) {
     store.create_disk("d0", "base", Some(DISK_SIZE)).unwrap();
     let mut model = golden.clone();
     model.resize(DISK_SIZE as usize, 0);
-    let mut w = World { store, disks: BTreeMap::new(), next: 1 };
+    let mut w = World {
+        store,
+        disks: BTreeMap::new(),
+        next: 1,
+    };
     w.disks.insert("d0".into(), (None, model));
 
     for op in ops {
         match op {
-            Op::Write { disk, offset, len, seed } => {
+            Op::Write {
+                disk,
+                offset,
+                len,
+                seed,
+            } => {
                 let n = w.name(disk);
                 let data = pattern(seed, offset, len);
                 w.disk(&n).write_at(offset, &data, seed % 5 == 0).unwrap();
-                w.disks.get_mut(&n).unwrap().1[offset as usize..(offset + len) as usize].copy_from_slice(&data);
+                w.disks.get_mut(&n).unwrap().1[offset as usize..(offset + len) as usize]
+                    .copy_from_slice(&data);
             }
             Op::Read { disk, offset, len } => {
                 let n = w.name(disk);
                 let mut buf = vec![0xeeu8; len as usize];
                 w.disk(&n).read_at(offset, &mut buf).unwrap();
                 let want = &w.disks[&n].1[offset as usize..(offset + len) as usize];
-                assert!(buf == want, "read of {n} at {offset}+{len} differs from the model");
+                assert!(
+                    buf == want,
+                    "read of {n} at {offset}+{len} differs from the model"
+                );
             }
             Op::Discard { disk, offset, len } => {
                 let n = w.name(disk);
@@ -199,13 +248,34 @@ fn out_of_range_io_is_refused_and_changes_nothing() {
     store.create_disk("d", "g", Some(16384)).unwrap();
     let disk = store.open_disk("d").unwrap();
     let mut buf = vec![0u8; 4096];
-    for (off, len) in [(16384u64, 1u64), (12288, 4097), (u64::MAX - 10, 20), (16383, 2)] {
-        assert!(matches!(disk.read_at(off, &mut vec![0u8; len as usize]), Err(BlockError::OutOfRange { .. })));
-        assert!(matches!(disk.write_at(off, &vec![1u8; len as usize], true), Err(BlockError::OutOfRange { .. })));
-        assert!(matches!(disk.write_zeroes(off, len, false), Err(BlockError::OutOfRange { .. })));
-        assert!(matches!(disk.discard(off, len), Err(BlockError::OutOfRange { .. })));
+    for (off, len) in [
+        (16384u64, 1u64),
+        (12288, 4097),
+        (u64::MAX - 10, 20),
+        (16383, 2),
+    ] {
+        assert!(matches!(
+            disk.read_at(off, &mut vec![0u8; len as usize]),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            disk.write_at(off, &vec![1u8; len as usize], true),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            disk.write_zeroes(off, len, false),
+            Err(BlockError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            disk.discard(off, len),
+            Err(BlockError::OutOfRange { .. })
+        ));
     }
-    assert_eq!(disk.write_layer().dirty_blocks(), 0, "a refused request must not touch the disk");
+    assert_eq!(
+        disk.write_layer().dirty_blocks(),
+        0,
+        "a refused request must not touch the disk"
+    );
     disk.read_at(12288, &mut buf).unwrap();
     assert_eq!(buf, vec![0u8; 4096]);
     disk.read_at(0, &mut buf).unwrap();
@@ -226,7 +296,11 @@ fn second_opener_gets_a_clear_error() {
     let _open = store.open_disk("d").unwrap();
     let err = store.open_disk("d").err().expect("second open must fail");
     assert_eq!(err.to_string(), "disk 'd' is in use by another process");
-    assert!(store.fork("e", "d").is_err() && store.compact("d").is_err() && store.remove_disk("d").is_err());
+    assert!(
+        store.fork("e", "d").is_err()
+            && store.compact("d").is_err()
+            && store.remove_disk("d").is_err()
+    );
     assert_eq!(store.disks().unwrap().len(), 1, "nothing changed");
 }
 
@@ -244,9 +318,17 @@ fn whole_block_writes_never_read_lower_layers() {
     let disk = store.open_disk("d").unwrap();
     // Shrink the golden file under the open disk so that any read of it fails with truncation.
     let golden = root.join("images/g/golden");
-    std::fs::OpenOptions::new().write(true).open(&golden).unwrap().set_len(100).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&golden)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
     disk.write_at(4096, &vec![3u8; 8192], false).unwrap();
-    assert!(disk.write_at(10, &[1u8; 10], false).is_err(), "a partial write must read the golden");
+    assert!(
+        disk.write_at(10, &[1u8; 10], false).is_err(),
+        "a partial write must read the golden"
+    );
     let mut buf = vec![0u8; 8192];
     disk.read_at(4096, &mut buf).unwrap();
     assert_eq!(buf, vec![3u8; 8192]);

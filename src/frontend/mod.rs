@@ -64,7 +64,10 @@ impl Counter {
     }
 
     fn snapshot(&self) -> OpStats {
-        OpStats { ops: self.ops.load(Ordering::Relaxed), bytes: self.bytes.load(Ordering::Relaxed) }
+        OpStats {
+            ops: self.ops.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -128,14 +131,20 @@ impl<D: BlockDevice> Served<D> {
         self.dev
     }
 
-    fn done<T>(&self, counter: &Counter, bytes: u64, r: Result<T, BlockError>) -> Result<T, BlockError> {
+    fn done<T>(
+        &self,
+        counter: &Counter,
+        bytes: u64,
+        r: Result<T, BlockError>,
+    ) -> Result<T, BlockError> {
         match &r {
             Ok(_) => counter.add(bytes),
             Err(_) => {
                 self.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
-        self.last_io_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_io_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
         r
     }
 
@@ -179,7 +188,8 @@ impl<D: BlockDevice> Served<D> {
             errors: self.errors.load(Ordering::Relaxed),
             in_flight,
             frozen,
-            idle_seconds: now_ms.saturating_sub(self.last_io_ms.load(Ordering::Relaxed)) as f64 / 1000.0,
+            idle_seconds: now_ms.saturating_sub(self.last_io_ms.load(Ordering::Relaxed)) as f64
+                / 1000.0,
         }
     }
 }
@@ -222,7 +232,10 @@ impl<D: BlockDevice> BlockDevice for Served<D> {
 
 /// Wall-clock seconds, for status replies.
 pub(crate) fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -271,12 +284,23 @@ mod tests {
     type Joined<T> = std::thread::JoinHandle<Result<T, BlockError>>;
 
     /// A read held inside the device, and a freeze started behind it (frozen, draining).
-    fn read_in_flight_then_freeze() -> (mpsc::Sender<()>, Arc<Served<Held>>, Joined<()>, Joined<bool>) {
+    fn read_in_flight_then_freeze() -> (
+        mpsc::Sender<()>,
+        Arc<Served<Held>>,
+        Joined<()>,
+        Joined<bool>,
+    ) {
         let (release, rx) = mpsc::channel();
         let dev = Arc::new(Served::new(Held(Mutex::new(Some(rx)))));
-        let reader = { let d = dev.clone(); std::thread::spawn(move || d.read_at(0, &mut [0u8; 512])) };
+        let reader = {
+            let d = dev.clone();
+            std::thread::spawn(move || d.read_at(0, &mut [0u8; 512]))
+        };
         wait_until(|| dev.stats().in_flight == 1);
-        let freezer = { let d = dev.clone(); std::thread::spawn(move || d.freeze()) };
+        let freezer = {
+            let d = dev.clone();
+            std::thread::spawn(move || d.freeze())
+        };
         wait_until(|| dev.is_frozen());
         (release, dev, reader, freezer)
     }
@@ -285,12 +309,19 @@ mod tests {
     fn freeze_waits_for_in_flight_io_and_holds_new_io_until_thaw() {
         let (release, dev, reader, freezer) = read_in_flight_then_freeze();
         // New I/O is held while frozen.
-        let late = { let d = dev.clone(); std::thread::spawn(move || d.write_at(0, &[1u8; 512], false)) };
+        let late = {
+            let d = dev.clone();
+            std::thread::spawn(move || d.write_at(0, &[1u8; 512], false))
+        };
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!freezer.is_finished(), "freeze returned with I/O in flight");
         release.send(()).unwrap();
         assert!(reader.join().unwrap().is_ok());
-        assert_eq!(freezer.join().unwrap().unwrap(), true, "frozen once drained");
+        assert_eq!(
+            freezer.join().unwrap().unwrap(),
+            true,
+            "frozen once drained"
+        );
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(!late.is_finished(), "a write passed a frozen gate");
         dev.thaw();
@@ -302,7 +333,11 @@ mod tests {
     fn a_thaw_during_the_drain_makes_the_freeze_report_not_frozen() {
         let (release, dev, reader, freezer) = read_in_flight_then_freeze();
         dev.thaw();
-        assert_eq!(freezer.join().unwrap().unwrap(), false, "the freeze must not claim a frozen disk");
+        assert_eq!(
+            freezer.join().unwrap().unwrap(),
+            false,
+            "the freeze must not claim a frozen disk"
+        );
         release.send(()).unwrap();
         assert!(reader.join().unwrap().is_ok());
         assert!(!dev.is_frozen());

@@ -10,13 +10,17 @@
 use std::sync::Arc;
 
 use libublk::io::{UblkDev, UblkQueue};
-use libublk::{ctrl::UblkCtrl, ctrl::UblkCtrlBuilder, helpers::IoBuf, sys, BufDesc, UblkError, UblkFlags};
+use libublk::{
+    ctrl::UblkCtrl, ctrl::UblkCtrlBuilder, helpers::IoBuf, sys, BufDesc, UblkError, UblkFlags,
+};
 
 use crate::blockdev::BlockDevice;
 
 #[derive(Debug, thiserror::Error)]
 pub enum UblkFrontendError {
-    #[error("ublk: {0} (is the ublk_drv module loaded, /dev/ublk-control present, and are we root?)")]
+    #[error(
+        "ublk: {0} (is the ublk_drv module loaded, /dev/ublk-control present, and are we root?)"
+    )]
     Ublk(String),
 }
 
@@ -34,7 +38,10 @@ pub struct UblkOptions {
 impl Default for UblkOptions {
     fn default() -> Self {
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u16;
-        UblkOptions { queues: cpus.clamp(1, 32), depth: 128 }
+        UblkOptions {
+            queues: cpus.clamp(1, 32),
+            depth: 128,
+        }
     }
 }
 
@@ -49,11 +56,16 @@ fn handle<D: BlockDevice>(dev: &D, iod: &sys::ublksrv_io_desc, buf: &mut [u8]) -
             Err(e) => -e.errno(),
         };
     }
-    let (Some(offset), Some(bytes)) = (iod.start_sector.checked_mul(512), (iod.nr_sectors as u64).checked_mul(512)) else {
+    let (Some(offset), Some(bytes)) = (
+        iod.start_sector.checked_mul(512),
+        (iod.nr_sectors as u64).checked_mul(512),
+    ) else {
         return -libc::EINVAL;
     };
     let result = match op {
-        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE if bytes as usize > buf.len() => return -libc::EINVAL,
+        sys::UBLK_IO_OP_READ | sys::UBLK_IO_OP_WRITE if bytes as usize > buf.len() => {
+            return -libc::EINVAL
+        }
         sys::UBLK_IO_OP_READ => dev.read_at(offset, &mut buf[..bytes as usize]),
         sys::UBLK_IO_OP_WRITE => dev.write_at(offset, &buf[..bytes as usize], fua),
         sys::UBLK_IO_OP_DISCARD => dev.discard(offset, bytes),
@@ -75,13 +87,15 @@ fn handle<D: BlockDevice>(dev: &D, iod: &sys::ublksrv_io_desc, buf: &mut [u8]) -
 
 async fn io_task<D: BlockDevice>(q: &UblkQueue<'_>, tag: u16, dev: &D) -> Result<(), UblkError> {
     let buf = IoBuf::<u8>::new(q.dev.dev_info.max_io_buf_bytes as usize);
-    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf)).await?;
+    q.submit_io_prep_cmd(tag, BufDesc::Slice(buf.as_slice()), 0, Some(&buf))
+        .await?;
     loop {
         // SAFETY: between a request's arrival and its commit the kernel does not touch this
         // tag's buffer, and only this task uses it.
         let data = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), buf.len()) };
         let res = handle(dev, q.get_iod(tag), data);
-        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res).await?;
+        q.submit_io_commit_cmd(tag, BufDesc::Slice(buf.as_slice()), res)
+            .await?;
     }
 }
 
@@ -114,7 +128,11 @@ fn queue_thread<D: BlockDevice + 'static>(qid: u16, udev: &UblkDev, dev: Arc<D>)
 pub fn init_control_ring() -> Result<(), UblkFrontendError> {
     libublk::ublk_init_ctrl_task_ring(|r| {
         if r.is_none() {
-            *r = Some(io_uring::IoUring::builder().build(16).map_err(UblkError::IOError)?);
+            *r = Some(
+                io_uring::IoUring::builder()
+                    .build(16)
+                    .map_err(UblkError::IOError)?,
+            );
         }
         Ok(())
     })

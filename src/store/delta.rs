@@ -33,7 +33,12 @@ struct TableEntry {
     zero: u16,
 }
 
-const EMPTY_ENTRY: TableEntry = TableEntry { cluster: EMPTY, first: 0, present: 0, zero: 0 };
+const EMPTY_ENTRY: TableEntry = TableEntry {
+    cluster: EMPTY,
+    first: 0,
+    present: 0,
+    zero: 0,
+};
 
 /// Where a block of the delta is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -85,9 +90,13 @@ impl Delta {
         let crc_offset = r.u64();
         let corrupt = |what: String| StoreError::corrupt(path, format!("delta: {what}"));
         if bs as usize != BLOCK_SIZE || cluster_blocks as u64 != CLUSTER_BLOCKS {
-            return Err(corrupt(format!("geometry {bs}/{cluster_blocks} not supported")));
+            return Err(corrupt(format!(
+                "geometry {bs}/{cluster_blocks} not supported"
+            )));
         }
-        let data_end = data_blocks.checked_mul(BLOCK_SIZE as u64).and_then(|b| b.checked_add(data_offset));
+        let data_end = data_blocks
+            .checked_mul(BLOCK_SIZE as u64)
+            .and_then(|b| b.checked_add(data_offset));
         let crc_end = data_end.and_then(|e| e.checked_add(data_blocks * 4));
         if data_offset != DATA_OFFSET
             || !capacity.is_power_of_two()
@@ -99,10 +108,15 @@ impl Delta {
             return Err(corrupt("inconsistent header".into()));
         }
         let file_len = file.metadata().map_err(|e| StoreError::io(path, e))?.len();
-        let expected_len = capacity.checked_mul(ENTRY_LEN as u64).and_then(|t| t.checked_add(table_offset));
+        let expected_len = capacity
+            .checked_mul(ENTRY_LEN as u64)
+            .and_then(|t| t.checked_add(table_offset));
         if expected_len != Some(file_len) {
-            let said = expected_len.map_or("an impossible size".to_string(), |l| format!("{l} bytes"));
-            return Err(corrupt(format!("file is {file_len} bytes, header says {said} (truncated?)")));
+            let said =
+                expected_len.map_or("an impossible size".to_string(), |l| format!("{l} bytes"));
+            return Err(corrupt(format!(
+                "file is {file_len} bytes, header says {said} (truncated?)"
+            )));
         }
         let mut raw = vec![0u8; capacity as usize * ENTRY_LEN];
         format::read_exact_at(&file, &mut raw, table_offset, path)?;
@@ -119,7 +133,9 @@ impl Delta {
             })
             .collect();
         if raw.chunks_exact(ENTRY_LEN).any(|e| e[20..24] != [0u8; 4]) {
-            return Err(corrupt("hash table entry with non-zero reserved bytes".into()));
+            return Err(corrupt(
+                "hash table entry with non-zero reserved bytes".into(),
+            ));
         }
         // Structural checks, so that a lookup can trust the table (and always terminates).
         let mask = capacity - 1;
@@ -153,7 +169,9 @@ impl Delta {
         let mut next = 0;
         for (first, n) in ranges {
             if first != next {
-                return Err(corrupt("hash table data ranges overlap or leave gaps".into()));
+                return Err(corrupt(
+                    "hash table data ranges overlap or leave gaps".into(),
+                ));
             }
             next = first + n;
         }
@@ -164,12 +182,23 @@ impl Delta {
             mask,
             data_offset,
             crc_offset,
-            stats: DeltaStats { data_blocks, zero_blocks, clusters: entries, file_bytes: file_len },
+            stats: DeltaStats {
+                data_blocks,
+                zero_blocks,
+                clusters: entries,
+                file_bytes: file_len,
+            },
         };
         for e in delta.table.iter().filter(|e| e.cluster != EMPTY) {
             // The probe must stop at this very entry (not an equal-looking earlier one).
-            if !delta.find(e.cluster).is_some_and(|found| std::ptr::eq(found, e)) {
-                return Err(corrupt(format!("cluster {} is listed twice or off its probe chain", e.cluster)));
+            if !delta
+                .find(e.cluster)
+                .is_some_and(|found| std::ptr::eq(found, e))
+            {
+                return Err(corrupt(format!(
+                    "cluster {} is listed twice or off its probe chain",
+                    e.cluster
+                )));
             }
         }
         Ok(delta)
@@ -230,16 +259,25 @@ impl Delta {
         self.read_at(offset, buf)?;
         let index = (offset - self.data_offset) / BLOCK_SIZE as u64;
         let mut crc = [0u8; 4];
-        format::read_exact_at(&self.file, &mut crc, self.crc_offset + index * 4, &self.path)?;
+        format::read_exact_at(
+            &self.file,
+            &mut crc,
+            self.crc_offset + index * 4,
+            &self.path,
+        )?;
         if crc32c::crc32c(buf) != u32::from_le_bytes(crc) {
-            return Err(StoreError::corrupt(&self.path, format!("delta: block {block} does not match its checksum")));
+            return Err(StoreError::corrupt(
+                &self.path,
+                format!("delta: block {block} does not match its checksum"),
+            ));
         }
         Ok(())
     }
 
     /// Every block of the delta, sorted by block number.
     pub fn blocks(&self) -> Vec<(u64, DeltaBlock)> {
-        let mut clusters: Vec<&TableEntry> = self.table.iter().filter(|e| e.cluster != EMPTY).collect();
+        let mut clusters: Vec<&TableEntry> =
+            self.table.iter().filter(|e| e.cluster != EMPTY).collect();
         clusters.sort_unstable_by_key(|e| e.cluster);
         let mut out = Vec::new();
         for e in clusters {
@@ -294,12 +332,20 @@ impl DeltaWriter {
     }
 
     fn entry_for(&mut self, block: u64) -> &mut TableEntry {
-        assert!(self.last_block.is_none_or(|b| b < block), "delta blocks must be pushed in ascending order");
+        assert!(
+            self.last_block.is_none_or(|b| b < block),
+            "delta blocks must be pushed in ascending order"
+        );
         self.last_block = Some(block);
         let cluster = block / CLUSTER_BLOCKS;
         if self.clusters.last().is_none_or(|e| e.cluster != cluster) {
             let first = self.data_blocks;
-            self.clusters.push(TableEntry { cluster, first, present: 0, zero: 0 });
+            self.clusters.push(TableEntry {
+                cluster,
+                first,
+                present: 0,
+                zero: 0,
+            });
         }
         self.clusters.last_mut().expect("pushed above")
     }
@@ -313,7 +359,8 @@ impl DeltaWriter {
         debug_assert_eq!(data.len(), BLOCK_SIZE);
         self.entry_for(block).present |= 1 << (block % CLUSTER_BLOCKS);
         self.data_blocks += 1;
-        self.crcs.extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
+        self.crcs
+            .extend_from_slice(&crc32c::crc32c(data).to_le_bytes());
         self.batch.extend_from_slice(data);
         if self.batch.len() >= WRITE_BATCH {
             self.write_batch()?;
@@ -352,9 +399,13 @@ impl DeltaWriter {
             out[18..20].copy_from_slice(&e.zero.to_le_bytes());
         }
         let crc_offset = DATA_OFFSET + self.data_blocks * BLOCK_SIZE as u64;
-        self.file.write_all_at(&self.crcs, crc_offset).map_err(|e| StoreError::io(&self.path, e))?;
+        self.file
+            .write_all_at(&self.crcs, crc_offset)
+            .map_err(|e| StoreError::io(&self.path, e))?;
         let table_offset = crc_offset + self.crcs.len() as u64;
-        self.file.write_all_at(&raw, table_offset).map_err(|e| StoreError::io(&self.path, e))?;
+        self.file
+            .write_all_at(&raw, table_offset)
+            .map_err(|e| StoreError::io(&self.path, e))?;
         let header = HeaderWriter::new(MAGIC, VERSION)
             .u32(BLOCK_SIZE as u32)
             .u32(CLUSTER_BLOCKS as u32)
@@ -367,8 +418,12 @@ impl DeltaWriter {
             .u64(self.zero_blocks)
             .u64(crc_offset)
             .finish();
-        self.file.write_all_at(&header, 0).map_err(|e| StoreError::io(&self.path, e))?;
-        self.file.sync_all().map_err(|e| StoreError::io(&self.path, e))?;
+        self.file
+            .write_all_at(&header, 0)
+            .map_err(|e| StoreError::io(&self.path, e))?;
+        self.file
+            .sync_all()
+            .map_err(|e| StoreError::io(&self.path, e))?;
         Ok(DeltaStats {
             data_blocks: self.data_blocks,
             zero_blocks: self.zero_blocks,
@@ -432,7 +487,8 @@ pub fn fold(
             match found {
                 DeltaBlock::Zero => out.push_zero(block),
                 DeltaBlock::Data(off) => {
-                    base.expect("lower blocks come from base").read_verified(block, off, &mut buf)?;
+                    base.expect("lower blocks come from base")
+                        .read_verified(block, off, &mut buf)?;
                     out.push_data(block, &buf)?;
                 }
                 DeltaBlock::Absent => {}

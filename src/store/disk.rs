@@ -126,12 +126,16 @@ impl Disk {
                 // The block may have been rewritten since the listing (a served disk): check
                 // the version that is still current, under the reuse gate.
                 let _guard = self.wlog.read_guard();
-                if !matches!(self.wlog.lookup(block), Some(Entry::Data { slot: s, .. }) if s == slot) {
+                if !matches!(self.wlog.lookup(block), Some(Entry::Data { slot: s, .. }) if s == slot)
+                {
                     continue;
                 }
                 self.wlog.read_slots(slot, &mut buf)?;
                 if crc32c::crc32c(&buf) != crc {
-                    report.damaged.push(format!("{}: write layer block {block} (slot {slot})", self.wlog.dir().display()));
+                    report.damaged.push(format!(
+                        "{}: write layer block {block} (slot {slot})",
+                        self.wlog.dir().display()
+                    ));
                 }
                 report.blocks_checked += 1;
                 progress(BS);
@@ -142,9 +146,9 @@ impl Disk {
                 if let DeltaBlock::Data(off) = found {
                     match delta.read_verified(block, off, &mut buf) {
                         Ok(()) => {}
-                        Err(StoreError::Corrupt { path, problem }) => {
-                            report.damaged.push(format!("{}: {problem}", path.display()))
-                        }
+                        Err(StoreError::Corrupt { path, problem }) => report
+                            .damaged
+                            .push(format!("{}: {problem}", path.display())),
                         Err(e) => return Err(e),
                     }
                     report.blocks_checked += 1;
@@ -153,7 +157,10 @@ impl Disk {
             }
         }
         for chunk in self.golden.verify(|n| progress(n))? {
-            report.damaged.push(format!("{}: chunk {chunk} does not match its BLAKE3 hash", self.golden.path().display()));
+            report.damaged.push(format!(
+                "{}: chunk {chunk} does not match its BLAKE3 hash",
+                self.golden.path().display()
+            ));
         }
         report.golden_bytes_checked = self.golden.size;
         Ok(report)
@@ -198,7 +205,11 @@ impl Disk {
                 Ok(())
             }
             Source::Slot(slot) => self.wlog.read_slots(slot, out),
-            Source::Delta(off) => self.delta.as_ref().expect("resolved from delta").read_at(off, out),
+            Source::Delta(off) => self
+                .delta
+                .as_ref()
+                .expect("resolved from delta")
+                .read_at(off, out),
             Source::Golden(block) => self.golden.read_blocks(block, out),
         }
     }
@@ -213,7 +224,11 @@ impl Disk {
             let src = match self.wlog.lookup(first) {
                 Some(Entry::Data { slot, .. }) => Source::Slot(slot),
                 Some(Entry::Zero) => Source::Zero,
-                None => match self.delta.as_ref().map_or(DeltaBlock::Absent, |d| d.lookup(first)) {
+                None => match self
+                    .delta
+                    .as_ref()
+                    .map_or(DeltaBlock::Absent, |d| d.lookup(first))
+                {
                     DeltaBlock::Data(off) => Source::Delta(off),
                     DeltaBlock::Zero => Source::Zero,
                     DeltaBlock::Absent if first < self.golden.blocks => Source::Golden(first),
@@ -256,7 +271,13 @@ impl Disk {
     /// Optimistic: the merged block is committed only if no other write changed the block
     /// since it was read (else it is read and merged again), so a whole-block write racing
     /// this one is never undone. The stripe lock serialises sub-block writes to one block.
-    fn write_partial(&self, block: u64, at: usize, bytes: Option<&[u8]>, len: usize) -> Result<(), StoreError> {
+    fn write_partial(
+        &self,
+        block: u64,
+        at: usize,
+        bytes: Option<&[u8]>,
+        len: usize,
+    ) -> Result<(), StoreError> {
         let _g = self.rmw_lock(block);
         let mut buf = vec![0u8; BLOCK_SIZE];
         loop {
@@ -274,7 +295,14 @@ impl Disk {
     }
 
     /// Splits `[offset, offset+len)` into a partial head, whole blocks, and a partial tail.
-    fn split(offset: u64, len: u64) -> (Option<(u64, usize, usize)>, (u64, u64), Option<(u64, usize, usize)>) {
+    fn split(
+        offset: u64,
+        len: u64,
+    ) -> (
+        Option<(u64, usize, usize)>,
+        (u64, u64),
+        Option<(u64, usize, usize)>,
+    ) {
         let end = offset + len;
         let first_full = offset.div_ceil(BS);
         let end_full = end / BS;
@@ -283,7 +311,11 @@ impl Disk {
             let b0 = offset / BS;
             let b1 = (end - 1) / BS;
             if b0 == b1 {
-                return (Some((b0, (offset % BS) as usize, len as usize)), (0, 0), None);
+                return (
+                    Some((b0, (offset % BS) as usize, len as usize)),
+                    (0, 0),
+                    None,
+                );
             }
             let head_len = (BS - offset % BS) as usize;
             return (
@@ -292,7 +324,13 @@ impl Disk {
                 Some((b1, 0, (end % BS) as usize)),
             );
         }
-        let head = (offset % BS != 0).then(|| (offset / BS, (offset % BS) as usize, (first_full * BS - offset) as usize));
+        let head = (offset % BS != 0).then(|| {
+            (
+                offset / BS,
+                (offset % BS) as usize,
+                (first_full * BS - offset) as usize,
+            )
+        });
         let tail = (end % BS != 0).then(|| (end_full, 0, (end % BS) as usize));
         (head, (first_full, end_full - first_full), tail)
     }
@@ -311,7 +349,8 @@ impl Disk {
                     while done < count {
                         let n = (count - done).min(PIECE / BS);
                         let from = body_at + (done * BS) as usize;
-                        self.wlog.write_blocks(first + done, &d[from..from + (n * BS) as usize])?;
+                        self.wlog
+                            .write_blocks(first + done, &d[from..from + (n * BS) as usize])?;
                         done += n;
                     }
                 }
@@ -340,7 +379,8 @@ impl BlockDevice for Disk {
             // In pieces: each holds the reuse gate briefly, so a FLUSH freeing slots never
             // waits behind one huge read (nor do the readers queued behind it).
             for (i, piece) in buf.chunks_mut(PIECE as usize).enumerate() {
-                self.read_blocks(offset / BS + i as u64 * (PIECE / BS), piece).map_err(storage)?;
+                self.read_blocks(offset / BS + i as u64 * (PIECE / BS), piece)
+                    .map_err(storage)?;
             }
             return Ok(());
         }
@@ -366,7 +406,8 @@ impl BlockDevice for Disk {
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
         check_range(offset, data.len() as u64, self.size)?;
         if !data.is_empty() {
-            self.write_impl(offset, Some(data), data.len() as u64).map_err(storage)?;
+            self.write_impl(offset, Some(data), data.len() as u64)
+                .map_err(storage)?;
         }
         if fua {
             self.flush()?;
@@ -390,7 +431,9 @@ impl BlockDevice for Disk {
         let first = offset.div_ceil(BS);
         let end = (offset + len) / BS;
         if end > first {
-            self.wlog.write_zeroes(first, end - first).map_err(storage)?;
+            self.wlog
+                .write_zeroes(first, end - first)
+                .map_err(storage)?;
         }
         Ok(())
     }
@@ -409,11 +452,17 @@ mod tests {
         // inside one block
         assert_eq!(Disk::split(10, 20), (Some((0, 10, 20)), (0, 0), None));
         // straddling two blocks, no whole block
-        assert_eq!(Disk::split(4000, 200), (Some((0, 4000, 96)), (0, 0), Some((1, 0, 104))));
+        assert_eq!(
+            Disk::split(4000, 200),
+            (Some((0, 4000, 96)), (0, 0), Some((1, 0, 104)))
+        );
         // aligned whole blocks
         assert_eq!(Disk::split(4096, 8192), (None, (1, 2), None));
         // head + body + tail
-        assert_eq!(Disk::split(100, 3 * 4096), (Some((0, 100, 3996)), (1, 2), Some((3, 0, 100))));
+        assert_eq!(
+            Disk::split(100, 3 * 4096),
+            (Some((0, 100, 3996)), (1, 2), Some((3, 0, 100)))
+        );
         // exactly one whole block, unaligned end only
         assert_eq!(Disk::split(0, 4096 + 1), (None, (0, 1), Some((1, 0, 1))));
     }

@@ -62,7 +62,12 @@ impl FreeExtents {
             return None;
         }
         let n32 = n as u32;
-        let fit = self.runs.iter().take(FIRST_FIT_SCAN).find(|(_, &len)| len >= n32).map(|(&s, &l)| (s, l));
+        let fit = self
+            .runs
+            .iter()
+            .take(FIRST_FIT_SCAN)
+            .find(|(_, &len)| len >= n32)
+            .map(|(&s, &l)| (s, l));
         let mut out = Vec::with_capacity(n);
         if let Some((start, len)) = fit {
             self.runs.remove(&start);
@@ -94,11 +99,18 @@ mod tests {
     fn runs_merge_and_contiguous_requests_are_served_whole() {
         let mut f = FreeExtents::default();
         f.insert_all(vec![7, 3, 4, 5, 100, 101, 6, 50]);
-        assert_eq!(f.runs.iter().map(|(&s, &l)| (s, l)).collect::<Vec<_>>(), vec![(3, 5), (50, 1), (100, 2)]);
+        assert_eq!(
+            f.runs.iter().map(|(&s, &l)| (s, l)).collect::<Vec<_>>(),
+            vec![(3, 5), (50, 1), (100, 2)]
+        );
         assert_eq!(f.len(), 8);
         assert_eq!(f.take(2), Some(vec![3, 4]), "first fit");
         assert_eq!(f.take(3), Some(vec![5, 6, 7]));
-        assert_eq!(f.take(2), Some(vec![100, 101]), "skips the single slot for a run");
+        assert_eq!(
+            f.take(2),
+            Some(vec![100, 101]),
+            "skips the single slot for a run"
+        );
         assert_eq!(f.take(2), None, "only one slot left");
         assert_eq!(f.take(1), Some(vec![50]));
         assert_eq!(f.len(), 0);

@@ -106,9 +106,15 @@ impl<'a> HeaderReader<'a> {
         }
         let length = le_u32(&buf[12..16]);
         if length as usize != HEADER_LEN {
-            return Err(corrupt(format!("header length {length}, expected {HEADER_LEN}")));
+            return Err(corrupt(format!(
+                "header length {length}, expected {HEADER_LEN}"
+            )));
         }
-        Ok(HeaderReader { buf: &buf[..HEADER_LEN], at: BODY_AT, version })
+        Ok(HeaderReader {
+            buf: &buf[..HEADER_LEN],
+            at: BODY_AT,
+            version,
+        })
     }
 
     pub fn u32(&mut self) -> u32 {
@@ -162,7 +168,12 @@ pub fn le_u64(b: &[u8]) -> u64 {
 }
 
 /// Reads exactly `buf.len()` bytes at `offset`; a short file is reported as truncation.
-pub fn read_exact_at(file: &File, buf: &mut [u8], offset: u64, path: &Path) -> Result<(), StoreError> {
+pub fn read_exact_at(
+    file: &File,
+    buf: &mut [u8],
+    offset: u64,
+    path: &Path,
+) -> Result<(), StoreError> {
     match file.read_exact_at(buf, offset) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(StoreError::corrupt(
@@ -195,7 +206,10 @@ mod tests {
         for bit in (0..HEADER_LEN * 8).step_by(7) {
             let mut bad = hdr.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
-            assert!(HeaderReader::parse(&bad, MAGIC, 3, p, "test").is_err(), "bit {bit}");
+            assert!(
+                HeaderReader::parse(&bad, MAGIC, 3, p, "test").is_err(),
+                "bit {bit}"
+            );
         }
     }
 
@@ -203,9 +217,16 @@ mod tests {
     fn truncated_and_wrong_version_name_the_file() {
         let hdr = HeaderWriter::new(MAGIC, 3).finish();
         let p = Path::new("/x/file");
-        let e = HeaderReader::parse(&hdr[..100], MAGIC, 3, p, "test").err().unwrap();
+        let e = HeaderReader::parse(&hdr[..100], MAGIC, 3, p, "test")
+            .err()
+            .unwrap();
         assert!(e.to_string().contains("/x/file") && e.to_string().contains("truncated"));
-        let e = HeaderReader::parse(&hdr, MAGIC, 4, p, "test").err().unwrap();
-        assert!(e.to_string().contains("unsupported format version 3"), "{e}");
+        let e = HeaderReader::parse(&hdr, MAGIC, 4, p, "test")
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string().contains("unsupported format version 3"),
+            "{e}"
+        );
     }
 }

@@ -64,10 +64,19 @@ impl Golden {
         if DATA_OFFSET.checked_add(size) != Some(len) {
             return Err(StoreError::corrupt(
                 &path,
-                format!("golden image: file is {len} bytes, header says {}", DATA_OFFSET.saturating_add(size)),
+                format!(
+                    "golden image: file is {len} bytes, header says {}",
+                    DATA_OFFSET.saturating_add(size)
+                ),
             ));
         }
-        Ok(Golden { file, path, dir: dir.to_path_buf(), size, blocks })
+        Ok(Golden {
+            file,
+            path,
+            dir: dir.to_path_buf(),
+            size,
+            blocks,
+        })
     }
 
     /// Byte offset of `block` in the golden file (the caller checks `block < self.blocks`).
@@ -81,7 +90,12 @@ impl Golden {
         let n = (buf.len() / BLOCK_SIZE) as u64;
         let inside = n.min(self.blocks.saturating_sub(block)) as usize * BLOCK_SIZE;
         if inside > 0 {
-            format::read_exact_at(&self.file, &mut buf[..inside], Self::block_offset(block), &self.path)?;
+            format::read_exact_at(
+                &self.file,
+                &mut buf[..inside],
+                Self::block_offset(block),
+                &self.path,
+            )?;
         }
         buf[inside..].fill(0);
         Ok(())
@@ -174,15 +188,22 @@ pub fn import_raw(
         .u64(size / BLOCK_SIZE as u64)
         .u32(CHUNK_SIZE as u32)
         .finish();
-    out.write_all_at(&header, 0).map_err(|e| StoreError::io(&golden_tmp, e))?;
-    out.set_len(DATA_OFFSET + size).map_err(|e| StoreError::io(&golden_tmp, e))?;
+    out.write_all_at(&header, 0)
+        .map_err(|e| StoreError::io(&golden_tmp, e))?;
+    out.set_len(DATA_OFFSET + size)
+        .map_err(|e| StoreError::io(&golden_tmp, e))?;
     out.sync_all().map_err(|e| StoreError::io(&golden_tmp, e))?;
 
     write_hashes(&hashes_tmp, size, &hashes)?;
     fs::rename(&hashes_tmp, dir.join(HASHES_FILE)).map_err(|e| StoreError::io(dir, e))?;
     fs::rename(&golden_tmp, dir.join(GOLDEN_FILE)).map_err(|e| StoreError::io(dir, e))?;
     format::sync_dir(dir)?;
-    Ok(ImportSummary { size, source_size, chunks, zero_chunks })
+    Ok(ImportSummary {
+        size,
+        source_size,
+        chunks,
+        zero_chunks,
+    })
 }
 
 fn write_hashes(path: &Path, image_size: u64, hashes: &[u8]) -> Result<(), StoreError> {
@@ -193,8 +214,10 @@ fn write_hashes(path: &Path, image_size: u64, hashes: &[u8]) -> Result<(), Store
         .u64(image_size)
         .u32(crc32c::crc32c(hashes))
         .finish();
-    f.write_all_at(&header, 0).map_err(|e| StoreError::io(path, e))?;
-    f.write_all_at(hashes, HEADER_LEN as u64).map_err(|e| StoreError::io(path, e))?;
+    f.write_all_at(&header, 0)
+        .map_err(|e| StoreError::io(path, e))?;
+    f.write_all_at(hashes, HEADER_LEN as u64)
+        .map_err(|e| StoreError::io(path, e))?;
     f.sync_all().map_err(|e| StoreError::io(path, e))
 }
 
@@ -215,12 +238,21 @@ fn read_hashes(path: &Path, image_size: u64) -> Result<Vec<[u8; 32]>, StoreError
     }
     let len = f.metadata().map_err(|e| StoreError::io(path, e))?.len();
     if len != HEADER_LEN as u64 + count * 32 {
-        return Err(StoreError::corrupt(path, format!("chunk hash file: {len} bytes, expected {}", HEADER_LEN as u64 + count * 32)));
+        return Err(StoreError::corrupt(
+            path,
+            format!(
+                "chunk hash file: {len} bytes, expected {}",
+                HEADER_LEN as u64 + count * 32
+            ),
+        ));
     }
     let mut raw = vec![0u8; count as usize * 32];
     format::read_exact_at(&f, &mut raw, HEADER_LEN as u64, path)?;
     if crc32c::crc32c(&raw) != crc {
-        return Err(StoreError::corrupt(path, "chunk hash file: checksum mismatch"));
+        return Err(StoreError::corrupt(
+            path,
+            "chunk hash file: checksum mismatch",
+        ));
     }
     Ok(raw
         .chunks_exact(32)

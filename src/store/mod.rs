@@ -50,7 +50,10 @@ pub const CHUNK_SIZE: usize = 64 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: {problem}", path.display())]
     Corrupt { path: PathBuf, problem: String },
     #[error("image '{0}' not found")]
@@ -61,7 +64,9 @@ pub enum StoreError {
     ImageExists(String),
     #[error("disk '{0}' already exists")]
     DiskExists(String),
-    #[error("invalid name '{0}': use 1-64 characters from A-Z a-z 0-9 . _ -, not starting with . or -")]
+    #[error(
+        "invalid name '{0}': use 1-64 characters from A-Z a-z 0-9 . _ -, not starting with . or -"
+    )]
     InvalidName(String),
     #[error("disk '{0}' is in use by another process")]
     DiskInUse(String),
@@ -77,11 +82,17 @@ pub enum StoreError {
 
 impl StoreError {
     pub fn io(path: &Path, source: std::io::Error) -> StoreError {
-        StoreError::Io { path: path.to_path_buf(), source }
+        StoreError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
     }
 
     pub fn corrupt(path: &Path, problem: impl Into<String>) -> StoreError {
-        StoreError::Corrupt { path: path.to_path_buf(), problem: problem.into() }
+        StoreError::Corrupt {
+            path: path.to_path_buf(),
+            problem: problem.into(),
+        }
     }
 
     /// Errors caused by how the store was asked, not by its state or the machine: the CLI
@@ -112,10 +123,15 @@ pub(crate) fn now_secs() -> u64 {
 /// A random 64-bit id (ids name layer files; they need only be unique within a store).
 pub(crate) fn random_id() -> u64 {
     let mut b = [0u8; 8];
-    if File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).is_ok() {
+    if File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_ok()
+    {
         return u64::from_le_bytes(b);
     }
-    let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
     let h = blake3::hash(format!("{t:?}{}", std::process::id()).as_bytes());
     u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or([0; 8]))
 }
@@ -124,7 +140,9 @@ fn validate_name(name: &str) -> Result<(), StoreError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with(['.', '-'])
-        && name.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
@@ -221,9 +239,17 @@ pub struct WriteLayerInfo {
 /// Source format of an image file.
 fn detect_format(path: &Path) -> Result<&'static str, StoreError> {
     let mut magic = [0u8; 4];
-    let f = File::open(path).map_err(|e| StoreError::Import { path: path.to_path_buf(), problem: e.to_string() })?;
-    let n = std::os::unix::fs::FileExt::read_at(&f, &mut magic, 0).map_err(|e| StoreError::io(path, e))?;
-    Ok(if n == 4 && &magic == b"QFI\xfb" { "qcow2" } else { "raw" })
+    let f = File::open(path).map_err(|e| StoreError::Import {
+        path: path.to_path_buf(),
+        problem: e.to_string(),
+    })?;
+    let n = std::os::unix::fs::FileExt::read_at(&f, &mut magic, 0)
+        .map_err(|e| StoreError::io(path, e))?;
+    Ok(if n == 4 && &magic == b"QFI\xfb" {
+        "qcow2"
+    } else {
+        "raw"
+    })
 }
 
 pub struct Store {
@@ -239,7 +265,10 @@ impl Store {
             fs::create_dir_all(&dir).map_err(|e| StoreError::io(&dir, e))?;
         }
         let registry = Registry::open(&root.join("registry.redb"))?;
-        Ok(Store { root: root.to_path_buf(), registry })
+        Ok(Store {
+            root: root.to_path_buf(),
+            registry,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -284,27 +313,42 @@ impl Store {
     }
 
     pub fn image(&self, name: &str) -> Result<ImageRecord, StoreError> {
-        self.registry.read(|t| t.image(name))?.ok_or_else(|| StoreError::ImageNotFound(name.into()))
+        self.registry
+            .read(|t| t.image(name))?
+            .ok_or_else(|| StoreError::ImageNotFound(name.into()))
     }
 
     pub fn disk(&self, name: &str) -> Result<DiskRecord, StoreError> {
-        self.registry.read(|t| t.disk(name))?.ok_or_else(|| StoreError::DiskNotFound(name.into()))
+        self.registry
+            .read(|t| t.disk(name))?
+            .ok_or_else(|| StoreError::DiskNotFound(name.into()))
     }
 
     /// Imports `file` (raw, or qcow2 through qemu-img) as golden image `name`.
-    pub fn import_image(&self, name: &str, file: &Path, progress: &dyn Fn(u64, u64)) -> Result<ImageRecord, StoreError> {
+    pub fn import_image(
+        &self,
+        name: &str,
+        file: &Path,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<ImageRecord, StoreError> {
         validate_name(name)?;
         let _structure = self.structure_lock()?;
         if self.registry.read(|t| t.image(name))?.is_some() {
             return Err(StoreError::ImageExists(name.into()));
         }
-        let import_err = |problem: String| StoreError::Import { path: file.to_path_buf(), problem };
+        let import_err = |problem: String| StoreError::Import {
+            path: file.to_path_buf(),
+            problem,
+        };
         let meta = fs::metadata(file).map_err(|e| import_err(e.to_string()))?;
         if meta.is_dir() {
             return Err(import_err("is a directory".into()));
         }
         let format = detect_format(file)?;
-        let work = self.root.join("tmp").join(format!("import-{}", Self::new_id()));
+        let work = self
+            .root
+            .join("tmp")
+            .join(format!("import-{}", Self::new_id()));
         fs::create_dir(&work).map_err(|e| StoreError::io(&work, e))?;
         let result = (|| {
             let (source, total) = if format == "qcow2" {
@@ -321,12 +365,15 @@ impl Store {
                         String::from_utf8_lossy(&out.stderr).trim()
                     )));
                 }
-                let len = fs::metadata(&raw).map_err(|e| StoreError::io(&raw, e))?.len();
+                let len = fs::metadata(&raw)
+                    .map_err(|e| StoreError::io(&raw, e))?
+                    .len();
                 (raw, len)
             } else {
                 // Block devices report size 0 in metadata; measure by seeking to the end.
                 let mut f = File::open(file).map_err(|e| import_err(e.to_string()))?;
-                let len = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(|e| StoreError::io(file, e))?;
+                let len = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0))
+                    .map_err(|e| StoreError::io(file, e))?;
                 (file.to_path_buf(), len)
             };
             if total == 0 {
@@ -371,10 +418,19 @@ impl Store {
     pub fn remove_image(&self, name: &str) -> Result<(), StoreError> {
         let _structure = self.structure_lock()?;
         self.registry.update(|t| {
-            t.image(name)?.ok_or_else(|| StoreError::ImageNotFound(name.into()))?;
-            let users: Vec<String> = t.disks()?.into_iter().filter(|d| d.image == name).map(|d| d.name).collect();
+            t.image(name)?
+                .ok_or_else(|| StoreError::ImageNotFound(name.into()))?;
+            let users: Vec<String> = t
+                .disks()?
+                .into_iter()
+                .filter(|d| d.image == name)
+                .map(|d| d.name)
+                .collect();
             if !users.is_empty() {
-                return Err(StoreError::ImageInUse { image: name.into(), disks: users.join(", ") });
+                return Err(StoreError::ImageInUse {
+                    image: name.into(),
+                    disks: users.join(", "),
+                });
             }
             t.remove_image(name)
         })?;
@@ -386,7 +442,12 @@ impl Store {
     }
 
     /// Creates disk `name` over golden `image`; `size` defaults to the image's size.
-    pub fn create_disk(&self, name: &str, image: &str, size: Option<u64>) -> Result<DiskRecord, StoreError> {
+    pub fn create_disk(
+        &self,
+        name: &str,
+        image: &str,
+        size: Option<u64>,
+    ) -> Result<DiskRecord, StoreError> {
         validate_name(name)?;
         let _structure = self.structure_lock()?;
         let img = self.image(image)?;
@@ -398,7 +459,9 @@ impl Store {
             )));
         }
         if size % BLOCK_SIZE as u64 != 0 {
-            return Err(StoreError::InvalidSize(format!("{size} bytes is not a multiple of {BLOCK_SIZE}")));
+            return Err(StoreError::InvalidSize(format!(
+                "{size} bytes is not a multiple of {BLOCK_SIZE}"
+            )));
         }
         if self.registry.read(|t| t.disk(name))?.is_some() {
             return Err(StoreError::DiskExists(name.into()));
@@ -443,7 +506,11 @@ impl Store {
 
     /// Folds a disk's write layer into a new delta. Returns the new delta's id and stats, or
     /// None when the write layer is empty (the current delta stays as it is).
-    fn fold_disk(&self, rec: &DiskRecord, progress: &dyn Fn(u64, u64)) -> Result<Option<(String, DeltaStats)>, StoreError> {
+    fn fold_disk(
+        &self,
+        rec: &DiskRecord,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<Option<(String, DeltaStats)>, StoreError> {
         let wlog = WriteLayer::open(&self.wlog_dir(&rec.wlog), rec.size / BLOCK_SIZE as u64)?;
         if wlog.dirty_blocks() == 0 {
             return Ok(None);
@@ -454,7 +521,13 @@ impl Store {
         };
         let id = Self::new_id();
         let tmp = self.root.join("tmp").join(format!("{id}.delta"));
-        let stats = delta::fold(&tmp, base.as_ref(), &wlog, rec.size / BLOCK_SIZE as u64, progress)?;
+        let stats = delta::fold(
+            &tmp,
+            base.as_ref(),
+            &wlog,
+            rec.size / BLOCK_SIZE as u64,
+            progress,
+        )?;
         let dest = self.delta_path(&id);
         fs::rename(&tmp, &dest).map_err(|e| StoreError::io(&dest, e))?;
         format::sync_dir(&self.root.join("deltas"))?;
@@ -468,7 +541,11 @@ impl Store {
     }
 
     /// `compact`, reporting (bytes done, bytes in all) while it folds.
-    pub fn compact_with_progress(&self, name: &str, progress: &dyn Fn(u64, u64)) -> Result<DiskRecord, StoreError> {
+    pub fn compact_with_progress(
+        &self,
+        name: &str,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<DiskRecord, StoreError> {
         self.fork_or_compact(name, None, progress)
     }
 
@@ -479,12 +556,22 @@ impl Store {
     }
 
     /// `fork`, reporting (bytes done, bytes in all) while it folds.
-    pub fn fork_with_progress(&self, new: &str, from: &str, progress: &dyn Fn(u64, u64)) -> Result<DiskRecord, StoreError> {
+    pub fn fork_with_progress(
+        &self,
+        new: &str,
+        from: &str,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<DiskRecord, StoreError> {
         validate_name(new)?;
         self.fork_or_compact(from, Some(new), progress)
     }
 
-    fn fork_or_compact(&self, name: &str, child: Option<&str>, progress: &dyn Fn(u64, u64)) -> Result<DiskRecord, StoreError> {
+    fn fork_or_compact(
+        &self,
+        name: &str,
+        child: Option<&str>,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<DiskRecord, StoreError> {
         let _structure = self.structure_lock()?;
         let _lock = self.lock_disk(name)?;
         let rec = self.disk(name)?;
@@ -556,9 +643,14 @@ impl Store {
         let _structure = self.structure_lock()?;
         let _lock = self.lock_disk(name)?;
         self.registry.update(|t| {
-            t.disk(name)?.ok_or_else(|| StoreError::DiskNotFound(name.into()))?;
+            t.disk(name)?
+                .ok_or_else(|| StoreError::DiskNotFound(name.into()))?;
             t.remove_disk(name)?;
-            for mut child in t.disks()?.into_iter().filter(|d| d.parent.as_deref() == Some(name) && !d.parent_removed) {
+            for mut child in t
+                .disks()?
+                .into_iter()
+                .filter(|d| d.parent.as_deref() == Some(name) && !d.parent_removed)
+            {
                 child.parent_removed = true;
                 t.put_disk(&child)?;
             }
@@ -573,9 +665,12 @@ impl Store {
     /// removals, or by a crash between writing a layer and committing it). Callers hold the
     /// structure lock, so no fold or import is in flight.
     fn collect_garbage(&self) -> Result<(), StoreError> {
-        let (disks, deltas, images) = self.registry.read(|t| Ok((t.disks()?, t.deltas()?, t.images()?)))?;
+        let (disks, deltas, images) = self
+            .registry
+            .read(|t| Ok((t.disks()?, t.deltas()?, t.images()?)))?;
         let live_wlogs: BTreeSet<String> = disks.iter().map(|d| d.wlog.clone()).collect();
-        let live_deltas: BTreeSet<String> = deltas.iter().map(|d| format!("{}.delta", d.id)).collect();
+        let live_deltas: BTreeSet<String> =
+            deltas.iter().map(|d| format!("{}.delta", d.id)).collect();
         let live_images: BTreeSet<String> = images.iter().map(|i| i.name.clone()).collect();
         let sweep = |dir: PathBuf, live: &BTreeSet<String>| -> Result<(), StoreError> {
             let entries = fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;
@@ -587,7 +682,11 @@ impl Store {
                 }
                 let path = entry.path();
                 tracing::debug!(path = %path.display(), "removing unreferenced layer");
-                let r = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+                let r = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
                 r.map_err(|e| StoreError::io(&path, e))?;
             }
             Ok(())
@@ -601,7 +700,9 @@ impl Store {
 
     pub fn disk_info(&self, name: &str) -> Result<DiskInfo, StoreError> {
         let (rec, all_disks, delta_rec) = self.registry.read(|t| {
-            let rec = t.disk(name)?.ok_or_else(|| StoreError::DiskNotFound(name.into()))?;
+            let rec = t
+                .disk(name)?
+                .ok_or_else(|| StoreError::DiskNotFound(name.into()))?;
             let delta = match &rec.delta {
                 Some(id) => t.delta(id)?,
                 None => None,
@@ -664,10 +765,20 @@ impl Store {
     /// Writes the content of `src` into the disk at byte `offset`, through the store. Only
     /// blocks whose content changes are written, so the write layer records the real change.
     /// Flushed before returning. Returns (bytes read, bytes that differed).
-    pub fn write_file(&self, name: &str, src: &Path, offset: u64, progress: &dyn Fn(u64, u64)) -> Result<(u64, u64), StoreError> {
+    pub fn write_file(
+        &self,
+        name: &str,
+        src: &Path,
+        offset: u64,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<(u64, u64), StoreError> {
         let disk = self.open_disk(name)?;
-        let mut file = File::open(src).map_err(|e| StoreError::Import { path: src.to_path_buf(), problem: e.to_string() })?;
-        let len = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(|e| StoreError::io(src, e))?;
+        let mut file = File::open(src).map_err(|e| StoreError::Import {
+            path: src.to_path_buf(),
+            problem: e.to_string(),
+        })?;
+        let len = std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0))
+            .map_err(|e| StoreError::io(src, e))?;
         if offset.checked_add(len).is_none_or(|end| end > disk.size()) {
             return Err(StoreError::InvalidSize(format!(
                 "{} ({len} bytes) at offset {offset} does not fit in disk '{name}' ({} bytes)",
@@ -675,18 +786,23 @@ impl Store {
                 disk.size()
             )));
         }
-        let io_err = |e: crate::blockdev::BlockError| StoreError::Corrupt { path: self.root.clone(), problem: format!("disk '{name}': {e}") };
+        let io_err = |e: crate::blockdev::BlockError| StoreError::Corrupt {
+            path: self.root.clone(),
+            problem: format!("disk '{name}': {e}"),
+        };
         let (mut new, mut old) = (vec![0u8; 1 << 20], vec![0u8; 1 << 20]);
         let (mut done, mut changed) = (0u64, 0u64);
         while done < len {
             let n = (len - done).min(new.len() as u64) as usize;
-            std::os::unix::fs::FileExt::read_exact_at(&file, &mut new[..n], done).map_err(|e| StoreError::io(src, e))?;
+            std::os::unix::fs::FileExt::read_exact_at(&file, &mut new[..n], done)
+                .map_err(|e| StoreError::io(src, e))?;
             disk.read_at(offset + done, &mut old[..n]).map_err(io_err)?;
             // Write each run of differing blocks (aligned to the disk's blocks) in one call.
             let base = offset + done;
             let mut i = 0usize;
             while i < n {
-                let block_end = (((base + i as u64) / BLOCK_SIZE as u64 + 1) * BLOCK_SIZE as u64 - base) as usize;
+                let block_end = (((base + i as u64) / BLOCK_SIZE as u64 + 1) * BLOCK_SIZE as u64
+                    - base) as usize;
                 let end = block_end.min(n);
                 if new[i..end] != old[i..end] {
                     let start = i;
@@ -698,7 +814,8 @@ impl Store {
                         }
                         stop = e2;
                     }
-                    disk.write_at(base + start as u64, &new[start..stop], false).map_err(io_err)?;
+                    disk.write_at(base + start as u64, &new[start..stop], false)
+                        .map_err(io_err)?;
                     changed += (stop - start) as u64;
                     i = stop;
                 } else {
@@ -713,7 +830,12 @@ impl Store {
     }
 
     /// Writes the disk's full content to `dest` as a raw file (sparse where it reads zeros).
-    pub fn export(&self, name: &str, dest: &Path, progress: &dyn Fn(u64, u64)) -> Result<u64, StoreError> {
+    pub fn export(
+        &self,
+        name: &str,
+        dest: &Path,
+        progress: &dyn Fn(u64, u64),
+    ) -> Result<u64, StoreError> {
         let disk = self.open_disk(name)?;
         let size = disk.size();
         let out = OpenOptions::new()
@@ -726,12 +848,14 @@ impl Store {
         let mut pos = 0u64;
         while pos < size {
             let n = (size - pos).min(buf.len() as u64) as usize;
-            disk.read_at(pos, &mut buf[..n]).map_err(|e| StoreError::Corrupt {
-                path: self.root.clone(),
-                problem: format!("reading disk '{name}' at {pos}: {e}"),
-            })?;
+            disk.read_at(pos, &mut buf[..n])
+                .map_err(|e| StoreError::Corrupt {
+                    path: self.root.clone(),
+                    problem: format!("reading disk '{name}' at {pos}: {e}"),
+                })?;
             if buf[..n].iter().any(|&b| b != 0) {
-                std::os::unix::fs::FileExt::write_all_at(&out, &buf[..n], pos).map_err(|e| StoreError::io(dest, e))?;
+                std::os::unix::fs::FileExt::write_all_at(&out, &buf[..n], pos)
+                    .map_err(|e| StoreError::io(dest, e))?;
             }
             pos += n as u64;
             progress(pos, size);

@@ -96,7 +96,9 @@ fn db_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
 impl Registry {
     /// Opens the registry at `path`, creating it if absent.
     pub fn open(path: &Path) -> Result<Registry, StoreError> {
-        let reg = Registry { path: path.to_path_buf() };
+        let reg = Registry {
+            path: path.to_path_buf(),
+        };
         reg.update(|t| {
             let mut meta = t.txn.open_table(META).map_err(|e| db_err(t.path, e))?;
             let name = meta.get("format").map_err(|e| db_err(t.path, e))?.map(|v| v.value().to_string());
@@ -133,7 +135,9 @@ impl Registry {
             let path = self.path.clone();
             // redb documents that a file damaged outside redb may make it panic: contain that.
             let opened = std::panic::catch_unwind(move || {
-                Database::builder().set_check_integrity_on_open(true).create(&path)
+                Database::builder()
+                    .set_check_integrity_on_open(true)
+                    .create(&path)
             });
             match opened {
                 Ok(Ok(db)) => return Ok(db),
@@ -156,10 +160,16 @@ impl Registry {
     }
 
     /// Runs `f` in one write transaction and commits it if `f` succeeds.
-    pub fn update<T>(&self, f: impl FnOnce(&mut Txn) -> Result<T, StoreError>) -> Result<T, StoreError> {
+    pub fn update<T>(
+        &self,
+        f: impl FnOnce(&mut Txn) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let db = self.open_db()?;
         let txn = db.begin_write().map_err(|e| db_err(&self.path, e))?;
-        let out = f(&mut Txn { txn: &txn, path: &self.path });
+        let out = f(&mut Txn {
+            txn: &txn,
+            path: &self.path,
+        });
         match out {
             Ok(v) => {
                 txn.commit().map_err(|e| db_err(&self.path, e))?;
@@ -176,14 +186,21 @@ impl Registry {
     pub fn read<T>(&self, f: impl FnOnce(&Txn) -> Result<T, StoreError>) -> Result<T, StoreError> {
         let db = self.open_db()?;
         let txn = db.begin_write().map_err(|e| db_err(&self.path, e))?;
-        let out = f(&Txn { txn: &txn, path: &self.path });
+        let out = f(&Txn {
+            txn: &txn,
+            path: &self.path,
+        });
         txn.abort().map_err(|e| db_err(&self.path, e))?;
         out
     }
 }
 
 impl Txn<'_> {
-    fn get<T: DeserializeOwned>(&self, def: TableDefinition<&str, &[u8]>, key: &str) -> Result<Option<T>, StoreError> {
+    fn get<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<Option<T>, StoreError> {
         let table = self.txn.open_table(def).map_err(|e| db_err(self.path, e))?;
         let Some(v) = table.get(key).map_err(|e| db_err(self.path, e))? else {
             return Ok(None);
@@ -193,22 +210,33 @@ impl Txn<'_> {
             .map_err(|e| db_err(self.path, format!("record {key:?} is damaged: {e}")))
     }
 
-    fn all<T: DeserializeOwned>(&self, def: TableDefinition<&str, &[u8]>) -> Result<Vec<T>, StoreError> {
+    fn all<T: DeserializeOwned>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+    ) -> Result<Vec<T>, StoreError> {
         let table = self.txn.open_table(def).map_err(|e| db_err(self.path, e))?;
         let mut out = Vec::new();
         for item in table.iter().map_err(|e| db_err(self.path, e))? {
             let (k, v) = item.map_err(|e| db_err(self.path, e))?;
-            let rec = serde_json::from_slice(v.value())
-                .map_err(|e| db_err(self.path, format!("record {:?} is damaged: {e}", k.value())))?;
+            let rec = serde_json::from_slice(v.value()).map_err(|e| {
+                db_err(self.path, format!("record {:?} is damaged: {e}", k.value()))
+            })?;
             out.push(rec);
         }
         Ok(out)
     }
 
-    fn put<T: Serialize>(&self, def: TableDefinition<&str, &[u8]>, key: &str, value: &T) -> Result<(), StoreError> {
+    fn put<T: Serialize>(
+        &self,
+        def: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(value).map_err(|e| db_err(self.path, e))?;
         let mut table = self.txn.open_table(def).map_err(|e| db_err(self.path, e))?;
-        table.insert(key, bytes.as_slice()).map_err(|e| db_err(self.path, e))?;
+        table
+            .insert(key, bytes.as_slice())
+            .map_err(|e| db_err(self.path, e))?;
         Ok(())
     }
 

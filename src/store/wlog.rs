@@ -77,7 +77,10 @@ impl Entry {
         if slot == ZERO_SLOT {
             Entry::Zero
         } else {
-            Entry::Data { slot, crc: (v >> 32) as u32 }
+            Entry::Data {
+                slot,
+                crc: (v >> 32) as u32,
+            }
         }
     }
 }
@@ -239,7 +242,11 @@ fn open_rw(path: &Path, create: bool) -> Result<File, StoreError> {
 }
 
 fn journal_header(id: u64, base_seq: u64) -> Vec<u8> {
-    HeaderWriter::new(JOURNAL_MAGIC, VERSION).u64(id).u32(RECORD_LEN as u32).u64(base_seq).finish()
+    HeaderWriter::new(JOURNAL_MAGIC, VERSION)
+        .u64(id)
+        .u32(RECORD_LEN as u32)
+        .u64(base_seq)
+        .finish()
 }
 
 impl WriteLayer {
@@ -249,13 +256,21 @@ impl WriteLayer {
         let id = super::random_id();
         let data_path = dir.join(DATA_FILE);
         let data = open_rw(&data_path, true)?;
-        let hdr = HeaderWriter::new(DATA_MAGIC, VERSION).u64(id).u32(BLOCK_SIZE as u32).finish();
-        data.write_all_at(&hdr, 0).map_err(|e| StoreError::io(&data_path, e))?;
+        let hdr = HeaderWriter::new(DATA_MAGIC, VERSION)
+            .u64(id)
+            .u32(BLOCK_SIZE as u32)
+            .finish();
+        data.write_all_at(&hdr, 0)
+            .map_err(|e| StoreError::io(&data_path, e))?;
         data.sync_all().map_err(|e| StoreError::io(&data_path, e))?;
         let journal_path = dir.join(JOURNAL_FILE);
         let journal = open_rw(&journal_path, true)?;
-        journal.write_all_at(&journal_header(id, 0), 0).map_err(|e| StoreError::io(&journal_path, e))?;
-        journal.sync_all().map_err(|e| StoreError::io(&journal_path, e))?;
+        journal
+            .write_all_at(&journal_header(id, 0), 0)
+            .map_err(|e| StoreError::io(&journal_path, e))?;
+        journal
+            .sync_all()
+            .map_err(|e| StoreError::io(&journal_path, e))?;
         write_clean_marker(dir, id, 0)?;
         if let Some(parent) = dir.parent() {
             format::sync_dir(parent)?;
@@ -276,15 +291,27 @@ impl WriteLayer {
         let id = r.u64();
         let bs = r.u32();
         if bs as usize != BLOCK_SIZE {
-            return Err(StoreError::corrupt(&data_path, format!("write layer data: block size {bs}")));
+            return Err(StoreError::corrupt(
+                &data_path,
+                format!("write layer data: block size {bs}"),
+            ));
         }
         let hdr = format::read_header(&journal, &journal_path)?;
-        let mut r = HeaderReader::parse(&hdr, JOURNAL_MAGIC, VERSION, &journal_path, "write layer journal")?;
+        let mut r = HeaderReader::parse(
+            &hdr,
+            JOURNAL_MAGIC,
+            VERSION,
+            &journal_path,
+            "write layer journal",
+        )?;
         let journal_id = r.u64();
         let rec_len = r.u32();
         let base_seq = r.u64();
         if rec_len as usize != RECORD_LEN {
-            return Err(StoreError::corrupt(&journal_path, format!("write layer journal: record length {rec_len}")));
+            return Err(StoreError::corrupt(
+                &journal_path,
+                format!("write layer journal: record length {rec_len}"),
+            ));
         }
         if journal_id != id {
             return Err(StoreError::corrupt(
@@ -293,20 +320,32 @@ impl WriteLayer {
             ));
         }
 
-        let data_len = data.metadata().map_err(|e| StoreError::io(&data_path, e))?.len();
-        let slots_in_file = (data_len.saturating_sub(DATA_OFFSET) / BLOCK_SIZE as u64).min(ZERO_SLOT as u64 - 1) as u32;
-        let journal_len = journal.metadata().map_err(|e| StoreError::io(&journal_path, e))?.len();
+        let data_len = data
+            .metadata()
+            .map_err(|e| StoreError::io(&data_path, e))?
+            .len();
+        let slots_in_file = (data_len.saturating_sub(DATA_OFFSET) / BLOCK_SIZE as u64)
+            .min(ZERO_SLOT as u64 - 1) as u32;
+        let journal_len = journal
+            .metadata()
+            .map_err(|e| StoreError::io(&journal_path, e))?
+            .len();
         let body_len = journal_len.saturating_sub(HEADER_LEN as u64);
         let mut records = vec![0u8; body_len as usize];
         format::read_exact_at(&journal, &mut records, HEADER_LEN as u64, &journal_path)?;
         let record_count = body_len / RECORD_LEN as u64;
 
         let next_seq = base_seq.checked_add(record_count).ok_or_else(|| {
-            StoreError::corrupt(&journal_path, format!("write layer journal: base sequence {base_seq} overflows"))
+            StoreError::corrupt(
+                &journal_path,
+                format!("write layer journal: base sequence {base_seq} overflows"),
+            )
         })?;
         let clean_path = dir.join(CLEAN_FILE);
         let clean = read_clean_marker(&clean_path, id)?;
-        let index: Vec<RwLock<BlockMap>> = (0..SHARDS).map(|_| RwLock::new(BlockMap::default())).collect();
+        let index: Vec<RwLock<BlockMap>> = (0..SHARDS)
+            .map(|_| RwLock::new(BlockMap::default()))
+            .collect();
         let mut max_used: Option<u32> = None;
         let mut used = 0u64;
 
@@ -320,7 +359,8 @@ impl WriteLayer {
             }
             for (pos, rec) in records.chunks_exact(RECORD_LEN).enumerate() {
                 let seq = base_seq + pos as u64;
-                let Some((block, entry)) = decode_record(seq, rec).filter(|(b, _)| *b < blocks) else {
+                let Some((block, entry)) = decode_record(seq, rec).filter(|(b, _)| *b < blocks)
+                else {
                     return Err(StoreError::corrupt(
                         &journal_path,
                         format!("write layer journal: record {pos} is damaged"),
@@ -334,7 +374,13 @@ impl WriteLayer {
                         ));
                     }
                 }
-                index[shard_of(block)].write().insert(block, Version { packed: entry.pack(), seq });
+                index[shard_of(block)].write().insert(
+                    block,
+                    Version {
+                        packed: entry.pack(),
+                        seq,
+                    },
+                );
             }
         } else {
             // Read the data from the disk, not from pages the kernel may still cache after a
@@ -368,7 +414,13 @@ impl WriteLayer {
                     };
                     if good {
                         fell_back += (i > 0) as u64;
-                        index[shard_of(block)].write().insert(block, Version { packed: entry.pack(), seq });
+                        index[shard_of(block)].write().insert(
+                            block,
+                            Version {
+                                packed: entry.pack(),
+                                seq,
+                            },
+                        );
                         found = true;
                         break;
                     }
@@ -399,7 +451,11 @@ impl WriteLayer {
         // Slots past the last used one are preallocated space, not holes to fill one by one.
         let next_fresh = max_used.map_or(0, |m| m + 1);
         let mut free = FreeExtents::default();
-        free.insert_all((0..next_fresh.min(slots_in_file)).filter(|&s| !is_used[s as usize]).collect());
+        free.insert_all(
+            (0..next_fresh.min(slots_in_file))
+                .filter(|&s| !is_used[s as usize])
+                .collect(),
+        );
         tracing::debug!(dir = %dir.display(), used, free = free.len(), "write layer open");
 
         let layer = WriteLayer {
@@ -408,10 +464,18 @@ impl WriteLayer {
             journal_path,
             data,
             id,
-            journal: RwLock::new(Journal { file: journal, base: base_seq, next: AtomicU64::new(next_seq) }),
+            journal: RwLock::new(Journal {
+                file: journal,
+                base: base_seq,
+                next: AtomicU64::new(next_seq),
+            }),
             index: index.into_boxed_slice(),
             map,
-            alloc: Mutex::new(SlotAlloc { free, next_fresh, allocated: slots_in_file.max(next_fresh) }),
+            alloc: Mutex::new(SlotAlloc {
+                free,
+                next_fresh,
+                allocated: slots_in_file.max(next_fresh),
+            }),
             pending_free: Mutex::new(Vec::new()),
             recyclable: Mutex::new(Vec::new()),
             // Everything in the journal at open is durable.
@@ -440,10 +504,17 @@ impl WriteLayer {
     /// entry is not returned here (reads do not need it): see `entries`.
     #[inline]
     pub fn lookup(&self, block: u64) -> Option<Entry> {
-        match self.map.get(block as usize).map_or(MAP_ABSENT, |m| m.load(Ordering::Acquire)) {
+        match self
+            .map
+            .get(block as usize)
+            .map_or(MAP_ABSENT, |m| m.load(Ordering::Acquire))
+        {
             MAP_ABSENT => None,
             MAP_ZERO => Some(Entry::Zero),
-            v => Some(Entry::Data { slot: v - 2, crc: 0 }),
+            v => Some(Entry::Data {
+                slot: v - 2,
+                crc: 0,
+            }),
         }
     }
 
@@ -470,7 +541,10 @@ impl WriteLayer {
             return Ok(Vec::new());
         }
         if self.closed.load(Ordering::SeqCst) {
-            return Err(StoreError::corrupt(&self.dir, "write layer: write after close"));
+            return Err(StoreError::corrupt(
+                &self.dir,
+                "write layer: write after close",
+            ));
         }
         let mut a = self.alloc.lock();
         if (a.free.len() as usize) < n {
@@ -494,7 +568,10 @@ impl WriteLayer {
         let first = a.next_fresh;
         let end = first as u64 + n as u64;
         if end > MAX_SLOT as u64 {
-            return Err(StoreError::corrupt(&self.dir, "write layer is full (16 TiB of slots); compact the disk"));
+            return Err(StoreError::corrupt(
+                &self.dir,
+                "write layer is full (16 TiB of slots); compact the disk",
+            ));
         }
         if end > a.allocated as u64 {
             let grow = (n as u32).max(PREALLOC_SLOTS).max(a.allocated / 4);
@@ -532,43 +609,69 @@ impl WriteLayer {
 
     /// The sequence number of `block`'s current version in this layer (None: not in it).
     pub fn block_version(&self, block: u64) -> Option<u64> {
-        self.index[shard_of(block)].read().get(&block).map(|v| v.seq)
+        self.index[shard_of(block)]
+            .read()
+            .get(&block)
+            .map(|v| v.seq)
     }
 
     /// Writes one whole block only if its version is still `expected` (from `block_version`,
     /// read before the content the caller merged into `data`). Returns false, writing
     /// nothing, if another write got there first: the caller re-reads and tries again.
-    pub fn write_block_if_unchanged(&self, block: u64, data: &[u8], expected: Option<u64>) -> Result<bool, StoreError> {
+    pub fn write_block_if_unchanged(
+        &self,
+        block: u64,
+        data: &[u8],
+        expected: Option<u64>,
+    ) -> Result<bool, StoreError> {
         debug_assert_eq!(data.len(), BLOCK_SIZE);
         self.write_blocks_if(block, data, Some(expected))
     }
 
-    fn write_blocks_if(&self, first_block: u64, data: &[u8], expect: Option<Option<u64>>) -> Result<bool, StoreError> {
+    fn write_blocks_if(
+        &self,
+        first_block: u64,
+        data: &[u8],
+        expect: Option<Option<u64>>,
+    ) -> Result<bool, StoreError> {
         debug_assert_eq!(data.len() % BLOCK_SIZE, 0);
         let n = data.len() / BLOCK_SIZE;
         let blocks: Vec<&[u8]> = data.chunks_exact(BLOCK_SIZE).collect();
         let zero: Vec<bool> = blocks.iter().map(|b| is_zero(b)).collect();
-        let mut slots = self.alloc_slots(zero.iter().filter(|z| !**z).count())?.into_iter();
+        let mut slots = self
+            .alloc_slots(zero.iter().filter(|z| !**z).count())?
+            .into_iter();
         let mut entries = Vec::with_capacity(n);
         for (i, b) in blocks.iter().enumerate() {
             entries.push(if zero[i] {
                 Entry::Zero
             } else {
-                Entry::Data { slot: slots.next().unwrap_or(ZERO_SLOT), crc: crc32c::crc32c(b) }
+                Entry::Data {
+                    slot: slots.next().unwrap_or(ZERO_SLOT),
+                    crc: crc32c::crc32c(b),
+                }
             });
         }
         // Write the data, one pwrite per run of consecutive slots for consecutive blocks.
         let mut i = 0;
         while i < n {
-            let Entry::Data { slot: first_slot, .. } = entries[i] else {
+            let Entry::Data {
+                slot: first_slot, ..
+            } = entries[i]
+            else {
                 i += 1;
                 continue;
             };
             let mut j = i + 1;
-            while j < n && matches!(entries[j], Entry::Data { slot, .. } if slot == first_slot + (j - i) as u32) {
+            while j < n
+                && matches!(entries[j], Entry::Data { slot, .. } if slot == first_slot + (j - i) as u32)
+            {
                 j += 1;
             }
-            if let Err(e) = self.data.write_all_at(&data[i * BLOCK_SIZE..j * BLOCK_SIZE], slot_offset(first_slot)) {
+            if let Err(e) = self.data.write_all_at(
+                &data[i * BLOCK_SIZE..j * BLOCK_SIZE],
+                slot_offset(first_slot),
+            ) {
                 return self.fail(&self.data_path, e);
             }
             i = j;
@@ -576,10 +679,13 @@ impl WriteLayer {
         let committed = self.commit(first_block, &entries, expect)?;
         if !committed {
             // Never journaled nor published: no reader can know these slots.
-            let slots: Vec<u32> = entries.iter().filter_map(|e| match e {
-                Entry::Data { slot, .. } => Some(*slot),
-                Entry::Zero => None,
-            }).collect();
+            let slots: Vec<u32> = entries
+                .iter()
+                .filter_map(|e| match e {
+                    Entry::Data { slot, .. } => Some(*slot),
+                    Entry::Zero => None,
+                })
+                .collect();
             self.alloc.lock().free.insert_all(slots);
         }
         Ok(committed)
@@ -600,31 +706,57 @@ impl WriteLayer {
     /// Appends journal records for `entries` (block `first_block + i`) and publishes them.
     /// With `expect`, a single block is committed only if its version is still the expected
     /// one; returns whether it was committed.
-    fn commit(&self, first_block: u64, entries: &[Entry], expect: Option<Option<u64>>) -> Result<bool, StoreError> {
-        if first_block.checked_add(entries.len() as u64).is_none_or(|end| end > self.map.len() as u64) {
-            return Err(StoreError::corrupt(&self.dir, format!("write layer: block {first_block} is beyond the disk")));
+    fn commit(
+        &self,
+        first_block: u64,
+        entries: &[Entry],
+        expect: Option<Option<u64>>,
+    ) -> Result<bool, StoreError> {
+        if first_block
+            .checked_add(entries.len() as u64)
+            .is_none_or(|end| end > self.map.len() as u64)
+        {
+            return Err(StoreError::corrupt(
+                &self.dir,
+                format!("write layer: block {first_block} is beyond the disk"),
+            ));
         }
         // Shared: a checkpoint (exclusive) sees all of this write or none of it.
         let journal = self.journal.read();
         if self.closed.load(Ordering::SeqCst) {
-            return Err(StoreError::corrupt(&self.dir, "write layer: write after close"));
+            return Err(StoreError::corrupt(
+                &self.dir,
+                "write layer: write after close",
+            ));
         }
         // Lock the shards of all the blocks, in ascending order, from reserving the sequence
         // numbers to publishing: per block, publication order is sequence order (what
         // recovery will choose), and a conditional write checks and commits atomically.
-        let mut ids: Vec<usize> = (0..entries.len() as u64).map(|i| shard_of(first_block + i)).collect();
+        let mut ids: Vec<usize> = (0..entries.len() as u64)
+            .map(|i| shard_of(first_block + i))
+            .collect();
         ids.sort_unstable();
         ids.dedup();
         let mut shards: Vec<_> = ids.iter().map(|&i| self.index[i].write()).collect();
         let slot_of = |block: u64| ids.binary_search(&shard_of(block)).unwrap_or(0);
         if let Some(expected) = expect {
-            if shards[slot_of(first_block)].get(&first_block).map(|v| v.seq) != expected {
+            if shards[slot_of(first_block)]
+                .get(&first_block)
+                .map(|v| v.seq)
+                != expected
+            {
                 return Ok(false);
             }
         }
-        let seq = journal.next.fetch_add(entries.len() as u64, Ordering::SeqCst);
+        let seq = journal
+            .next
+            .fetch_add(entries.len() as u64, Ordering::SeqCst);
         let mut records = vec![0u8; entries.len() * RECORD_LEN];
-        for (i, (entry, out)) in entries.iter().zip(records.chunks_exact_mut(RECORD_LEN)).enumerate() {
+        for (i, (entry, out)) in entries
+            .iter()
+            .zip(records.chunks_exact_mut(RECORD_LEN))
+            .enumerate()
+        {
             encode_record(seq + i as u64, first_block + i as u64, *entry, out);
         }
         let at = HEADER_LEN as u64 + (seq - journal.base) * RECORD_LEN as u64;
@@ -636,9 +768,15 @@ impl WriteLayer {
         let flush_mark = self.flush_mark.load(Ordering::SeqCst);
         for (i, entry) in entries.iter().enumerate() {
             let block = first_block + i as u64;
-            let mine = Version { packed: entry.pack(), seq: seq + i as u64 };
+            let mine = Version {
+                packed: entry.pack(),
+                seq: seq + i as u64,
+            };
             let old = shards[slot_of(block)].insert(block, mine);
-            debug_assert!(old.is_none_or(|o| o.seq < mine.seq), "publication out of sequence order");
+            debug_assert!(
+                old.is_none_or(|o| o.seq < mine.seq),
+                "publication out of sequence order"
+            );
             self.map[block as usize].store(entry.map_value(), Ordering::Release);
             if let Some(old) = old {
                 if let Entry::Data { slot, .. } = Entry::unpack(old.packed) {
@@ -730,15 +868,25 @@ impl WriteLayer {
         buf.resize(HEADER_LEN + entries.len() * RECORD_LEN, 0);
         for (i, (block, entry)) in entries.iter().enumerate() {
             let at = HEADER_LEN + i * RECORD_LEN;
-            encode_record(base + i as u64, *block, *entry, &mut buf[at..at + RECORD_LEN]);
+            encode_record(
+                base + i as u64,
+                *block,
+                *entry,
+                &mut buf[at..at + RECORD_LEN],
+            );
         }
-        file.write_all_at(&buf, 0).map_err(|e| StoreError::io(&tmp, e))?;
+        file.write_all_at(&buf, 0)
+            .map_err(|e| StoreError::io(&tmp, e))?;
         file.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
         if let Err(e) = fs::rename(&tmp, &self.journal_path) {
             return self.fail(&self.journal_path, e);
         }
         // The new file is the journal from here on, whatever happens next.
-        *journal = Journal { file, base, next: AtomicU64::new(base + entries.len() as u64) };
+        *journal = Journal {
+            file,
+            base,
+            next: AtomicU64::new(base + entries.len() as u64),
+        };
         // Still holding the journal exclusively: no FLUSH may return before the rename is
         // durable, or a power loss could bring back the old journal without its writes.
         if let Err(e) = format::sync_dir(&self.dir) {
@@ -753,7 +901,12 @@ impl WriteLayer {
     pub fn entries(&self) -> Vec<(u64, Entry)> {
         let mut all = Vec::with_capacity(self.dirty_blocks() as usize);
         for shard in self.index.iter() {
-            all.extend(shard.read().iter().map(|(&b, v)| (b, Entry::unpack(v.packed))));
+            all.extend(
+                shard
+                    .read()
+                    .iter()
+                    .map(|(&b, v)| (b, Entry::unpack(v.packed))),
+            );
         }
         all.sort_unstable_by_key(|e| e.0);
         all
@@ -798,7 +951,11 @@ impl WriteLayer {
         let _sync = self.sync_lock.lock();
         self.flush_locked()?;
         let used_end = slot_offset(self.alloc.lock().next_fresh);
-        if let Err(e) = self.data.set_len(used_end).and_then(|_| self.data.sync_all()) {
+        if let Err(e) = self
+            .data
+            .set_len(used_end)
+            .and_then(|_| self.data.sync_all())
+        {
             return self.fail(&self.data_path, e);
         }
         if self.journal.read().records() != self.dirty_blocks() {
@@ -816,9 +973,13 @@ fn write_clean_marker(dir: &Path, id: u64, records: u64) -> Result<(), StoreErro
     let path = dir.join(CLEAN_FILE);
     let tmp = dir.join("clean.new");
     let _ = fs::remove_file(&tmp);
-    let marker = HeaderWriter::new(CLEAN_MAGIC, VERSION).u64(id).u64(records).finish();
+    let marker = HeaderWriter::new(CLEAN_MAGIC, VERSION)
+        .u64(id)
+        .u64(records)
+        .finish();
     let f = open_rw(&tmp, true)?;
-    f.write_all_at(&marker, 0).map_err(|e| StoreError::io(&tmp, e))?;
+    f.write_all_at(&marker, 0)
+        .map_err(|e| StoreError::io(&tmp, e))?;
     f.sync_all().map_err(|e| StoreError::io(&tmp, e))?;
     fs::rename(&tmp, &path).map_err(|e| StoreError::io(&path, e))?;
     format::sync_dir(dir)
@@ -835,7 +996,10 @@ fn read_clean_marker(path: &Path, id: u64) -> Result<Option<u64>, StoreError> {
     let mut r = HeaderReader::parse(&hdr, CLEAN_MAGIC, VERSION, path, "write layer clean marker")?;
     let marker_id = r.u64();
     if marker_id != id {
-        return Err(StoreError::corrupt(path, "write layer clean marker: belongs to another layer"));
+        return Err(StoreError::corrupt(
+            path,
+            "write layer clean marker: belongs to another layer",
+        ));
     }
     Ok(Some(r.u64()))
 }
@@ -855,14 +1019,39 @@ mod tests {
     #[test]
     fn record_roundtrip_and_position_check() {
         let mut rec = [0u8; RECORD_LEN];
-        encode_record(7, 99, Entry::Data { slot: 3, crc: 0xdead }, &mut rec);
-        assert_eq!(decode_record(7, &rec), Some((99, Entry::Data { slot: 3, crc: 0xdead })));
-        assert_eq!(decode_record(8, &rec), None, "a record read at another position is stale");
+        encode_record(
+            7,
+            99,
+            Entry::Data {
+                slot: 3,
+                crc: 0xdead,
+            },
+            &mut rec,
+        );
+        assert_eq!(
+            decode_record(7, &rec),
+            Some((
+                99,
+                Entry::Data {
+                    slot: 3,
+                    crc: 0xdead
+                }
+            ))
+        );
+        assert_eq!(
+            decode_record(8, &rec),
+            None,
+            "a record read at another position is stale"
+        );
         encode_record(1, 5, Entry::Zero, &mut rec);
         assert_eq!(decode_record(1, &rec), Some((5, Entry::Zero)));
         rec[9] ^= 1;
         assert_eq!(decode_record(1, &rec), None);
-        assert_eq!(decode_record(0, &[0u8; RECORD_LEN]), None, "an unwritten record is not valid");
+        assert_eq!(
+            decode_record(0, &[0u8; RECORD_LEN]),
+            None,
+            "an unwritten record is not valid"
+        );
     }
 
     fn layer_with_two_versions(dir: &Path) -> (u32, u32) {
@@ -870,17 +1059,26 @@ mod tests {
         let w = WriteLayer::open(&dir.join("w"), 1 << 20).unwrap();
         w.write_blocks(5, &[1u8; BLOCK_SIZE]).unwrap();
         w.flush().unwrap();
-        let Some(Entry::Data { slot: old, .. }) = w.lookup(5) else { panic!() };
+        let Some(Entry::Data { slot: old, .. }) = w.lookup(5) else {
+            panic!()
+        };
         w.write_blocks(5, &[2u8; BLOCK_SIZE]).unwrap();
-        let Some(Entry::Data { slot: new, .. }) = w.lookup(5) else { panic!() };
-        assert_ne!(old, new, "an overwrite must not go to the slot of the flushed version");
+        let Some(Entry::Data { slot: new, .. }) = w.lookup(5) else {
+            panic!()
+        };
+        assert_ne!(
+            old, new,
+            "an overwrite must not go to the slot of the flushed version"
+        );
         w.abandon();
         (old, new)
     }
 
     fn content_after_reopen(dir: &Path) -> Vec<u8> {
         let w = WriteLayer::open(&dir.join("w"), 1 << 20).unwrap();
-        let Some(Entry::Data { slot, .. }) = w.lookup(5) else { panic!("block lost") };
+        let Some(Entry::Data { slot, .. }) = w.lookup(5) else {
+            panic!("block lost")
+        };
         let mut buf = vec![0u8; BLOCK_SIZE];
         w.read_slots(slot, &mut buf).unwrap();
         buf
@@ -892,8 +1090,12 @@ mod tests {
         // recovery must return the version the last FLUSH made durable.
         let dir = tempfile::tempdir().unwrap();
         let (_, new) = layer_with_two_versions(dir.path());
-        let f = OpenOptions::new().write(true).open(dir.path().join("w/data")).unwrap();
-        f.write_all_at(&[9u8; 512], slot_offset(new) + 1024).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("w/data"))
+            .unwrap();
+        f.write_all_at(&[9u8; 512], slot_offset(new) + 1024)
+            .unwrap();
         assert_eq!(content_after_reopen(dir.path()), vec![1u8; BLOCK_SIZE]);
     }
 
@@ -901,7 +1103,10 @@ mod tests {
     fn lost_unflushed_record_falls_back_to_the_flushed_version() {
         let dir = tempfile::tempdir().unwrap();
         layer_with_two_versions(dir.path());
-        let f = OpenOptions::new().write(true).open(dir.path().join("w/journal")).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("w/journal"))
+            .unwrap();
         let len = f.metadata().unwrap().len();
         f.set_len(len - 7).unwrap(); // the last record is torn
         assert_eq!(content_after_reopen(dir.path()), vec![1u8; BLOCK_SIZE]);
@@ -936,15 +1141,26 @@ mod tests {
             w.write_blocks(0, &[v; BLOCK_SIZE]).unwrap();
             w.write_blocks(100 + v as u64, &[v; BLOCK_SIZE]).unwrap();
             assert_ne!(slot_of(&w, 0), durable);
-            assert_ne!(slot_of(&w, 100 + v as u64), durable, "the flushed version's slot was reused before a flush");
+            assert_ne!(
+                slot_of(&w, 100 + v as u64),
+                durable,
+                "the flushed version's slot was reused before a flush"
+            );
         }
         let slots_before = w.stats().slots;
-        assert!(slots_before < 2 * 38 + 2, "unflushed versions were recycled ({slots_before} slots)");
+        assert!(
+            slots_before < 2 * 38 + 2,
+            "unflushed versions were recycled ({slots_before} slots)"
+        );
         w.flush().unwrap();
         // After the flush the old durable slot is free and gets reused.
         w.write_blocks(500, &[7u8; BLOCK_SIZE]).unwrap();
         w.write_blocks(501, &[7u8; BLOCK_SIZE]).unwrap();
-        assert!(slot_of(&w, 500) == durable || slot_of(&w, 501) == durable || w.stats().slots == slots_before);
+        assert!(
+            slot_of(&w, 500) == durable
+                || slot_of(&w, 501) == durable
+                || w.stats().slots == slots_before
+        );
     }
 
     #[test]
@@ -955,15 +1171,26 @@ mod tests {
         w.write_blocks(5, &[1u8; BLOCK_SIZE]).unwrap(); // V0, flushed
         w.flush().unwrap();
         w.write_blocks(5, &[2u8; BLOCK_SIZE]).unwrap(); // V1, never flushed
-        let Some(Entry::Data { slot: v1, .. }) = w.lookup(5) else { panic!() };
+        let Some(Entry::Data { slot: v1, .. }) = w.lookup(5) else {
+            panic!()
+        };
         w.write_blocks(5, &[3u8; BLOCK_SIZE]).unwrap(); // V2: V1's slot is recyclable now
-        let Some(Entry::Data { slot: v2, .. }) = w.lookup(5) else { panic!() };
+        let Some(Entry::Data { slot: v2, .. }) = w.lookup(5) else {
+            panic!()
+        };
         w.write_blocks(9, &[4u8; BLOCK_SIZE]).unwrap(); // another block takes V1's slot
-        assert_eq!(w.lookup(9), Some(Entry::Data { slot: v1, crc: 0 }), "V1's slot reused without a flush");
+        assert_eq!(
+            w.lookup(9),
+            Some(Entry::Data { slot: v1, crc: 0 }),
+            "V1's slot reused without a flush"
+        );
         w.abandon();
         drop(w);
         // Power loss tears V2: recovery must skip V1 (its slot holds block 9) and return V0.
-        let f = OpenOptions::new().write(true).open(dir.path().join("w/data")).unwrap();
+        let f = OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("w/data"))
+            .unwrap();
         f.write_all_at(&[9u8; 100], slot_offset(v2) + 7).unwrap();
         assert_eq!(content_after_reopen(dir.path()), vec![1u8; BLOCK_SIZE]);
     }
@@ -983,7 +1210,14 @@ mod tests {
 
     #[test]
     fn entry_packing() {
-        for e in [Entry::Zero, Entry::Data { slot: 0, crc: 0 }, Entry::Data { slot: 12345, crc: u32::MAX }] {
+        for e in [
+            Entry::Zero,
+            Entry::Data { slot: 0, crc: 0 },
+            Entry::Data {
+                slot: 12345,
+                crc: u32::MAX,
+            },
+        ] {
             assert_eq!(Entry::unpack(e.pack()), e);
         }
     }

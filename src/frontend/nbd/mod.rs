@@ -159,7 +159,11 @@ const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
 
 impl NbdServer {
     /// Starts serving `dev` as export `name` (the empty name is accepted as the default export).
-    pub fn start<D: BlockDevice + 'static>(listen: &Listen, name: &str, dev: Arc<D>) -> Result<NbdServer, NbdError> {
+    pub fn start<D: BlockDevice + 'static>(
+        listen: &Listen,
+        name: &str,
+        dev: Arc<D>,
+    ) -> Result<NbdServer, NbdError> {
         let (listener, uri) = match listen {
             Listen::Unix(path) => {
                 if let Ok(meta) = std::fs::symlink_metadata(path) {
@@ -167,29 +171,48 @@ impl NbdServer {
                     if !meta.file_type().is_socket() {
                         return Err(NbdError::Io {
                             what: format!("listen on {}", path.display()),
-                            source: io::Error::new(io::ErrorKind::AlreadyExists, "a file that is not a socket is there"),
+                            source: io::Error::new(
+                                io::ErrorKind::AlreadyExists,
+                                "a file that is not a socket is there",
+                            ),
                         });
                     }
                     // A stale socket from a crashed server: only replace it if nobody answers.
                     if UnixStream::connect(path).is_ok() {
                         return Err(NbdError::Io {
                             what: format!("listen on {}", path.display()),
-                            source: io::Error::new(io::ErrorKind::AddrInUse, "another server is listening there"),
+                            source: io::Error::new(
+                                io::ErrorKind::AddrInUse,
+                                "another server is listening there",
+                            ),
                         });
                     }
                     let _ = std::fs::remove_file(path);
                 }
-                let l = UnixListener::bind(path).map_err(|e| NbdError::Io { what: format!("listen on {}", path.display()), source: e })?;
-                (Listener::Unix(l, path.clone()), format!("nbd+unix:///{name}?socket={}", path.display()))
+                let l = UnixListener::bind(path).map_err(|e| NbdError::Io {
+                    what: format!("listen on {}", path.display()),
+                    source: e,
+                })?;
+                (
+                    Listener::Unix(l, path.clone()),
+                    format!("nbd+unix:///{name}?socket={}", path.display()),
+                )
             }
             Listen::Tcp(addr) => {
-                let l = TcpListener::bind(addr).map_err(|e| NbdError::Io { what: format!("listen on {addr}"), source: e })?;
-                let local = l.local_addr().map_err(|e| NbdError::Io { what: "local address".into(), source: e })?;
+                let l = TcpListener::bind(addr).map_err(|e| NbdError::Io {
+                    what: format!("listen on {addr}"),
+                    source: e,
+                })?;
+                let local = l.local_addr().map_err(|e| NbdError::Io {
+                    what: "local address".into(),
+                    source: e,
+                })?;
                 (Listener::Tcp(l), format!("nbd://{local}/{name}"))
             }
         };
         let stopping = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<(Conn, Option<JoinHandle<()>>)>>> = Arc::new(Mutex::new(Vec::new()));
+        let conns: Arc<Mutex<Vec<(Conn, Option<JoinHandle<()>>)>>> =
+            Arc::new(Mutex::new(Vec::new()));
         let served = Arc::new(AtomicU64::new(0));
         let name = name.to_string();
         let accept_thread = {
@@ -197,9 +220,18 @@ impl NbdServer {
             std::thread::Builder::new()
                 .name("nbd-accept".into())
                 .spawn(move || accept_loop(listener, &name, dev, &stopping, &conns, &served))
-                .map_err(|e| NbdError::Io { what: "spawn accept thread".into(), source: e })?
+                .map_err(|e| NbdError::Io {
+                    what: "spawn accept thread".into(),
+                    source: e,
+                })?
         };
-        Ok(NbdServer { stopping, accept_thread: Some(accept_thread), conns, uri, connections_served: served })
+        Ok(NbdServer {
+            stopping,
+            accept_thread: Some(accept_thread),
+            conns,
+            uri,
+            connections_served: served,
+        })
     }
 
     /// Stops accepting, lets requests in flight finish, closes every connection.
@@ -238,7 +270,11 @@ fn accept_loop<D: BlockDevice + 'static>(
     let mut next_id = 0u64;
     while !stopping.load(Ordering::SeqCst) {
         // Wait for a client with a timeout, so that a stop request is noticed.
-        let mut pfd = libc::pollfd { fd: listener.fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: listener.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
         if ready <= 0 {
@@ -256,12 +292,12 @@ fn accept_loop<D: BlockDevice + 'static>(
         let id = next_id;
         let Ok(keep) = conn.try_clone() else { continue };
         let (dev, name) = (dev.clone(), name.to_string());
-        let thread = std::thread::Builder::new().name(format!("nbd-conn-{id}")).spawn(move || {
-            match serve_connection(conn, &name, dev) {
+        let thread = std::thread::Builder::new()
+            .name(format!("nbd-conn-{id}"))
+            .spawn(move || match serve_connection(conn, &name, dev) {
                 Ok(()) => tracing::debug!(conn = id, "nbd: connection closed"),
                 Err(e) => tracing::warn!(conn = id, "nbd: connection ended: {e}"),
-            }
-        });
+            });
         let mut list = conns.lock();
         // Forget connections that have ended.
         list.retain(|(_, t)| t.as_ref().is_some_and(|t| !t.is_finished()));
@@ -270,25 +306,38 @@ fn accept_loop<D: BlockDevice + 'static>(
 }
 
 fn io_err(what: &str) -> impl Fn(io::Error) -> NbdError + '_ {
-    move |e| NbdError::Io { what: what.to_string(), source: e }
+    move |e| NbdError::Io {
+        what: what.to_string(),
+        source: e,
+    }
 }
 
 /// The handshake; Ok(no_zeroes) when the client enters transmission.
 fn handshake<D: BlockDevice>(conn: &mut Conn, name: &str, dev: &D) -> Result<bool, NbdError> {
-    conn.write_all(&server_greeting()).map_err(io_err("send greeting"))?;
+    conn.write_all(&server_greeting())
+        .map_err(io_err("send greeting"))?;
     let mut flags = [0u8; 4];
-    conn.read_exact(&mut flags).map_err(io_err("read client flags"))?;
-    let client_flags = parse_client_flags(flags).map_err(|e| NbdError::Io { what: "handshake".into(), source: io::Error::new(io::ErrorKind::InvalidData, e) })?;
+    conn.read_exact(&mut flags)
+        .map_err(io_err("read client flags"))?;
+    let client_flags = parse_client_flags(flags).map_err(|e| NbdError::Io {
+        what: "handshake".into(),
+        source: io::Error::new(io::ErrorKind::InvalidData, e),
+    })?;
     let no_zeroes = client_flags & CLIENT_NO_ZEROES != 0;
     let known = |export: &str| export.is_empty() || export == name;
     loop {
         let mut hdr = [0u8; 16];
         conn.read_exact(&mut hdr).map_err(io_err("read option"))?;
-        let (option, len) = parse_option_header(hdr).map_err(|e| NbdError::Io { what: "option".into(), source: io::Error::new(io::ErrorKind::InvalidData, e) })?;
+        let (option, len) = parse_option_header(hdr).map_err(|e| NbdError::Io {
+            what: "option".into(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })?;
         let mut data = vec![0u8; len as usize];
-        conn.read_exact(&mut data).map_err(io_err("read option data"))?;
+        conn.read_exact(&mut data)
+            .map_err(io_err("read option data"))?;
         let reply = |conn: &mut Conn, kind: u32, payload: &[u8]| -> Result<(), NbdError> {
-            conn.write_all(&option_reply(option, kind, payload)).map_err(io_err("send option reply"))
+            conn.write_all(&option_reply(option, kind, payload))
+                .map_err(io_err("send option reply"))
         };
         match option {
             OPT_EXPORT_NAME => {
@@ -300,12 +349,20 @@ fn handshake<D: BlockDevice>(conn: &mut Conn, name: &str, dev: &D) -> Result<boo
                         source: io::Error::new(io::ErrorKind::NotFound, "no such export"),
                     });
                 }
-                conn.write_all(&export_name_reply(dev.size(), TRANSMISSION_FLAGS, no_zeroes)).map_err(io_err("send export"))?;
+                conn.write_all(&export_name_reply(
+                    dev.size(),
+                    TRANSMISSION_FLAGS,
+                    no_zeroes,
+                ))
+                .map_err(io_err("send export"))?;
                 return Ok(no_zeroes);
             }
             OPT_ABORT => {
                 let _ = reply(conn, REP_ACK, &[]);
-                return Err(NbdError::Io { what: "handshake".into(), source: io::Error::new(io::ErrorKind::ConnectionAborted, "client aborted") });
+                return Err(NbdError::Io {
+                    what: "handshake".into(),
+                    source: io::Error::new(io::ErrorKind::ConnectionAborted, "client aborted"),
+                });
             }
             OPT_LIST => {
                 if !data.is_empty() {
@@ -324,12 +381,20 @@ fn handshake<D: BlockDevice>(conn: &mut Conn, name: &str, dev: &D) -> Result<boo
                     }
                 };
                 if !known(&export) {
-                    reply(conn, REP_ERR_UNKNOWN, format!("no export named '{export}'").as_bytes())?;
+                    reply(
+                        conn,
+                        REP_ERR_UNKNOWN,
+                        format!("no export named '{export}'").as_bytes(),
+                    )?;
                     continue;
                 }
                 reply(conn, REP_INFO, &info_export(dev.size(), TRANSMISSION_FLAGS))?;
                 if infos.contains(&INFO_BLOCK_SIZE) {
-                    reply(conn, REP_INFO, &info_block_size(1, crate::store::BLOCK_SIZE as u32, MAX_PAYLOAD))?;
+                    reply(
+                        conn,
+                        REP_INFO,
+                        &info_block_size(1, crate::store::BLOCK_SIZE as u32, MAX_PAYLOAD),
+                    )?;
                 }
                 reply(conn, REP_ACK, &[])?;
                 if option == OPT_GO {
@@ -367,7 +432,11 @@ impl BufferPool {
     }
 }
 
-fn serve_connection<D: BlockDevice + 'static>(mut conn: Conn, name: &str, dev: Arc<D>) -> Result<(), NbdError> {
+fn serve_connection<D: BlockDevice + 'static>(
+    mut conn: Conn,
+    name: &str,
+    dev: Arc<D>,
+) -> Result<(), NbdError> {
     // The accept loop keeps a handle to every socket (to close them on stop), so dropping
     // ours would not close it: shut it down explicitly however the connection ends.
     let result = transmit(&mut conn, name, dev);
@@ -375,16 +444,25 @@ fn serve_connection<D: BlockDevice + 'static>(mut conn: Conn, name: &str, dev: A
     result
 }
 
-fn transmit<D: BlockDevice + 'static>(conn: &mut Conn, name: &str, dev: Arc<D>) -> Result<(), NbdError> {
+fn transmit<D: BlockDevice + 'static>(
+    conn: &mut Conn,
+    name: &str,
+    dev: Arc<D>,
+) -> Result<(), NbdError> {
     handshake(conn, name, &*dev)?;
-    let writer = Arc::new(Mutex::new(conn.try_clone().map_err(io_err("clone socket"))?));
+    let writer = Arc::new(Mutex::new(
+        conn.try_clone().map_err(io_err("clone socket"))?,
+    ));
     let (tx, rx) = sync_channel::<Job>(QUEUE_DEPTH);
     let rx = Arc::new(Mutex::new(rx));
     let pool = Arc::new(BufferPool::default());
     let workers: Vec<JoinHandle<()>> = (0..WORKERS_PER_CONNECTION)
         .filter_map(|i| {
             let (rx, writer, dev, pool) = (rx.clone(), writer.clone(), dev.clone(), pool.clone());
-            std::thread::Builder::new().name(format!("nbd-worker-{i}")).spawn(move || worker(&rx, &writer, &*dev, &pool)).ok()
+            std::thread::Builder::new()
+                .name(format!("nbd-worker-{i}"))
+                .spawn(move || worker(&rx, &writer, &*dev, &pool))
+                .ok()
         })
         .collect();
     let result = read_requests(conn, &tx, &pool);
@@ -396,28 +474,46 @@ fn transmit<D: BlockDevice + 'static>(conn: &mut Conn, name: &str, dev: Arc<D>) 
 }
 
 /// Reads requests until the client disconnects; hands them to the workers.
-fn read_requests(conn: &mut Conn, tx: &std::sync::mpsc::SyncSender<Job>, pool: &BufferPool) -> Result<(), NbdError> {
+fn read_requests(
+    conn: &mut Conn,
+    tx: &std::sync::mpsc::SyncSender<Job>,
+    pool: &BufferPool,
+) -> Result<(), NbdError> {
     loop {
         let mut hdr = [0u8; REQUEST_LEN];
         match conn.read_exact(&mut hdr) {
             Ok(()) => {}
             // The client closed the socket (or we are stopping): a normal end.
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(NbdError::Io { what: "read request".into(), source: e }),
+            Err(e) => {
+                return Err(NbdError::Io {
+                    what: "read request".into(),
+                    source: e,
+                })
+            }
         }
-        let req = parse_request(&hdr).map_err(|e| NbdError::Io { what: "request".into(), source: io::Error::new(io::ErrorKind::InvalidData, e) })?;
+        let req = parse_request(&hdr).map_err(|e| NbdError::Io {
+            what: "request".into(),
+            source: io::Error::new(io::ErrorKind::InvalidData, e),
+        })?;
         if req.command == CMD_DISC {
             return Ok(());
         }
         let mut payload = pool.take(req.payload_len() as usize);
-        conn.read_exact(&mut payload).map_err(io_err("read write payload (client vanished mid-request?)"))?;
+        conn.read_exact(&mut payload)
+            .map_err(io_err("read write payload (client vanished mid-request?)"))?;
         if tx.send(Job { req, payload }).is_err() {
             return Ok(());
         }
     }
 }
 
-fn worker<D: BlockDevice>(rx: &Mutex<Receiver<Job>>, writer: &Mutex<Conn>, dev: &D, pool: &BufferPool) {
+fn worker<D: BlockDevice>(
+    rx: &Mutex<Receiver<Job>>,
+    writer: &Mutex<Conn>,
+    dev: &D,
+    pool: &BufferPool,
+) {
     // Reply header and read data go out in one buffer: one write under the lock.
     let mut out: Vec<u8> = Vec::new();
     loop {
@@ -470,16 +566,22 @@ fn execute<D: BlockDevice>(dev: &D, job: &Job, out: &mut Vec<u8>) -> u32 {
                 return EINVAL;
             }
             out.resize(16 + r.length as usize, 0);
-            dev.read_at(r.offset, &mut out[16..]).map_err(|e| errno_of(&e, false))
+            dev.read_at(r.offset, &mut out[16..])
+                .map_err(|e| errno_of(&e, false))
         }
-        CMD_WRITE => dev.write_at(r.offset, &job.payload, fua).map_err(|e| errno_of(&e, true)),
+        CMD_WRITE => dev
+            .write_at(r.offset, &job.payload, fua)
+            .map_err(|e| errno_of(&e, true)),
         CMD_FLUSH => dev.flush().map_err(|e| errno_of(&e, false)),
         CMD_TRIM => dev
             .discard(r.offset, r.length as u64)
             .and_then(|_| if fua { dev.flush() } else { Ok(()) })
             .map_err(|e| errno_of(&e, true)),
-        CMD_WRITE_ZEROES => dev.write_zeroes(r.offset, r.length as u64, fua).map_err(|e| errno_of(&e, true)),
-        CMD_CACHE => crate::blockdev::check_range(r.offset, r.length as u64, dev.size()).map_err(|e| errno_of(&e, false)),
+        CMD_WRITE_ZEROES => dev
+            .write_zeroes(r.offset, r.length as u64, fua)
+            .map_err(|e| errno_of(&e, true)),
+        CMD_CACHE => crate::blockdev::check_range(r.offset, r.length as u64, dev.size())
+            .map_err(|e| errno_of(&e, false)),
         other => {
             tracing::warn!("nbd: unknown command {other}");
             Err(EINVAL)

@@ -96,7 +96,9 @@ pub fn server_greeting() -> [u8; 18] {
 /// The client's flags: fixed newstyle is required (we never speak old-style).
 pub fn parse_client_flags(b: [u8; 4]) -> Result<u32, ProtoError> {
     let flags = u32::from_be_bytes(b);
-    if flags & CLIENT_FIXED_NEWSTYLE == 0 || flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0 {
+    if flags & CLIENT_FIXED_NEWSTYLE == 0
+        || flags & !(CLIENT_FIXED_NEWSTYLE | CLIENT_NO_ZEROES) != 0
+    {
         return Err(ProtoError::NotFixedNewstyle(flags));
     }
     Ok(flags)
@@ -120,7 +122,13 @@ pub fn parse_option_header(b: [u8; 16]) -> Result<(u32, u32), ProtoError> {
 pub fn parse_info_request(data: &[u8]) -> Result<(String, Vec<u16>), ProtoError> {
     let name_len = data.get(0..4).ok_or(ProtoError::MalformedOption)?;
     let name_len = u32::from_be_bytes(name_len.try_into().expect("4 bytes")) as usize;
-    let name = data.get(4..4usize.checked_add(name_len).ok_or(ProtoError::MalformedOption)?).ok_or(ProtoError::MalformedOption)?;
+    let name = data
+        .get(
+            4..4usize
+                .checked_add(name_len)
+                .ok_or(ProtoError::MalformedOption)?,
+        )
+        .ok_or(ProtoError::MalformedOption)?;
     let rest = &data[4 + name_len..];
     let count = rest.get(0..2).ok_or(ProtoError::MalformedOption)?;
     let count = u16::from_be_bytes(count.try_into().expect("2 bytes")) as usize;
@@ -128,7 +136,10 @@ pub fn parse_info_request(data: &[u8]) -> Result<(String, Vec<u16>), ProtoError>
     if list.len() != count * 2 {
         return Err(ProtoError::MalformedOption);
     }
-    let infos = list.chunks_exact(2).map(|c| u16::from_be_bytes([c[0], c[1]])).collect();
+    let infos = list
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect();
     let name = String::from_utf8(name.to_vec()).map_err(|_| ProtoError::MalformedOption)?;
     Ok((name, infos))
 }
@@ -249,9 +260,21 @@ mod tests {
     #[test]
     fn request_roundtrip_and_limits() {
         let r = parse_request(&request_bytes(1, CMD_WRITE, 7, 4096, 512)).unwrap();
-        assert_eq!(r, Request { flags: 1, command: CMD_WRITE, cookie: 7, offset: 4096, length: 512 });
+        assert_eq!(
+            r,
+            Request {
+                flags: 1,
+                command: CMD_WRITE,
+                cookie: 7,
+                offset: 4096,
+                length: 512
+            }
+        );
         assert_eq!(r.payload_len(), 512);
-        assert_eq!(parse_request(&request_bytes(0, CMD_WRITE, 1, 0, MAX_PAYLOAD + 1)), Err(ProtoError::PayloadTooLong(MAX_PAYLOAD + 1)));
+        assert_eq!(
+            parse_request(&request_bytes(0, CMD_WRITE, 1, 0, MAX_PAYLOAD + 1)),
+            Err(ProtoError::PayloadTooLong(MAX_PAYLOAD + 1))
+        );
         // An oversized read is answered with an error, not a disconnect.
         assert!(parse_request(&request_bytes(0, CMD_READ, 1, 0, u32::MAX)).is_ok());
         let mut bad = request_bytes(0, CMD_READ, 1, 0, 1);
@@ -267,7 +290,10 @@ mod tests {
         d.extend_from_slice(&2u16.to_be_bytes());
         d.extend_from_slice(&INFO_EXPORT.to_be_bytes());
         d.extend_from_slice(&INFO_BLOCK_SIZE.to_be_bytes());
-        assert_eq!(parse_info_request(&d).unwrap(), ("vm1".to_string(), vec![0, 3]));
+        assert_eq!(
+            parse_info_request(&d).unwrap(),
+            ("vm1".to_string(), vec![0, 3])
+        );
         assert!(parse_info_request(&d[..d.len() - 1]).is_err());
         assert!(parse_info_request(&[0, 0, 0, 9, b'a']).is_err());
         assert!(parse_info_request(&[0xff, 0xff, 0xff, 0xff]).is_err());
