@@ -1,8 +1,6 @@
 //! The one small trait every device frontend (ublk, NBD) serves. Implemented by the store's
 //! [`crate::store::Disk`]; frontends know nothing else about the store.
 
-use std::fmt;
-
 /// A request that could not be carried out. Frontends turn it into the protocol's error for
 /// that request only (ublk: a negative errno; NBD: an error reply).
 #[derive(Debug, thiserror::Error)]
@@ -46,11 +44,5 @@ pub fn check_range(offset: u64, len: u64, size: u64) -> Result<(), BlockError> {
     match offset.checked_add(len) {
         Some(end) if end <= size => Ok(()),
         _ => Err(BlockError::OutOfRange { offset, len, size }),
-    }
-}
-
-impl fmt::Display for dyn BlockDevice {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "block device of {} bytes", self.size())
     }
 }

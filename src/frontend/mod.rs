@@ -127,10 +127,6 @@ impl<D: BlockDevice> Served<D> {
         &self.dev
     }
 
-    pub fn into_device(self) -> D {
-        self.dev
-    }
-
     fn done<T>(
         &self,
         counter: &Counter,

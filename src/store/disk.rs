@@ -50,7 +50,6 @@ pub struct VerifyReport {
 }
 
 pub struct Disk {
-    name: String,
     size: u64,
     golden: Arc<Golden>,
     delta: Option<Arc<Delta>>,
@@ -67,7 +66,6 @@ fn storage(e: StoreError) -> BlockError {
 
 impl Disk {
     pub(super) fn new(
-        name: String,
         size: u64,
         golden: Arc<Golden>,
         delta: Option<Arc<Delta>>,
@@ -75,7 +73,6 @@ impl Disk {
         lock: DiskLock,
     ) -> Disk {
         Disk {
-            name,
             size,
             golden,
             delta,
@@ -83,14 +80,6 @@ impl Disk {
             rmw: (0..RMW_STRIPES).map(|_| Mutex::new(())).collect(),
             _lock: lock,
         }
-    }
-
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    pub fn blocks(&self) -> u64 {
-        self.size / BS
     }
 
     pub fn write_layer(&self) -> &WriteLayer {
@@ -101,13 +90,9 @@ impl Disk {
         self.delta.as_deref()
     }
 
-    pub fn golden(&self) -> &Golden {
-        &self.golden
-    }
-
     /// Flushes and closes cleanly (the next open needs no recovery).
     pub fn close(self) -> Result<(), StoreError> {
-        self.wlog.close()
+        self.close_shared()
     }
 
     /// Closes cleanly while others may still hold a reference. The caller guarantees that no
@@ -172,29 +157,44 @@ impl Disk {
         self.wlog.abandon();
     }
 
+    /// Where `block` is read from, given what the write layer says of it; the delta is asked
+    /// only if the write layer does not have the block.
+    #[inline]
+    fn source(
+        &self,
+        block: u64,
+        upper: Option<Entry>,
+        middle: impl FnOnce() -> DeltaBlock,
+    ) -> Source {
+        match upper {
+            Some(Entry::Data { slot, .. }) => Source::Slot(slot),
+            Some(Entry::Zero) => Source::Zero,
+            None => match middle() {
+                DeltaBlock::Data(off) => Source::Delta(off),
+                DeltaBlock::Zero => Source::Zero,
+                DeltaBlock::Absent if block < self.golden.blocks => Source::Golden(block),
+                DeltaBlock::Absent => Source::Zero,
+            },
+        }
+    }
+
     /// Resolves `out.len()` consecutive blocks from `first`, all inside one 16-block cluster:
     /// one delta probe serves them all.
     #[inline]
     fn resolve_cluster(&self, first: u64, out: &mut [Source]) {
-        let m = out.len();
-        let mut upper = [None; CLUSTER];
-        self.wlog.lookup_cluster(first, &mut upper[..m]);
-        let mut middle = [DeltaBlock::Absent; CLUSTER];
-        if let Some(delta) = &self.delta {
-            if upper[..m].iter().any(Option::is_none) {
-                delta.lookup_cluster(first, &mut middle[..m]);
-            }
-        }
-        for k in 0..m {
+        let mut middle: Option<[DeltaBlock; CLUSTER]> = None;
+        for (k, o) in out.iter_mut().enumerate() {
             let block = first + k as u64;
-            out[k] = match (upper[k], middle[k]) {
-                (Some(Entry::Data { slot, .. }), _) => Source::Slot(slot),
-                (Some(Entry::Zero), _) => Source::Zero,
-                (None, DeltaBlock::Data(off)) => Source::Delta(off),
-                (None, DeltaBlock::Zero) => Source::Zero,
-                (None, DeltaBlock::Absent) if block < self.golden.blocks => Source::Golden(block),
-                (None, DeltaBlock::Absent) => Source::Zero,
-            };
+            *o = self.source(block, self.wlog.lookup(block), || {
+                let m = middle.get_or_insert_with(|| {
+                    let mut m = [DeltaBlock::Absent; CLUSTER];
+                    if let Some(delta) = &self.delta {
+                        delta.lookup_cluster(first, &mut m[..]);
+                    }
+                    m
+                });
+                m[k]
+            });
         }
     }
 
@@ -219,24 +219,6 @@ impl Disk {
         let n = (buf.len() / BLOCK_SIZE) as u64;
         // No slot can be reused while we hold this, so a block read is never another's data.
         let _guard = self.wlog.read_guard();
-        if n == 1 {
-            // The common 4 KiB case, without the batch machinery.
-            let src = match self.wlog.lookup(first) {
-                Some(Entry::Data { slot, .. }) => Source::Slot(slot),
-                Some(Entry::Zero) => Source::Zero,
-                None => match self
-                    .delta
-                    .as_ref()
-                    .map_or(DeltaBlock::Absent, |d| d.lookup(first))
-                {
-                    DeltaBlock::Data(off) => Source::Delta(off),
-                    DeltaBlock::Zero => Source::Zero,
-                    DeltaBlock::Absent if first < self.golden.blocks => Source::Golden(first),
-                    DeltaBlock::Absent => Source::Zero,
-                },
-            };
-            return self.read_run(src, buf);
-        }
         let mut run: Option<(u64, Source)> = None;
         let mut i = 0u64;
         let mut sources = [Source::Zero; CLUSTER];
@@ -269,8 +251,9 @@ impl Disk {
 
     /// Writes `bytes` at byte `at` inside `block`, keeping the rest of the block.
     /// Optimistic: the merged block is committed only if no other write changed the block
-    /// since it was read (else it is read and merged again), so a whole-block write racing
-    /// this one is never undone. The stripe lock serialises sub-block writes to one block.
+    /// since it was read (else it is read and merged again), so a racing write is never
+    /// undone. That check alone is what makes it correct; the stripe lock only keeps sub-block
+    /// writes to one block (sectors written side by side) from retrying each other.
     fn write_partial(
         &self,
         block: u64,
@@ -279,7 +262,7 @@ impl Disk {
         len: usize,
     ) -> Result<(), StoreError> {
         let _g = self.rmw_lock(block);
-        let mut buf = vec![0u8; BLOCK_SIZE];
+        let mut buf = [0u8; BLOCK_SIZE];
         loop {
             // The version first, then the content: a write landing in between is caught.
             let version = self.wlog.block_version(block);

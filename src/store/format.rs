@@ -49,11 +49,6 @@ impl HeaderWriter {
         self
     }
 
-    pub fn bytes(mut self, v: &[u8]) -> Self {
-        self.buf.extend_from_slice(v);
-        self
-    }
-
     /// The finished 4096-byte header with its checksum.
     pub fn finish(mut self) -> Vec<u8> {
         assert!(self.buf.len() <= CRC_AT, "header body too long");
@@ -127,13 +122,6 @@ impl<'a> HeaderReader<'a> {
         let v = le_u64(&self.buf[self.at..self.at + 8]);
         self.at += 8;
         v
-    }
-
-    pub fn bytes<const N: usize>(&mut self) -> [u8; N] {
-        let mut out = [0u8; N];
-        out.copy_from_slice(&self.buf[self.at..self.at + N]);
-        self.at += N;
-        out
     }
 }
 

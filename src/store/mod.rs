@@ -501,7 +501,7 @@ impl Store {
             None => None,
         };
         let wlog = WriteLayer::open(&self.wlog_dir(&rec.wlog), rec.size / BLOCK_SIZE as u64)?;
-        Ok(Disk::new(rec.name, rec.size, golden, delta, wlog, lock))
+        Ok(Disk::new(rec.size, golden, delta, wlog, lock))
     }
 
     /// Folds a disk's write layer into a new delta. Returns the new delta's id and stats, or

@@ -518,14 +518,6 @@ impl WriteLayer {
         }
     }
 
-    /// Looks up `out.len()` consecutive blocks from `first`.
-    #[inline]
-    pub fn lookup_cluster(&self, first: u64, out: &mut [Option<Entry>]) {
-        for (i, o) in out.iter_mut().enumerate() {
-            *o = self.lookup(first + i as u64);
-        }
-    }
-
     /// Hold this while looking up blocks and reading their slots.
     pub fn read_guard(&self) -> RwLockReadGuard<'_, ()> {
         self.reuse_gate.read()
@@ -540,12 +532,7 @@ impl WriteLayer {
         if n == 0 {
             return Ok(Vec::new());
         }
-        if self.closed.load(Ordering::SeqCst) {
-            return Err(StoreError::corrupt(
-                &self.dir,
-                "write layer: write after close",
-            ));
-        }
+        // (Writes after close are refused in `commit`, under the journal lock.)
         let mut a = self.alloc.lock();
         if (a.free.len() as usize) < n {
             let recycled = std::mem::take(&mut *self.recyclable.lock());
@@ -636,21 +623,29 @@ impl WriteLayer {
     ) -> Result<bool, StoreError> {
         debug_assert_eq!(data.len() % BLOCK_SIZE, 0);
         let n = data.len() / BLOCK_SIZE;
-        let blocks: Vec<&[u8]> = data.chunks_exact(BLOCK_SIZE).collect();
-        let zero: Vec<bool> = blocks.iter().map(|b| is_zero(b)).collect();
-        let mut slots = self
-            .alloc_slots(zero.iter().filter(|z| !**z).count())?
-            .into_iter();
-        let mut entries = Vec::with_capacity(n);
-        for (i, b) in blocks.iter().enumerate() {
-            entries.push(if zero[i] {
-                Entry::Zero
-            } else {
-                Entry::Data {
-                    slot: slots.next().unwrap_or(ZERO_SLOT),
-                    crc: crc32c::crc32c(b),
+        // One pass: zero blocks take no slot; the others get theirs once counted.
+        let mut entries: Vec<Entry> = data
+            .chunks_exact(BLOCK_SIZE)
+            .map(|b| {
+                if is_zero(b) {
+                    Entry::Zero
+                } else {
+                    Entry::Data {
+                        slot: 0,
+                        crc: crc32c::crc32c(b),
+                    }
                 }
-            });
+            })
+            .collect();
+        let needed = entries
+            .iter()
+            .filter(|e| matches!(e, Entry::Data { .. }))
+            .count();
+        let mut slots = self.alloc_slots(needed)?.into_iter();
+        for e in &mut entries {
+            if let Entry::Data { slot, .. } = e {
+                *slot = slots.next().unwrap_or(ZERO_SLOT);
+            }
         }
         // Write the data, one pwrite per run of consecutive slots for consecutive blocks.
         let mut i = 0;
