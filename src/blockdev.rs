@@ -33,8 +33,9 @@ pub trait BlockDevice: Send + Sync {
     /// After this the range reads as zeros.
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError>;
     /// The range's content is no longer needed. Whole blocks in it read as zeros afterwards;
-    /// partial blocks at its edges are left as they were (discard is advisory).
-    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError>;
+    /// partial blocks at its edges are left as they were (discard is advisory). With `fua`,
+    /// it is durable when this returns.
+    fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError>;
     /// Every write completed before this call is durable when it returns.
     fn flush(&self) -> Result<(), BlockError>;
 }

@@ -248,6 +248,37 @@ fn wait_for_stop_signal(set: &libc::sigset_t) -> i32 {
     sig
 }
 
+type ServedDisk = std::sync::Arc<Served<crate::store::Disk>>;
+
+/// Starts the control socket of a disk being served through `frontend` at `address`.
+fn start_control(
+    store: &Store,
+    name: &str,
+    frontend: &str,
+    address: String,
+    served: &ServedDisk,
+) -> Result<ControlServer, Failure> {
+    let info = ServeInfo {
+        disk: name.to_string(),
+        frontend: frontend.into(),
+        address,
+        started_at: crate::frontend::unix_now(),
+    };
+    ControlServer::start(&store.control_socket(name), served.clone(), info)
+        .map_err(|e| Failure::Failed(e.to_string()))
+}
+
+/// The end of serving, once the frontend has stopped taking and finished its requests: no
+/// more control requests, hold anything left (the gate stays frozen), flush, close cleanly.
+fn finish_serving(served: &ServedDisk, control: ControlServer) -> Result<(), Failure> {
+    drop(control);
+    served
+        .freeze()
+        .map_err(|e| Failure::Failed(format!("final flush failed: {e}")))?;
+    served.device().close_shared()?;
+    Ok(())
+}
+
 fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), Failure> {
     let signals = block_stop_signals();
     let disk = store.open_disk(name)?;
@@ -256,14 +287,7 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     let mut nbd =
         NbdServer::start(listen, name, served.clone()).map_err(|e| fail(e.to_string()))?;
     let control_path = store.control_socket(name);
-    let info = ServeInfo {
-        disk: name.to_string(),
-        frontend: "nbd".into(),
-        address: nbd.uri.clone(),
-        started_at: crate::frontend::unix_now(),
-    };
-    let control = ControlServer::start(&control_path, served.clone(), info)
-        .map_err(|e| fail(e.to_string()))?;
+    let control = start_control(store, name, "nbd", nbd.uri.clone(), &served)?;
     if json {
         println!(
             "{}",
@@ -279,16 +303,11 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     let _ = std::io::Write::flush(&mut std::io::stdout());
     let sig = wait_for_stop_signal(&signals);
     tracing::info!(signal = sig, "stopping: draining I/O, flushing, closing");
-    // Order: release anything a freeze holds (else it could never finish); no new
-    // connections or requests; finish what is in flight; hold anything left (the gate stays
-    // frozen); flush; close the write layer cleanly.
+    // Release anything a freeze holds (else it could never finish); no new connections or
+    // requests; finish what is in flight; then the common end.
     served.thaw();
     nbd.stop();
-    drop(control);
-    served
-        .freeze()
-        .map_err(|e| fail(format!("final flush failed: {e}")))?;
-    served.device().close_shared()?;
+    finish_serving(&served, control)?;
     if !json {
         println!(
             "stopped: disk {name} flushed and closed ({} connection(s) served)",
@@ -331,23 +350,16 @@ fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Res
     let ctrl = ublk::create("stasis", &opts).map_err(|e| fail(e.to_string()))?;
     let dev_id = ctrl.dev_info().dev_id;
     let control_path = store.control_socket(name);
-    let info = ServeInfo {
-        disk: name.to_string(),
-        frontend: "ublk".into(),
-        address: format!("/dev/ublkb{dev_id}"),
-        started_at: crate::frontend::unix_now(),
-    };
-    let control = ControlServer::start(&control_path, served.clone(), info)
-        .map_err(|e| fail(e.to_string()))?;
+    let control = start_control(store, name, "ublk", format!("/dev/ublkb{dev_id}"), &served)?;
     // The stop signal arrives on its own thread, which stops the device; a signal that comes
     // while the device is still starting waits for the start (a stop before it would be lost).
-    let started = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
     let stopper = {
-        let (ctrl, served, started) = (ctrl.clone(), served.clone(), started.clone());
+        let (ctrl, served) = (ctrl.clone(), served.clone());
         std::thread::spawn(move || {
             let sig = wait_for_stop_signal(&signals);
-            while !started.load(std::sync::atomic::Ordering::SeqCst) {
-                std::thread::sleep(std::time::Duration::from_millis(10));
+            if started_rx.recv().is_err() {
+                return; // the device never started: nothing to stop
             }
             tracing::info!(
                 signal = sig,
@@ -364,9 +376,8 @@ fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Res
     };
     let control_shown = control_path.clone();
     let name_owned = name.to_string();
-    let started_flag = started.clone();
     ublk::serve(&ctrl, served.clone(), move |id| {
-        started_flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = started_tx.send(());
         if json {
             println!("{}", json!({"disk": name_owned, "ublk": format!("/dev/ublkb{id}"), "control": control_shown, "pid": std::process::id()}));
         } else {
@@ -377,11 +388,7 @@ fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Res
     })
     .map_err(|e| fail(e.to_string()))?;
     let _ = stopper.join();
-    drop(control);
-    served
-        .freeze()
-        .map_err(|e| fail(format!("final flush failed: {e}")))?;
-    served.device().close_shared()?;
+    finish_serving(&served, control)?;
     if !json {
         println!("stopped: /dev/ublkb{dev_id} deleted; disk {name} flushed and closed");
     }

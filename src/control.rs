@@ -8,7 +8,7 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::io::AsRawFd;
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -62,23 +62,7 @@ impl ControlServer {
             path: path.to_path_buf(),
             source: e,
         };
-        if let Ok(meta) = std::fs::symlink_metadata(path) {
-            use std::os::unix::fs::FileTypeExt;
-            if !meta.file_type().is_socket() {
-                return Err(io_err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    "a file that is not a socket is there",
-                )));
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(io_err(io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    "a server for this disk is running",
-                )));
-            }
-            std::fs::remove_file(path).map_err(io_err)?;
-        }
-        let listener = UnixListener::bind(path).map_err(io_err)?;
+        let listener = crate::frontend::bind_unix(path).map_err(io_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
         let stopping = Arc::new(AtomicBool::new(false));
         let stop = stopping.clone();
@@ -86,13 +70,7 @@ impl ControlServer {
             .name("control".into())
             .spawn(move || {
                 while !stop.load(Ordering::SeqCst) {
-                    let mut pfd = libc::pollfd {
-                        fd: listener.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd.
-                    if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+                    if !crate::frontend::wait_readable(listener.as_raw_fd(), 100) {
                         continue;
                     }
                     let Ok((stream, _)) = listener.accept() else {

@@ -168,7 +168,7 @@ fn run(ops: Vec<Op>, dir: &Path) {
             }
             Op::Discard { disk, offset, len } => {
                 let n = w.name(disk);
-                w.disk(&n).discard(offset, len).unwrap();
+                w.disk(&n).discard(offset, len, false).unwrap();
                 // Only whole blocks inside the range are dropped (discard is advisory).
                 let first = offset.div_ceil(BS) * BS;
                 let end = (offset + len) / BS * BS;
@@ -267,7 +267,7 @@ fn out_of_range_io_is_refused_and_changes_nothing() {
             Err(BlockError::OutOfRange { .. })
         ));
         assert!(matches!(
-            disk.discard(off, len),
+            disk.discard(off, len, false),
             Err(BlockError::OutOfRange { .. })
         ));
     }

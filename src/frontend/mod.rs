@@ -213,9 +213,9 @@ impl<D: BlockDevice> BlockDevice for Served<D> {
         self.done(&self.zeroes, len, r)
     }
 
-    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+    fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
         let _io = self.gate.enter();
-        let r = self.dev.discard(offset, len);
+        let r = self.dev.discard(offset, len, fua);
         self.done(&self.discard, len, r)
     }
 
@@ -224,6 +224,43 @@ impl<D: BlockDevice> BlockDevice for Served<D> {
         let r = self.dev.flush();
         self.done(&self.flush, 0, r)
     }
+}
+
+/// Binds a Unix socket at `path`. A socket file left there by a crashed server is replaced;
+/// a live server (something answers) or a file that is not a socket is an error.
+pub(crate) fn bind_unix(
+    path: &std::path::Path,
+) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                "a file that is not a socket is there",
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::new(
+                ErrorKind::AddrInUse,
+                "another server is listening there",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    std::os::unix::net::UnixListener::bind(path)
+}
+
+/// Waits up to `ms` for `fd` to become readable (a listener: a client to accept), so that
+/// accept loops notice a stop request.
+pub(crate) fn wait_readable(fd: std::os::unix::io::RawFd, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
 /// Wall-clock seconds, for status replies.
@@ -259,7 +296,7 @@ mod tests {
         fn write_zeroes(&self, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
             Ok(())
         }
-        fn discard(&self, _: u64, _: u64) -> Result<(), BlockError> {
+        fn discard(&self, _: u64, _: u64, _: bool) -> Result<(), BlockError> {
             Ok(())
         }
         fn flush(&self) -> Result<(), BlockError> {

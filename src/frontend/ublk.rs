@@ -68,7 +68,7 @@ fn handle<D: BlockDevice>(dev: &D, iod: &sys::ublksrv_io_desc, buf: &mut [u8]) -
         }
         sys::UBLK_IO_OP_READ => dev.read_at(offset, &mut buf[..bytes as usize]),
         sys::UBLK_IO_OP_WRITE => dev.write_at(offset, &buf[..bytes as usize], fua),
-        sys::UBLK_IO_OP_DISCARD => dev.discard(offset, bytes),
+        sys::UBLK_IO_OP_DISCARD => dev.discard(offset, bytes, fua),
         sys::UBLK_IO_OP_WRITE_ZEROES => dev.write_zeroes(offset, bytes, fua),
         _ => return -libc::EOPNOTSUPP,
     };

@@ -409,7 +409,7 @@ impl BlockDevice for Disk {
         Ok(())
     }
 
-    fn discard(&self, offset: u64, len: u64) -> Result<(), BlockError> {
+    fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
         check_range(offset, len, self.size)?;
         let first = offset.div_ceil(BS);
         let end = (offset + len) / BS;
@@ -417,6 +417,9 @@ impl BlockDevice for Disk {
             self.wlog
                 .write_zeroes(first, end - first)
                 .map_err(storage)?;
+        }
+        if fua {
+            self.flush()?;
         }
         Ok(())
     }

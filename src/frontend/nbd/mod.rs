@@ -166,30 +166,7 @@ impl NbdServer {
     ) -> Result<NbdServer, NbdError> {
         let (listener, uri) = match listen {
             Listen::Unix(path) => {
-                if let Ok(meta) = std::fs::symlink_metadata(path) {
-                    use std::os::unix::fs::FileTypeExt;
-                    if !meta.file_type().is_socket() {
-                        return Err(NbdError::Io {
-                            what: format!("listen on {}", path.display()),
-                            source: io::Error::new(
-                                io::ErrorKind::AlreadyExists,
-                                "a file that is not a socket is there",
-                            ),
-                        });
-                    }
-                    // A stale socket from a crashed server: only replace it if nobody answers.
-                    if UnixStream::connect(path).is_ok() {
-                        return Err(NbdError::Io {
-                            what: format!("listen on {}", path.display()),
-                            source: io::Error::new(
-                                io::ErrorKind::AddrInUse,
-                                "another server is listening there",
-                            ),
-                        });
-                    }
-                    let _ = std::fs::remove_file(path);
-                }
-                let l = UnixListener::bind(path).map_err(|e| NbdError::Io {
+                let l = super::bind_unix(path).map_err(|e| NbdError::Io {
                     what: format!("listen on {}", path.display()),
                     source: e,
                 })?;
@@ -267,17 +244,8 @@ fn accept_loop<D: BlockDevice + 'static>(
     conns: &Mutex<Vec<(Conn, Option<JoinHandle<()>>)>>,
     served: &AtomicU64,
 ) {
-    let mut next_id = 0u64;
     while !stopping.load(Ordering::SeqCst) {
-        // Wait for a client with a timeout, so that a stop request is noticed.
-        let mut pfd = libc::pollfd {
-            fd: listener.fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 100) };
-        if ready <= 0 {
+        if !super::wait_readable(listener.fd(), 100) {
             continue;
         }
         let conn = match listener.accept() {
@@ -287,9 +255,7 @@ fn accept_loop<D: BlockDevice + 'static>(
                 continue;
             }
         };
-        next_id += 1;
-        served.fetch_add(1, Ordering::Relaxed);
-        let id = next_id;
+        let id = served.fetch_add(1, Ordering::Relaxed) + 1;
         let Ok(keep) = conn.try_clone() else { continue };
         let (dev, name) = (dev.clone(), name.to_string());
         let thread = std::thread::Builder::new()
@@ -312,8 +278,8 @@ fn io_err(what: &str) -> impl Fn(io::Error) -> NbdError + '_ {
     }
 }
 
-/// The handshake; Ok(no_zeroes) when the client enters transmission.
-fn handshake<D: BlockDevice>(conn: &mut Conn, name: &str, dev: &D) -> Result<bool, NbdError> {
+/// The handshake; Ok when the client enters transmission.
+fn handshake<D: BlockDevice>(conn: &mut Conn, name: &str, dev: &D) -> Result<(), NbdError> {
     conn.write_all(&server_greeting())
         .map_err(io_err("send greeting"))?;
     let mut flags = [0u8; 4];
@@ -355,7 +321,7 @@ fn handshake<D: BlockDevice>(conn: &mut Conn, name: &str, dev: &D) -> Result<boo
                     no_zeroes,
                 ))
                 .map_err(io_err("send export"))?;
-                return Ok(no_zeroes);
+                return Ok(());
             }
             OPT_ABORT => {
                 let _ = reply(conn, REP_ACK, &[]);
@@ -398,7 +364,7 @@ fn handshake<D: BlockDevice>(conn: &mut Conn, name: &str, dev: &D) -> Result<boo
                 }
                 reply(conn, REP_ACK, &[])?;
                 if option == OPT_GO {
-                    return Ok(no_zeroes);
+                    return Ok(());
                 }
             }
             _ => reply(conn, REP_ERR_UNSUP, b"option not supported")?,
@@ -499,7 +465,8 @@ fn read_requests(
         if req.command == CMD_DISC {
             return Ok(());
         }
-        let mut payload = pool.take(req.payload_len() as usize);
+        let len = req.payload_len() as usize;
+        let mut payload = if len == 0 { Vec::new() } else { pool.take(len) };
         conn.read_exact(&mut payload)
             .map_err(io_err("read write payload (client vanished mid-request?)"))?;
         if tx.send(Job { req, payload }).is_err() {
@@ -526,29 +493,38 @@ fn worker<D: BlockDevice>(
         if error != 0 {
             out.truncate(16);
         }
-        pool.give(job.payload);
+        if job.payload.capacity() > 0 {
+            pool.give(job.payload);
+        }
         if let Err(e) = writer.lock().write_all(&out) {
             tracing::debug!("nbd: reply not delivered: {e}");
         }
     }
 }
 
+/// The reply's error code; the protocol asks for ENOSPC on writes past the end.
 fn errno_of(e: &BlockError, write: bool) -> u32 {
     match e {
-        // The protocol asks for ENOSPC on writes past the end, EINVAL otherwise.
         BlockError::OutOfRange { .. } if write => ENOSPC,
-        BlockError::OutOfRange { .. } => EINVAL,
         BlockError::Storage(err) => {
             tracing::error!("nbd: I/O error: {err}");
             EIO
         }
+        other => other.errno() as u32,
     }
 }
 
-/// Carries out one request; returns the error code. `out` is sized to a reply header (16
-/// bytes) followed, for a successful read, by the data.
+/// Carries out one request; returns the error code. `out` is left holding room for the reply
+/// header (16 bytes) followed, for a successful read, by the data.
 fn execute<D: BlockDevice>(dev: &D, job: &Job, out: &mut Vec<u8>) -> u32 {
-    out.resize(16, 0);
+    // Only a read needs more than the header; growing the reused buffer zero-fills just the
+    // growth, and the read overwrites it.
+    let data_len = if job.req.command == CMD_READ && job.req.length <= MAX_PAYLOAD {
+        job.req.length as usize
+    } else {
+        0
+    };
+    out.resize(16 + data_len, 0);
     let r = job.req;
     let fua = r.flags & CMD_FLAG_FUA != 0;
     // FUA is advertised, so it is accepted on every command (a no-op where it means nothing;
@@ -565,7 +541,6 @@ fn execute<D: BlockDevice>(dev: &D, job: &Job, out: &mut Vec<u8>) -> u32 {
             if r.length > MAX_PAYLOAD {
                 return EINVAL;
             }
-            out.resize(16 + r.length as usize, 0);
             dev.read_at(r.offset, &mut out[16..])
                 .map_err(|e| errno_of(&e, false))
         }
@@ -574,8 +549,7 @@ fn execute<D: BlockDevice>(dev: &D, job: &Job, out: &mut Vec<u8>) -> u32 {
             .map_err(|e| errno_of(&e, true)),
         CMD_FLUSH => dev.flush().map_err(|e| errno_of(&e, false)),
         CMD_TRIM => dev
-            .discard(r.offset, r.length as u64)
-            .and_then(|_| if fua { dev.flush() } else { Ok(()) })
+            .discard(r.offset, r.length as u64, fua)
             .map_err(|e| errno_of(&e, true)),
         CMD_WRITE_ZEROES => dev
             .write_zeroes(r.offset, r.length as u64, fua)

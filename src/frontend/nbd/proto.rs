@@ -55,12 +55,9 @@ pub const CMD_FLAG_FUA: u16 = 1 << 0;
 pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 
 // Errors in replies.
-pub const EPERM: u32 = 1;
 pub const EIO: u32 = 5;
 pub const EINVAL: u32 = 22;
 pub const ENOSPC: u32 = 28;
-pub const ENOTSUP: u32 = 95;
-pub const ESHUTDOWN: u32 = 108;
 
 /// Largest request payload we accept (the protocol's customary maximum).
 pub const MAX_PAYLOAD: u32 = 32 << 20;
