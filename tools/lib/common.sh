@@ -2,6 +2,11 @@
 # Sourced, not run.
 
 STASIS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+STASIS_TARGET="${CARGO_TARGET_DIR:-$STASIS_ROOT/target}"
+# The release binary the tools build and use.
+STASIS_BIN="$STASIS_TARGET/release/stasis"
+SUDO=""
+[ "$(id -u)" = 0 ] || SUDO=sudo
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 note() { printf '    %s\n' "$*"; }
@@ -23,19 +28,15 @@ install_deps() {
     command -v fio >/dev/null || missing+=(fio)
     if ((${#missing[@]})); then
         step "installing Debian packages: ${missing[*]}"
-        local sudo=""
-        [ "$(id -u)" = 0 ] || sudo=sudo
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     fi
     if ! command -v cargo >/dev/null; then
         [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
     fi
     if ! command -v cargo >/dev/null; then
         step "installing Rust from Debian (cargo, rustc)"
-        local sudo=""
-        [ "$(id -u)" = 0 ] || sudo=sudo
-        $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cargo rustc >/dev/null
+        $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cargo rustc >/dev/null
     fi
     local need="1.85"
     local have
