@@ -55,9 +55,16 @@ enum Command {
         #[arg(long)]
         ublk: bool,
         /// ublk queues [default: one per CPU]
-        #[arg(long, requires = "ublk")]
+        #[arg(long, requires = "ublk", conflicts_with = "recover")]
         queues: Option<u16>,
+        /// Take over the disk's /dev/ublkbN after its server died (kill -9, crash): same
+        /// device, mounts stay, I/O the dead server had taken is re-issued
+        #[arg(long, requires = "ublk")]
+        recover: bool,
     },
+    /// ublk devices left by a dead server
+    #[command(subcommand)]
+    Ublk(UblkCmd),
     /// Talk to a served disk's control socket
     Ctl {
         disk: String,
@@ -69,6 +76,13 @@ enum Command {
 fn parse_listen(s: &str) -> Result<Listen, String> {
     s.parse()
         .map_err(|e: crate::frontend::nbd::NbdError| e.to_string())
+}
+
+#[derive(Subcommand, Debug)]
+enum UblkCmd {
+    /// Delete the /dev/ublkbN a dead server left for DISK instead of recovering it (a
+    /// filesystem still mounted on it gets I/O errors)
+    Delete { disk: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -222,7 +236,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             nbd: Some(nbd),
             ..
         } => serve(&store, &disk, &nbd, json),
-        Command::Serve { disk, queues, .. } => serve_ublk(&store, &disk, queues, json),
+        Command::Serve {
+            disk,
+            queues,
+            recover,
+            ..
+        } => serve_ublk(&store, &disk, queues, recover, json),
+        Command::Ublk(UblkCmd::Delete { disk }) => ublk_delete(&store, &disk, json),
         Command::Ctl { disk, command } => ctl(&store, &disk, &command, json),
     }
 }
@@ -282,6 +302,7 @@ fn finish_serving(served: &ServedDisk, control: ControlServer) -> Result<(), Fai
 fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), Failure> {
     let signals = block_stop_signals();
     let disk = store.open_disk(name)?;
+    refuse_if_orphaned_ublk(store, name)?;
     let served = std::sync::Arc::new(Served::new(disk));
     let fail = |e: String| Failure::Failed(e);
     let mut nbd =
@@ -318,10 +339,38 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     Ok(())
 }
 
-fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Result<(), Failure> {
+/// A disk whose ublk server died may still have its device, quiesced, with a filesystem
+/// mounted on it and writes cached above it: serving the disk anew would fork its history.
+/// Call with the disk open (its lock proves no server runs it).
+fn refuse_if_orphaned_ublk(store: &Store, name: &str) -> Result<(), Failure> {
+    use crate::frontend::ublk;
+    let Some(record) = ublk::DeviceRecord::load(&store.frontend_record(name, "ublk")) else {
+        return Ok(());
+    };
+    if ublk::recorded_device(&record).is_some() {
+        return Err(Failure::Usage(format!(
+            "disk {name}'s ublk server died and left /dev/ublkb{} waiting: take it over with \
+             `stasis serve {name} --ublk --recover`, or give it up with `stasis ublk delete {name}`",
+            record.dev_id
+        )));
+    }
+    Ok(())
+}
+
+fn serve_ublk(
+    store: &Store,
+    name: &str,
+    queues: Option<u16>,
+    recover: bool,
+    json: bool,
+) -> Result<(), Failure> {
     use crate::frontend::ublk;
     let signals = block_stop_signals();
     let fail = |e: String| Failure::Failed(e);
+    let ublk_fail = |e: ublk::UblkFrontendError| match e {
+        ublk::UblkFrontendError::NotRecoverable { .. } => Failure::Usage(e.to_string()),
+        other => Failure::Failed(other.to_string()),
+    };
     // The server must not share a mount namespace with a mount of its own device when it
     // exits (the exit deadlocks): give it a private one, which never sees such mounts.
     // SAFETY: unshare and mount with constant arguments.
@@ -341,13 +390,44 @@ fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Res
             )));
         }
     }
+    // Opening the disk takes its lock: for --recover, that proves the old server is dead,
+    // and it replays the journal up to the last write the dead server completed.
+    let record_path = store.frontend_record(name, "ublk");
     let disk = store.open_disk(name)?;
-    let served = std::sync::Arc::new(Served::new(disk));
-    let mut opts = ublk::UblkOptions::default();
-    if let Some(q) = queues {
-        opts.queues = q.max(1);
+    if !recover {
+        refuse_if_orphaned_ublk(store, name)?;
     }
-    let ctrl = ublk::create("stasis", &opts).map_err(|e| fail(e.to_string()))?;
+    let served = std::sync::Arc::new(Served::new(disk));
+    let ctrl = if recover {
+        let record = ublk::DeviceRecord::load(&record_path).ok_or_else(|| {
+            Failure::Usage(format!(
+                "disk {name} has no recorded ublk device to recover ({} missing)",
+                record_path.display()
+            ))
+        })?;
+        ublk::check_recoverable(&record).map_err(ublk_fail)?;
+        // A copy of the guest's mount of this very device came with our namespace: drop it
+        // (here only) before the device comes back.
+        ublk::detach_own_mounts(record.dev_id)
+            .map_err(|e| fail(format!("detaching /dev/ublkb{}: {e}", record.dev_id)))?;
+        ublk::reattach(&record).map_err(ublk_fail)?
+    } else {
+        let mut opts = ublk::UblkOptions::default();
+        if let Some(q) = queues {
+            opts.queues = q.max(1);
+        }
+        let tag = ublk::new_tag();
+        let ctrl = ublk::create("stasis", &opts, tag).map_err(ublk_fail)?;
+        let record = ublk::DeviceRecord {
+            dev_id: ctrl.dev_info().dev_id,
+            tag,
+        };
+        if let Err(e) = record.save(&record_path) {
+            let _ = ctrl.del_dev();
+            return Err(fail(format!("{}: {e}", record_path.display())));
+        }
+        ctrl
+    };
     let dev_id = ctrl.dev_info().dev_id;
     let control_path = store.control_socket(name);
     let control = start_control(store, name, "ublk", format!("/dev/ublkb{dev_id}"), &served)?;
@@ -376,21 +456,47 @@ fn serve_ublk(store: &Store, name: &str, queues: Option<u16>, json: bool) -> Res
     };
     let control_shown = control_path.clone();
     let name_owned = name.to_string();
-    ublk::serve(&ctrl, served.clone(), move |id| {
+    let verb = if recover { "recovered" } else { "serving" };
+    ublk::serve(&ctrl, served.clone(), recover, move |id| {
         let _ = started_tx.send(());
         if json {
-            println!("{}", json!({"disk": name_owned, "ublk": format!("/dev/ublkb{id}"), "control": control_shown, "pid": std::process::id()}));
+            println!("{}", json!({"disk": name_owned, "ublk": format!("/dev/ublkb{id}"), "control": control_shown, "pid": std::process::id(), "recovered": recover}));
         } else {
-            println!("serving disk {name_owned} as /dev/ublkb{id}");
+            println!("{verb}: disk {name_owned} as /dev/ublkb{id}");
             println!("control socket: {} (stasis ctl {name_owned} status|stats|flush|freeze|thaw)", control_shown.display());
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
     })
-    .map_err(|e| fail(e.to_string()))?;
+    .map_err(ublk_fail)?;
     let _ = stopper.join();
+    let _ = std::fs::remove_file(&record_path);
     finish_serving(&served, control)?;
     if !json {
         println!("stopped: /dev/ublkb{dev_id} deleted; disk {name} flushed and closed");
+    }
+    Ok(())
+}
+
+fn ublk_delete(store: &Store, name: &str, json: bool) -> Result<(), Failure> {
+    use crate::frontend::ublk;
+    let record_path = store.frontend_record(name, "ublk");
+    // The lock proves no server is running the disk.
+    let disk = store.open_disk(name)?;
+    let record = ublk::DeviceRecord::load(&record_path)
+        .ok_or_else(|| Failure::Usage(format!("disk {name} has no recorded ublk device")))?;
+    ublk::delete_orphan(&record).map_err(|e| match e {
+        ublk::UblkFrontendError::NotRecoverable { .. } => Failure::Usage(e.to_string()),
+        other => Failure::Failed(other.to_string()),
+    })?;
+    let _ = std::fs::remove_file(&record_path);
+    disk.close()?;
+    if json {
+        println!(
+            "{}",
+            json!({"disk": name, "deleted": format!("/dev/ublkb{}", record.dev_id)})
+        );
+    } else {
+        println!("deleted /dev/ublkb{} (disk {name})", record.dev_id);
     }
     Ok(())
 }
@@ -644,7 +750,7 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
         DiskCmd::Verify { disk } => {
             let d = store.open_disk(&disk)?;
             let pb = progress_bar(json, &format!("verifying {disk}"));
-            let report = d.verify(&|n| pb.inc(n))?;
+            let report = d.verify(&|n| pb.set_length(n), &|n| pb.inc(n))?;
             pb.finish_and_clear();
             d.close()?;
             if json {

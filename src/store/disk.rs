@@ -103,10 +103,26 @@ impl Disk {
 
     /// Re-reads every stored block of every layer and checks it: write-layer slots and delta
     /// blocks against their CRC-32C, golden chunks against their BLAKE3 hash.
-    pub fn verify(&self, progress: &dyn Fn(u64)) -> Result<VerifyReport, StoreError> {
+    /// `total` is told the bytes to check once they are known, `progress` each step.
+    pub fn verify(
+        &self,
+        total: &dyn Fn(u64),
+        progress: &dyn Fn(u64),
+    ) -> Result<VerifyReport, StoreError> {
         let mut report = VerifyReport::default();
         let mut buf = vec![0u8; BLOCK_SIZE];
-        for (block, entry) in self.wlog.entries() {
+        let written = self.wlog.entries();
+        let delta_blocks = self.delta.as_ref().map(|d| d.blocks()).unwrap_or_default();
+        let stored = written
+            .iter()
+            .filter(|(_, e)| matches!(e, Entry::Data { .. }))
+            .count()
+            + delta_blocks
+                .iter()
+                .filter(|(_, b)| matches!(b, DeltaBlock::Data(_)))
+                .count();
+        total(stored as u64 * BS + self.golden.size);
+        for (block, entry) in written {
             if let Entry::Data { slot, crc } = entry {
                 // The block may have been rewritten since the listing (a served disk): check
                 // the version that is still current, under the reuse gate.
@@ -127,7 +143,7 @@ impl Disk {
             }
         }
         if let Some(delta) = &self.delta {
-            for (block, found) in delta.blocks() {
+            for (block, found) in delta_blocks {
                 if let DeltaBlock::Data(off) = found {
                     match delta.read_verified(block, off, &mut buf) {
                         Ok(()) => {}

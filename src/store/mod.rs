@@ -280,6 +280,12 @@ impl Store {
         self.root.join("run").join(format!("{disk}.sock"))
     }
 
+    /// Where a frontend keeps what it must know about a served disk after a crash (for ublk:
+    /// the kernel device serving it), `<store>/run/<disk>.<frontend>`.
+    pub fn frontend_record(&self, disk: &str, frontend: &str) -> PathBuf {
+        self.root.join("run").join(format!("{disk}.{frontend}"))
+    }
+
     fn image_dir(&self, name: &str) -> PathBuf {
         self.root.join("images").join(name)
     }

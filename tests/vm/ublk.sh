@@ -4,7 +4,7 @@
 # Checks: ublk device from `stasis serve --ublk`; fio random writes with crc32c verify;
 # mkfs.ext4, mount, files, umount, e2fsck -fn clean, remount, checksums match; two forked
 # disks served at once stay isolated; SIGTERM deletes the device and closes the disk cleanly;
-# the exported disk is a clean filesystem with the files.
+# the exported disk is a clean filesystem with the files; then tests/vm/ublk-recover.sh.
 set -eu
 STASIS="$1"
 export STASIS_STORE=/dev/shm/store
@@ -118,4 +118,6 @@ blkdiscard "$DEV" || fail "blkdiscard of 4 GiB"
 blkdiscard -z "$DEV" || fail "blkdiscard -z of 4 GiB"
 stop "$PID"
 say "4 GiB discard and write-zeroes: ok"
-say "PASS"
+
+# User recovery after kill -9: its own script, in the same boot.
+exec sh "$(dirname "$0")/ublk-recover.sh" "$STASIS"
