@@ -16,5 +16,6 @@ pub mod blockdev;
 pub mod cli;
 pub mod control;
 pub mod frontend;
+pub mod repo;
 pub mod store;
 pub mod units;

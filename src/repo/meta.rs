@@ -1,0 +1,392 @@
+//! The metadata service's database (`meta.redb`): the chunk index and the manifests.
+//!
+//! Tables (kernel-notes/formats.md, "Repository"):
+//! - `meta`: `format` = "stasis-repo-meta", `version` = "1".
+//! - `chunks`: hash (32 bytes) -> brick u16 LE, size u32 LE, last use u64 LE (seconds).
+//! - `disk_manifests`, `image_manifests`: name -> encoded manifest.
+//!
+//! Like the store's registry, the database is opened per operation (redb allows one opener
+//! per file; a swapout and a `repo ls` must coexist), and operations in one process take
+//! turns.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+
+use super::chunk::ChunkHash;
+use super::manifest::{Kind, Manifest, ManifestInfo};
+use super::{GcReport, RepoError, RepoStat};
+
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
+const DISKS: TableDefinition<&str, &[u8]> = TableDefinition::new("disk_manifests");
+const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("image_manifests");
+const FORMAT_NAME: &str = "stasis-repo-meta";
+const FORMAT_VERSION: &str = "1";
+const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An error inside a transaction: the database's, or ours (which aborts it).
+enum TxErr {
+    Db(redb::Error),
+    Repo(RepoError),
+}
+
+macro_rules! from_db {
+    ($($t:ty),*) => {$(impl From<$t> for TxErr {
+        fn from(e: $t) -> Self {
+            TxErr::Db(e.into())
+        }
+    })*};
+}
+from_db!(
+    redb::TableError,
+    redb::StorageError,
+    redb::TransactionError,
+    redb::CommitError
+);
+
+impl From<RepoError> for TxErr {
+    fn from(e: RepoError) -> Self {
+        TxErr::Repo(e)
+    }
+}
+
+pub struct Meta {
+    path: PathBuf,
+    turn: Mutex<()>,
+}
+
+fn table_for(kind: &Kind) -> TableDefinition<'static, &'static str, &'static [u8]> {
+    match kind {
+        Kind::Disk => DISKS,
+        Kind::Image => IMAGES,
+    }
+}
+
+fn encode_chunk(brick: u16, size: u32, used: u64) -> [u8; 14] {
+    let mut v = [0u8; 14];
+    v[..2].copy_from_slice(&brick.to_le_bytes());
+    v[2..6].copy_from_slice(&size.to_le_bytes());
+    v[6..].copy_from_slice(&used.to_le_bytes());
+    v
+}
+
+fn decode_chunk(v: &[u8]) -> Option<(u16, u32, u64)> {
+    (v.len() == 14).then(|| {
+        (
+            u16::from_le_bytes([v[0], v[1]]),
+            u32::from_le_bytes(v[2..6].try_into().expect("4 bytes")),
+            u64::from_le_bytes(v[6..14].try_into().expect("8 bytes")),
+        )
+    })
+}
+
+fn hash_of(k: &[u8]) -> Option<ChunkHash> {
+    k.try_into().ok().map(ChunkHash)
+}
+
+impl Meta {
+    pub fn open(path: &Path) -> Result<Meta, RepoError> {
+        let meta = Meta {
+            path: path.to_path_buf(),
+            turn: Mutex::new(()),
+        };
+        meta.write(|txn| {
+            let mut t = txn.open_table(META)?;
+            let format = t.get("format")?.map(|v| v.value().to_string());
+            let version = t.get("version")?.map(|v| v.value().to_string());
+            match (format.as_deref(), version.as_deref()) {
+                (None, None) => {
+                    t.insert("format", FORMAT_NAME)?;
+                    t.insert("version", FORMAT_VERSION)?;
+                }
+                (Some(FORMAT_NAME), Some(FORMAT_VERSION)) => {}
+                (f, v) => {
+                    return Err(TxErr::Repo(RepoError::Meta {
+                        path: path.to_path_buf(),
+                        why: format!(
+                            "format {f:?} version {v:?}, expected {FORMAT_NAME} {FORMAT_VERSION}"
+                        ),
+                    }))
+                }
+            }
+            drop(t);
+            txn.open_table(CHUNKS)?;
+            txn.open_table(DISKS)?;
+            txn.open_table(IMAGES)?;
+            Ok(())
+        })?;
+        Ok(meta)
+    }
+
+    fn db_err(&self, e: impl Into<redb::Error>) -> RepoError {
+        RepoError::Meta {
+            path: self.path.clone(),
+            why: e.into().to_string(),
+        }
+    }
+
+    fn open_db(&self) -> Result<Database, RepoError> {
+        let deadline = Instant::now() + OPEN_TIMEOUT;
+        loop {
+            let path = self.path.clone();
+            // A file damaged outside redb may make it panic: contain that.
+            let opened = std::panic::catch_unwind(move || Database::builder().create(&path));
+            match opened {
+                Ok(Ok(db)) => return Ok(db),
+                Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Ok(Err(e)) => return Err(self.db_err(e)),
+                Err(_) => {
+                    return Err(RepoError::Meta {
+                        path: self.path.clone(),
+                        why: "the database file is damaged".into(),
+                    })
+                }
+            }
+        }
+    }
+
+    /// One write transaction, committed if `f` succeeds.
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, TxErr>,
+    ) -> Result<T, RepoError> {
+        let _turn = self.turn.lock();
+        let db = self.open_db()?;
+        let txn = db.begin_write().map_err(|e| self.db_err(e))?;
+        match f(&txn) {
+            Ok(v) => {
+                txn.commit().map_err(|e| self.db_err(e))?;
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = txn.abort();
+                Err(self.tx_err(e))
+            }
+        }
+    }
+
+    fn tx_err(&self, e: TxErr) -> RepoError {
+        match e {
+            TxErr::Db(e) => self.db_err(e),
+            TxErr::Repo(e) => e,
+        }
+    }
+
+    fn read<T>(
+        &self,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, TxErr>,
+    ) -> Result<T, RepoError> {
+        let _turn = self.turn.lock();
+        let db = self.open_db()?;
+        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
+        f(&txn).map_err(|e| self.tx_err(e))
+    }
+
+    pub fn missing(&self, hashes: &[ChunkHash], now: u64) -> Result<Vec<bool>, RepoError> {
+        self.write(|txn| {
+            let mut t = txn.open_table(CHUNKS)?;
+            let mut out = Vec::with_capacity(hashes.len());
+            for h in hashes {
+                let found = t.get(&h.0[..])?.and_then(|v| decode_chunk(v.value()));
+                match found {
+                    Some((brick, size, _)) => {
+                        t.insert(&h.0[..], &encode_chunk(brick, size, now)[..])?;
+                        out.push(false);
+                    }
+                    None => out.push(true),
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn index(&self, entries: &[(ChunkHash, u16, u32)], now: u64) -> Result<(), RepoError> {
+        self.write(|txn| {
+            let mut t = txn.open_table(CHUNKS)?;
+            for (h, brick, size) in entries {
+                t.insert(&h.0[..], &encode_chunk(*brick, *size, now)[..])?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn chunk(&self, hash: &ChunkHash) -> Result<Option<(u16, u32)>, RepoError> {
+        self.read(|txn| {
+            let t = txn.open_table(CHUNKS)?;
+            let v = t.get(&hash.0[..])?;
+            Ok(v.and_then(|v| decode_chunk(v.value()))
+                .map(|(b, s, _)| (b, s)))
+        })
+    }
+
+    /// Every indexed chunk: (hash, brick, size).
+    pub fn chunks(&self) -> Result<Vec<(ChunkHash, u16, u32)>, RepoError> {
+        self.read(|txn| {
+            let t = txn.open_table(CHUNKS)?;
+            let mut out = Vec::new();
+            for item in t.iter()? {
+                let (k, v) = item?;
+                if let (Some(h), Some((b, s, _))) = (hash_of(k.value()), decode_chunk(v.value())) {
+                    out.push((h, b, s));
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    pub fn indexed(&self) -> Result<HashSet<ChunkHash>, RepoError> {
+        Ok(self.chunks()?.into_iter().map(|c| c.0).collect())
+    }
+
+    pub fn commit(&self, m: &Manifest) -> Result<(), RepoError> {
+        let bytes = m.encode();
+        self.write(|txn| {
+            let mut t = txn.open_table(table_for(&m.info.kind))?;
+            if let Some(old) = t.get(m.info.name.as_str())? {
+                if old.value() == bytes.as_slice() {
+                    return Ok(());
+                }
+                return Err(TxErr::Repo(RepoError::Exists(format!(
+                    "a different {} manifest named {:?} exists (manifests are immutable)",
+                    if m.info.kind == Kind::Disk {
+                        "disk"
+                    } else {
+                        "image"
+                    },
+                    m.info.name
+                ))));
+            }
+            if let Some(image) = &m.info.image {
+                let images = txn.open_table(IMAGES)?;
+                if images.get(image.as_str())?.is_none() {
+                    return Err(TxErr::Repo(RepoError::NotFound(format!(
+                        "image manifest {image:?} is not in the repository"
+                    ))));
+                }
+            }
+            let chunks = txn.open_table(CHUNKS)?;
+            let mut missing = 0;
+            let mut first = None;
+            for (_, h) in &m.entries {
+                if chunks.get(&h.0[..])?.is_none() {
+                    missing += 1;
+                    first.get_or_insert(*h);
+                }
+            }
+            if let Some(first) = first {
+                return Err(TxErr::Repo(RepoError::MissingChunks {
+                    name: m.info.name.clone(),
+                    missing,
+                    first,
+                }));
+            }
+            t.insert(m.info.name.as_str(), bytes.as_slice())?;
+            Ok(())
+        })
+    }
+
+    pub fn manifest(&self, kind: Kind, name: &str) -> Result<Option<Manifest>, RepoError> {
+        let bytes = self.read(|txn| {
+            let t = txn.open_table(table_for(&kind))?;
+            let v = t.get(name)?;
+            Ok(v.map(|v| v.value().to_vec()))
+        })?;
+        bytes.map(|b| Manifest::decode(&b)).transpose()
+    }
+
+    fn all_manifests(&self) -> Result<Vec<Manifest>, RepoError> {
+        let raw = self.read(|txn| {
+            let mut out = Vec::new();
+            for def in [DISKS, IMAGES] {
+                let t = txn.open_table(def)?;
+                for item in t.iter()? {
+                    let (_, v) = item?;
+                    out.push(v.value().to_vec());
+                }
+            }
+            Ok(out)
+        })?;
+        raw.iter().map(|b| Manifest::decode(b)).collect()
+    }
+
+    pub fn list(&self) -> Result<Vec<(ManifestInfo, u64)>, RepoError> {
+        Ok(self
+            .all_manifests()?
+            .into_iter()
+            .map(|m| (m.info, m.entries.len() as u64))
+            .collect())
+    }
+
+    pub fn stat(&self) -> Result<RepoStat, RepoError> {
+        let manifests = self.all_manifests()?;
+        let (chunks, stored_bytes) = self.read(|txn| {
+            let t = txn.open_table(CHUNKS)?;
+            let mut bytes = 0u64;
+            for item in t.iter()? {
+                let (_, v) = item?;
+                bytes += decode_chunk(v.value()).map_or(0, |(_, s, _)| s as u64);
+            }
+            Ok((t.len()?, bytes))
+        })?;
+        let mut s = RepoStat {
+            chunks,
+            stored_bytes,
+            ..RepoStat::default()
+        };
+        for m in &manifests {
+            match m.info.kind {
+                Kind::Disk => s.disk_manifests += 1,
+                Kind::Image => s.image_manifests += 1,
+            }
+            s.logical_bytes += m.entries.len() as u64 * m.info.chunk_size as u64;
+        }
+        s.dedup_ratio = if stored_bytes > 0 {
+            s.logical_bytes as f64 / stored_bytes as f64
+        } else {
+            0.0
+        };
+        Ok(s)
+    }
+
+    /// Removes from the index every chunk no manifest names and unused since `cutoff`; returns
+    /// the report and the removed chunks (hash, brick, size), whose files the caller deletes.
+    pub fn sweep(&self, cutoff: u64) -> Result<(GcReport, Vec<(ChunkHash, u16, u32)>), RepoError> {
+        let live: HashSet<ChunkHash> = self
+            .all_manifests()?
+            .iter()
+            .flat_map(|m| m.entries.iter().map(|e| e.1))
+            .collect();
+        self.write(|txn| {
+            let mut t = txn.open_table(CHUNKS)?;
+            let mut report = GcReport::default();
+            let mut doomed = Vec::new();
+            for item in t.iter()? {
+                let (k, v) = item?;
+                let (Some(h), Some((brick, size, used))) =
+                    (hash_of(k.value()), decode_chunk(v.value()))
+                else {
+                    continue;
+                };
+                if live.contains(&h) {
+                    report.chunks_live += 1;
+                } else if used >= cutoff {
+                    report.chunks_in_grace += 1;
+                } else {
+                    doomed.push((h, brick, size));
+                }
+            }
+            for (h, _, size) in &doomed {
+                t.remove(&h.0[..])?;
+                report.chunks_removed += 1;
+                report.bytes_removed += *size as u64;
+            }
+            Ok((report, doomed))
+        })
+    }
+}

@@ -1,0 +1,411 @@
+//! The content-addressed repository: where swapped-out disks live.
+//!
+//! Metadata is decoupled from data. The metadata service (`meta.redb`, redb) holds the chunk
+//! index (hash -> brick, size, last use) and the manifests; data bricks hold the chunk bytes
+//! ([`brick`]). The repository knows nothing of block devices or disks: it stores chunks and
+//! the manifests that name them. On-disk layout and formats: kernel-notes/formats.md.
+//!
+//! Invariants:
+//! - A chunk is in the index only once its file is durable in a brick (file synced, then
+//!   its directory), and every chunk's hash is checked before it is stored and when read.
+//! - A manifest is committed in one transaction that first checks that every chunk it names
+//!   is in the index: no manifest ever references a chunk the repository does not hold.
+//! - Garbage collection removes chunks from the index before it deletes their files, and
+//!   holds the repository lock exclusively, while uploads hold it shared.
+
+pub mod brick;
+pub mod chunk;
+pub mod manifest;
+mod meta;
+
+use std::fs;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use chunk::ChunkHash;
+pub use manifest::{Kind, Manifest, ManifestInfo};
+
+use brick::Brick;
+use meta::Meta;
+
+const CONFIG_FILE: &str = "repo.json";
+const FORMAT_NAME: &str = "stasis-repo";
+const FORMAT_VERSION: u32 = 1;
+/// Chunks no manifest references are kept this long after their last use (upload or a
+/// swapout finding them present), so that a swapout in flight never loses what it counted on.
+pub const DEFAULT_GC_GRACE_SECS: u64 = 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepoError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("chunk {hash}: {why}")]
+    BadChunk { hash: ChunkHash, why: String },
+    #[error("manifest: {0}")]
+    BadManifest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Exists(String),
+    #[error(
+        "manifest {name} names {missing} chunk(s) the repository does not hold (first: {first})"
+    )]
+    MissingChunks {
+        name: String,
+        missing: usize,
+        first: ChunkHash,
+    },
+    #[error("repository metadata {path}: {why}")]
+    Meta { path: PathBuf, why: String },
+    #[error("{0}")]
+    Usage(String),
+}
+
+impl RepoError {
+    pub fn io(path: &Path, source: std::io::Error) -> RepoError {
+        RepoError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Errors the user caused (a wrong name, a taken name, a bad URL): nothing was changed.
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            RepoError::NotFound(_) | RepoError::Exists(_) | RepoError::Usage(_)
+        )
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Config {
+    format: String,
+    version: u32,
+    /// Brick directories, relative to the repository or absolute.
+    bricks: Vec<PathBuf>,
+}
+
+/// What `stat` reports.
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct RepoStat {
+    pub chunks: u64,
+    pub stored_bytes: u64,
+    pub disk_manifests: u64,
+    pub image_manifests: u64,
+    /// Bytes the manifests describe (their chunks, counted once per manifest).
+    pub logical_bytes: u64,
+    /// logical / stored.
+    pub dedup_ratio: f64,
+}
+
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct GcReport {
+    pub chunks_live: u64,
+    pub chunks_removed: u64,
+    pub bytes_removed: u64,
+    /// Unreferenced chunks kept because they were used within the grace period.
+    pub chunks_in_grace: u64,
+    /// Brick files the index did not know (left by a crash between write and index).
+    pub orphan_files_removed: u64,
+}
+
+#[derive(Serialize, Debug, Default, Clone)]
+pub struct RepoVerifyReport {
+    pub chunks_checked: u64,
+    pub bytes_checked: u64,
+    /// One line per damaged or missing chunk.
+    pub damaged: Vec<String>,
+    /// Manifests that name a damaged or missing chunk.
+    pub broken_manifests: Vec<String>,
+}
+
+pub struct Repo {
+    root: PathBuf,
+    meta: Meta,
+    bricks: Vec<Brick>,
+}
+
+/// The repository lock: uploads hold it shared, garbage collection exclusive.
+pub struct RepoLock {
+    _file: fs::File,
+}
+
+impl Repo {
+    /// `spec` is `file:///path` or a path. Creates an empty repository (one brick,
+    /// `brick0`) if the directory has none.
+    pub fn open(spec: &str) -> Result<Repo, RepoError> {
+        let root = parse_spec(spec)?;
+        fs::create_dir_all(&root).map_err(|e| RepoError::io(&root, e))?;
+        let config_path = root.join(CONFIG_FILE);
+        let config = match fs::read(&config_path) {
+            Ok(bytes) => {
+                let c: Config = serde_json::from_slice(&bytes).map_err(|e| RepoError::Meta {
+                    path: config_path.clone(),
+                    why: e.to_string(),
+                })?;
+                if c.format != FORMAT_NAME || c.version != FORMAT_VERSION || c.bricks.is_empty() {
+                    return Err(RepoError::Meta {
+                        path: config_path,
+                        why: format!("not a {FORMAT_NAME} version {FORMAT_VERSION} configuration"),
+                    });
+                }
+                c
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Self::init(&root, &[PathBuf::from("brick0")])?
+            }
+            Err(e) => return Err(RepoError::io(&config_path, e)),
+        };
+        let bricks = config
+            .bricks
+            .iter()
+            .map(|b| Brick::open(&root.join(b)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let meta = Meta::open(&root.join("meta.redb"))?;
+        Ok(Repo { root, meta, bricks })
+    }
+
+    /// Writes a new repository's configuration (`repo init`).
+    pub fn init(root: &Path, bricks: &[PathBuf]) -> Result<Config, RepoError> {
+        fs::create_dir_all(root).map_err(|e| RepoError::io(root, e))?;
+        let path = root.join(CONFIG_FILE);
+        if path.exists() {
+            return Err(RepoError::Exists(format!(
+                "{} is already a repository",
+                root.display()
+            )));
+        }
+        let config = Config {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            bricks: bricks.to_vec(),
+        };
+        let tmp = root.join(format!("{CONFIG_FILE}.tmp"));
+        fs::write(
+            &tmp,
+            serde_json::to_vec_pretty(&config).expect("config serializes"),
+        )
+        .and_then(|_| fs::rename(&tmp, &path))
+        .map_err(|e| RepoError::io(&path, e))?;
+        Ok(config)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn url(&self) -> String {
+        format!("file://{}", self.root.display())
+    }
+
+    fn lock(&self, exclusive: bool) -> Result<RepoLock, RepoError> {
+        let path = self.root.join("lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| RepoError::io(&path, e))?;
+        let op = if exclusive {
+            libc::LOCK_EX
+        } else {
+            libc::LOCK_SH
+        };
+        // SAFETY: flock on an open descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } != 0 {
+            return Err(RepoError::io(&path, std::io::Error::last_os_error()));
+        }
+        Ok(RepoLock { _file: file })
+    }
+
+    /// Held by a swapout while it uploads and commits: garbage collection waits for it.
+    pub fn upload_lock(&self) -> Result<RepoLock, RepoError> {
+        self.lock(false)
+    }
+
+    /// Which of `hashes` the repository lacks (true = missing). Those it has are marked as
+    /// used now, which keeps them from garbage collection for the grace period.
+    pub fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<bool>, RepoError> {
+        self.meta.missing(hashes, now_secs())
+    }
+
+    fn brick_for(&self, hash: &ChunkHash) -> u16 {
+        (hash.0[0] as usize % self.bricks.len()) as u16
+    }
+
+    /// Stores chunks (each checked against its hash first), makes them durable, then indexes
+    /// them. Chunks already held are skipped.
+    pub fn put_chunks(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
+        for (hash, data) in chunks {
+            self.bricks[self.brick_for(hash) as usize].put(hash, data)?;
+        }
+        for (i, brick) in self.bricks.iter().enumerate() {
+            brick.sync_dirs(
+                chunks
+                    .iter()
+                    .filter(|(h, _)| self.brick_for(h) as usize == i)
+                    .map(|(h, _)| h),
+            )?;
+        }
+        let entries: Vec<(ChunkHash, u16, u32)> = chunks
+            .iter()
+            .map(|(h, d)| (*h, self.brick_for(h), d.len() as u32))
+            .collect();
+        self.meta.index(&entries, now_secs())
+    }
+
+    /// A chunk's bytes, checked against its hash (a damaged chunk is an error, never data).
+    pub fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
+        let guess = self.brick_for(hash) as usize;
+        match self.bricks[guess].get(hash) {
+            Ok(data) => Ok(data),
+            Err(RepoError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                // Not where the hash says: the index knows (bricks added since it was stored).
+                match self.meta.chunk(hash)? {
+                    Some((brick, _)) if (brick as usize) < self.bricks.len() => {
+                        self.bricks[brick as usize].get(hash)
+                    }
+                    _ => Err(RepoError::NotFound(format!(
+                        "chunk {hash} is not in the repository"
+                    ))),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Commits a manifest: atomically, and only if every chunk it names is held (and, for a
+    /// disk, its image manifest exists). Committing the same manifest again is a no-op.
+    pub fn commit(&self, m: &Manifest) -> Result<(), RepoError> {
+        self.meta.commit(m)
+    }
+
+    pub fn manifest(&self, name: &str) -> Result<Manifest, RepoError> {
+        self.meta
+            .manifest(Kind::Disk, name)?
+            .ok_or_else(|| RepoError::NotFound(format!("no manifest {name:?} in {}", self.url())))
+    }
+
+    pub fn image(&self, name: &str) -> Result<Option<Manifest>, RepoError> {
+        self.meta.manifest(Kind::Image, name)
+    }
+
+    /// Every manifest's info and entry count, disks then images, by name.
+    pub fn list(&self) -> Result<Vec<(ManifestInfo, u64)>, RepoError> {
+        self.meta.list()
+    }
+
+    pub fn stat(&self) -> Result<RepoStat, RepoError> {
+        self.meta.stat()
+    }
+
+    /// Mark (every chunk a manifest names) and sweep (unreferenced chunks unused for
+    /// `grace_secs`: out of the index first, then their files), holding the repository lock
+    /// exclusively so no upload runs meanwhile.
+    pub fn gc(&self, grace_secs: u64) -> Result<GcReport, RepoError> {
+        let _lock = self.lock(true)?;
+        let now = now_secs();
+        let mut report = self.meta.sweep(now.saturating_sub(grace_secs))?;
+        for (hash, brick, _) in &report.1 {
+            self.bricks[*brick as usize].remove(hash)?;
+        }
+        // Files the index does not know, older than the grace period: a crash between a
+        // chunk's write and its indexing.
+        let indexed = self.meta.indexed()?;
+        for brick in &self.bricks {
+            for (hash, mtime) in brick.list()? {
+                if !indexed.contains(&hash) && mtime + grace_secs < now {
+                    brick.remove(&hash)?;
+                    report.0.orphan_files_removed += 1;
+                }
+            }
+        }
+        Ok(report.0)
+    }
+
+    /// Re-hashes every indexed chunk and checks that every manifest's chunks are indexed.
+    pub fn verify(&self, progress: &dyn Fn(u64, u64)) -> Result<RepoVerifyReport, RepoError> {
+        let chunks = self.meta.chunks()?;
+        let total: u64 = chunks.iter().map(|(_, _, size)| *size as u64).sum();
+        let mut report = RepoVerifyReport::default();
+        let mut bad = std::collections::BTreeSet::new();
+        for (hash, brick, size) in &chunks {
+            let brick = self.bricks.get(*brick as usize);
+            match brick.map(|b| b.get(hash)) {
+                Some(Ok(data)) if data.len() == *size as usize => {}
+                Some(Ok(_)) => {
+                    report
+                        .damaged
+                        .push(format!("chunk {hash}: size differs from the index"));
+                    bad.insert(*hash);
+                }
+                Some(Err(e)) => {
+                    report.damaged.push(e.to_string());
+                    bad.insert(*hash);
+                }
+                None => {
+                    report.damaged.push(format!(
+                        "chunk {hash}: indexed in a brick that is not configured"
+                    ));
+                    bad.insert(*hash);
+                }
+            }
+            report.chunks_checked += 1;
+            report.bytes_checked += *size as u64;
+            progress(report.bytes_checked, total);
+        }
+        let indexed: std::collections::HashSet<ChunkHash> = chunks.iter().map(|c| c.0).collect();
+        for (info, _) in self.meta.list()? {
+            let m = self
+                .meta
+                .manifest(info.kind.clone(), &info.name)?
+                .ok_or_else(|| RepoError::NotFound(info.name.clone()))?;
+            let mut broken = false;
+            for (_, h) in &m.entries {
+                if !indexed.contains(h) {
+                    if bad.insert(*h) {
+                        report.damaged.push(format!(
+                            "chunk {h}: named by {} but not in the index",
+                            info.name
+                        ));
+                    }
+                    broken = true;
+                } else if bad.contains(h) {
+                    broken = true;
+                }
+            }
+            if broken {
+                report.broken_manifests.push(info.name.clone());
+            }
+        }
+        Ok(report)
+    }
+}
+
+fn parse_spec(spec: &str) -> Result<PathBuf, RepoError> {
+    let path = match spec.strip_prefix("file://") {
+        Some(p) => p,
+        None if spec.contains("://") => {
+            return Err(RepoError::Usage(format!(
+                "repository {spec:?}: only file:// URLs and paths are supported by this build"
+            )))
+        }
+        None => spec,
+    };
+    if path.is_empty() {
+        return Err(RepoError::Usage("empty repository path".into()));
+    }
+    Ok(PathBuf::from(path))
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
