@@ -456,13 +456,17 @@ fn serve_ublk(
     };
     let control_shown = control_path.clone();
     let name_owned = name.to_string();
-    let verb = if recover { "recovered" } else { "serving" };
+    let verb = if recover {
+        "recovered: disk"
+    } else {
+        "serving disk"
+    };
     ublk::serve(&ctrl, served.clone(), recover, move |id| {
         let _ = started_tx.send(());
         if json {
             println!("{}", json!({"disk": name_owned, "ublk": format!("/dev/ublkb{id}"), "control": control_shown, "pid": std::process::id(), "recovered": recover}));
         } else {
-            println!("{verb}: disk {name_owned} as /dev/ublkb{id}");
+            println!("{verb} {name_owned} as /dev/ublkb{id}");
             println!("control socket: {} (stasis ctl {name_owned} status|stats|flush|freeze|thaw)", control_shown.display());
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());

@@ -208,6 +208,17 @@ pub fn create(
 /// The device a record names, if it still exists and carries the record's tag (ids are
 /// reused, and forgotten at reboot). Changes nothing.
 pub fn recorded_device(record: &DeviceRecord) -> Option<sys::ublksrv_ctrl_dev_info> {
+    recorded_device_any_state(record).filter(|info| {
+        matches!(
+            info.state as u32,
+            sys::UBLK_S_DEV_LIVE | sys::UBLK_S_DEV_QUIESCED
+        )
+    })
+}
+
+/// Like [`recorded_device`], in any state (also DEAD: added or stopped, never started or not
+/// yet deleted, as a server that died at the wrong moment leaves it).
+fn recorded_device_any_state(record: &DeviceRecord) -> Option<sys::ublksrv_ctrl_dev_info> {
     let id = i32::try_from(record.dev_id).ok()?;
     let info = UblkCtrl::new_simple(id).ok()?.dev_info();
     (info.ublksrv_flags == record.tag).then_some(info)
@@ -271,10 +282,13 @@ pub fn reattach(record: &DeviceRecord) -> Result<Arc<UblkCtrl>, UblkFrontendErro
     Ok(Arc::new(ctrl))
 }
 
-/// Deletes a recorded device whose server is gone (after checking it is that device and
-/// that no server is running it). A filesystem still mounted on it sees I/O errors.
+/// Deletes a recorded device whose server is gone, in whatever state it was left (the
+/// caller holds the disk's lock: no server runs it; the tag proves it is that device). A filesystem still mounted on it sees I/O errors.
 pub fn delete_orphan(record: &DeviceRecord) -> Result<(), UblkFrontendError> {
-    check_recoverable(record)?;
+    recorded_device_any_state(record).ok_or_else(|| UblkFrontendError::NotRecoverable {
+        dev_id: record.dev_id,
+        why: "the device is gone (deleted, or the machine rebooted), or its id was reused".into(),
+    })?;
     UblkCtrl::new_simple(record.dev_id as i32)?.del_dev()?;
     Ok(())
 }
