@@ -71,6 +71,73 @@ enum Command {
         #[arg(value_parser = ["status", "stats", "flush", "freeze", "thaw"])]
         command: String,
     },
+    /// Swap a disk out to the repository: upload what it lacks, commit a manifest, release
+    /// the disk's local layers (unless --keep)
+    Swapout {
+        disk: String,
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Manifest name [default: DISK@UNIX-TIME]
+        #[arg(long)]
+        name: Option<String>,
+        /// Keep the disk in the store after the swapout
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Swap a manifest in as a disk: usable at once, its data arrives on demand and in the
+    /// background while served
+    #[command(group(clap::ArgGroup::new("serve_as").args(["nbd", "ublk"])))]
+    Swapin {
+        manifest: String,
+        /// Name of the new disk
+        #[arg(long = "as", value_name = "DISK")]
+        as_disk: String,
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Serve it at once over NBD (unix:PATH or tcp:HOST:PORT)
+        #[arg(long, value_name = "ADDR", value_parser = parse_listen)]
+        nbd: Option<Listen>,
+        /// Serve it at once as /dev/ublkbN
+        #[arg(long)]
+        ublk: bool,
+    },
+    /// The repository: manifests, chunks, garbage collection, verification
+    #[command(subcommand)]
+    Repo(RepoCmd),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct RepoArg {
+    /// Repository: file:///PATH or PATH [default: STORE/repo]
+    #[arg(long = "repo", env = "STASIS_REPO", value_name = "URL")]
+    url: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum RepoCmd {
+    /// List manifests (disks and images)
+    Ls {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// Chunks, bytes stored, logical bytes, dedup ratio
+    Stat {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
+    /// Remove chunks no manifest names (unused for the grace period)
+    Gc {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Keep unreferenced chunks used within this many seconds
+        #[arg(long, default_value_t = crate::repo::DEFAULT_GC_GRACE_SECS)]
+        grace: u64,
+    },
+    /// Re-hash every chunk; report damaged chunks and the manifests they break
+    Verify {
+        #[command(flatten)]
+        repo: RepoArg,
+    },
 }
 
 fn parse_listen(s: &str) -> Result<Listen, String> {
@@ -126,6 +193,8 @@ enum DiskCmd {
     Export { disk: String, file: PathBuf },
     /// Check every stored block of the disk's layers against its checksum or hash
     Verify { disk: String },
+    /// Fetch every chunk a swapped-in disk still lacks from its repository
+    Hydrate { disk: String },
     /// Write FILE's content into the disk at OFFSET, through the store (only changed blocks)
     Write {
         disk: String,
@@ -187,6 +256,22 @@ enum Failure {
     Failed(String),
 }
 
+impl From<crate::swap::SwapError> for Failure {
+    fn from(e: crate::swap::SwapError) -> Self {
+        if e.is_usage() {
+            Failure::Usage(e.to_string())
+        } else {
+            Failure::Failed(e.to_string())
+        }
+    }
+}
+
+impl From<crate::repo::RepoError> for Failure {
+    fn from(e: crate::repo::RepoError) -> Self {
+        crate::swap::SwapError::from(e).into()
+    }
+}
+
 impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         if e.is_usage() {
@@ -227,7 +312,8 @@ fn print_json(v: &serde_json::Value) {
 fn run(cli: Cli) -> Result<(), Failure> {
     let root = cli.store.clone().unwrap_or_else(default_store);
     let json = cli.json;
-    let store = Store::open(&root)?;
+    let mut store = Store::open(&root)?;
+    store.set_source_factory(crate::swap::source_factory());
     match cli.command {
         Command::Image(cmd) => image(&store, cmd, json),
         Command::Disk(cmd) => disk(&store, cmd, json),
@@ -244,6 +330,27 @@ fn run(cli: Cli) -> Result<(), Failure> {
         } => serve_ublk(&store, &disk, queues, recover, json),
         Command::Ublk(UblkCmd::Delete { disk }) => ublk_delete(&store, &disk, json),
         Command::Ctl { disk, command } => ctl(&store, &disk, &command, json),
+        Command::Swapout {
+            disk,
+            repo,
+            name,
+            keep,
+        } => swapout(&store, &disk, &repo, name, keep, json),
+        Command::Swapin {
+            manifest,
+            as_disk,
+            repo,
+            nbd,
+            ublk,
+        } => {
+            swapin(&store, &manifest, &as_disk, &repo, json)?;
+            match (nbd, ublk) {
+                (Some(nbd), _) => serve(&store, &as_disk, &nbd, json),
+                (None, true) => serve_ublk(&store, &as_disk, None, false, json),
+                (None, false) => Ok(()),
+            }
+        }
+        Command::Repo(cmd) => repo_cmd(&store, cmd, json),
     }
 }
 
@@ -304,6 +411,7 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     let disk = store.open_disk(name)?;
     refuse_if_orphaned_ublk(store, name)?;
     let served = std::sync::Arc::new(Served::new(disk));
+    let prefetch = start_prefetch(store, name, &served)?;
     let fail = |e: String| Failure::Failed(e);
     let mut nbd =
         NbdServer::start(listen, name, served.clone()).map_err(|e| fail(e.to_string()))?;
@@ -328,6 +436,7 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     // requests; finish what is in flight; then the common end.
     served.thaw();
     nbd.stop();
+    stop_prefetch(prefetch);
     finish_serving(&served, control)?;
     if !json {
         println!(
@@ -398,6 +507,7 @@ fn serve_ublk(
         refuse_if_orphaned_ublk(store, name)?;
     }
     let served = std::sync::Arc::new(Served::new(disk));
+    let prefetch = start_prefetch(store, name, &served)?;
     let ctrl = if recover {
         let record = ublk::DeviceRecord::load(&record_path).ok_or_else(|| {
             Failure::Usage(format!(
@@ -474,6 +584,7 @@ fn serve_ublk(
     .map_err(ublk_fail)?;
     let _ = stopper.join();
     let _ = std::fs::remove_file(&record_path);
+    stop_prefetch(prefetch);
     finish_serving(&served, control)?;
     if !json {
         println!("stopped: /dev/ublkb{dev_id} deleted; disk {name} flushed and closed");
@@ -776,6 +887,7 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
                 return Err(Failure::Failed(format!("disk {disk} is damaged")));
             }
         }
+        DiskCmd::Hydrate { disk } => hydrate(store, &disk, json)?,
         DiskCmd::Write { disk, file, offset } => {
             let pb = progress_bar(json, &format!("writing {disk}"));
             let (bytes, changed) = store.write_file(&disk, &file, offset, &|done, total| {
@@ -816,6 +928,265 @@ fn export(store: &Store, disk: &str, file: &Path, json: bool) -> Result<(), Fail
             file.display(),
             human(size)
         );
+    }
+    Ok(())
+}
+
+fn open_repo(store: &Store, arg: &RepoArg) -> Result<crate::repo::Repo, Failure> {
+    let url = arg
+        .url
+        .clone()
+        .unwrap_or_else(|| store.root().join("repo").display().to_string());
+    Ok(crate::repo::Repo::open(&url)?)
+}
+
+fn swapout(
+    store: &Store,
+    name: &str,
+    repo: &RepoArg,
+    manifest: Option<String>,
+    keep: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    store.disk(name)?;
+    if crate::control::request(&store.control_socket(name), name, "status").is_ok() {
+        return Err(Failure::Usage(format!(
+            "disk {name} is being served: stop the server first (swapout through the control \
+             socket is not implemented yet)"
+        )));
+    }
+    let repo = open_repo(store, repo)?;
+    let manifest = manifest.unwrap_or_else(|| format!("{name}@{}", crate::repo::now_secs()));
+    let disk = store.open_disk(name)?;
+    let pb = progress_bar(json, &format!("swapout {name}"));
+    let show = |c: &crate::swap::Counters| {
+        use std::sync::atomic::Ordering::Relaxed;
+        pb.set_position(c.bytes_scanned.load(Relaxed));
+        pb.set_message(format!(
+            "swapout {name}: {} uploaded, {} chunks already held",
+            human(c.bytes_uploaded.load(Relaxed)),
+            c.chunks_present.load(Relaxed)
+        ));
+    };
+    let summary = crate::swap::swapout(store, name, &disk, &repo, &manifest, &show);
+    pb.finish_and_clear();
+    let summary = summary?;
+    disk.close()?;
+    if !keep {
+        store.remove_disk(name)?;
+    }
+    if json {
+        print_json(&json!({"swapout": summary, "released": !keep}));
+    } else {
+        println!(
+            "swapped out disk {name} as manifest {manifest} in {:.2}s: {} chunks, {} uploaded ({} chunks), {} chunks already held, {} hashes reused{}",
+            summary.seconds,
+            summary.chunks,
+            human(summary.bytes_uploaded),
+            summary.chunks_uploaded,
+            summary.chunks_reused,
+            summary.hashes_reused,
+            if keep { "" } else { "; local layers released" }
+        );
+        println!("bring it back with: stasis swapin {manifest} --as {name}");
+    }
+    Ok(())
+}
+
+fn swapin(
+    store: &Store,
+    manifest: &str,
+    as_disk: &str,
+    repo: &RepoArg,
+    json: bool,
+) -> Result<(), Failure> {
+    let repo = open_repo(store, repo)?;
+    let rec = crate::swap::swapin(store, &repo, manifest, as_disk)?;
+    if json {
+        println!(
+            "{}",
+            json!({"swapin": manifest, "disk": rec.name, "size": rec.size, "repo": repo.url()})
+        );
+    } else {
+        println!(
+            "swapped in manifest {manifest} as disk {as_disk} ({}); its data arrives when it is served, or with `stasis disk hydrate {as_disk}`",
+            human(rec.size)
+        );
+    }
+    Ok(())
+}
+
+fn hydrate(store: &Store, name: &str, json: bool) -> Result<(), Failure> {
+    let disk = store.open_disk(name)?;
+    let pb = progress_bar(json, &format!("hydrating {name}"));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let result = crate::swap::hydrate(&disk, &stop, &|done, total| {
+        pb.set_length(total * crate::store::CHUNK_SIZE as u64);
+        pb.set_position(done * crate::store::CHUNK_SIZE as u64);
+    });
+    pb.finish_and_clear();
+    result?;
+    let (done, total) = disk
+        .delta()
+        .and_then(|d| d.hydration())
+        .map_or((0, 0), |h| h.progress());
+    disk.close()?;
+    if json {
+        print_json(&json!({"disk": name, "chunks_present": done, "chunks": total}));
+    } else {
+        println!("disk {name}: {done}/{total} chunks local");
+    }
+    Ok(())
+}
+
+/// Starts fetching what a swapped-in disk still lacks, in the background, while it is
+/// served; `stop` ends it.
+fn start_prefetch(
+    store: &Store,
+    name: &str,
+    served: &ServedDisk,
+) -> Result<
+    Option<(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )>,
+    Failure,
+> {
+    let _ = store;
+    if !crate::swap::is_hydrating(served.device()) {
+        return Ok(None);
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (served, stop2, name) = (served.clone(), stop.clone(), name.to_string());
+    let handle = std::thread::spawn(move || {
+        let mut backoff = 1;
+        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
+            match crate::swap::hydrate(served.device(), &stop2, &|_, _| {}) {
+                Ok(()) => {
+                    tracing::info!(disk = %name, "hydration complete");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(disk = %name, "prefetch: {e} (retrying in {backoff}s)");
+                    std::thread::sleep(std::time::Duration::from_secs(backoff));
+                    backoff = (backoff * 2).min(30);
+                }
+            }
+        }
+    });
+    Ok(Some((stop, handle)))
+}
+
+fn stop_prefetch(
+    prefetch: Option<(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        std::thread::JoinHandle<()>,
+    )>,
+) {
+    if let Some((stop, handle)) = prefetch {
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = handle.join();
+    }
+}
+
+fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
+    match cmd {
+        RepoCmd::Ls { repo } => {
+            let repo = open_repo(store, &repo)?;
+            let mut list = repo.list()?;
+            list.sort_by(|a, b| (a.0.created_at, &a.0.name).cmp(&(b.0.created_at, &b.0.name)));
+            if json {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|(i, n)| json!({"info": i, "chunks": n}))
+                    .collect();
+                print_json(&json!(v));
+            } else {
+                for (info, n) in list {
+                    let kind = match info.kind {
+                        crate::repo::Kind::Disk => "disk",
+                        crate::repo::Kind::Image => "image",
+                    };
+                    println!(
+                        "{:<6} {:<32} {:>10} {:>8} chunks  image={} parent={}",
+                        kind,
+                        info.name,
+                        human(info.size),
+                        n,
+                        info.image.as_deref().unwrap_or("-"),
+                        info.parent.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+        }
+        RepoCmd::Stat { repo } => {
+            let repo = open_repo(store, &repo)?;
+            let s = repo.stat()?;
+            if json {
+                print_json(&json!(s));
+            } else {
+                println!(
+                    "{}: {} chunks, {} stored, {} logical, dedup {:.2}x, {} disk and {} image manifests",
+                    repo.url(),
+                    s.chunks,
+                    human(s.stored_bytes),
+                    human(s.logical_bytes),
+                    s.dedup_ratio,
+                    s.disk_manifests,
+                    s.image_manifests
+                );
+            }
+        }
+        RepoCmd::Gc { repo, grace } => {
+            let repo = open_repo(store, &repo)?;
+            let r = repo.gc(grace)?;
+            if json {
+                print_json(&json!(r));
+            } else {
+                println!(
+                    "gc: {} chunks live, {} removed ({}), {} kept in the grace period, {} orphan files removed",
+                    r.chunks_live,
+                    r.chunks_removed,
+                    human(r.bytes_removed),
+                    r.chunks_in_grace,
+                    r.orphan_files_removed
+                );
+            }
+        }
+        RepoCmd::Verify { repo } => {
+            let repo = open_repo(store, &repo)?;
+            let pb = progress_bar(json, "verifying repository");
+            let r = repo.verify(&|done, total| {
+                pb.set_length(total);
+                pb.set_position(done);
+            });
+            pb.finish_and_clear();
+            let r = r?;
+            if json {
+                print_json(&json!({"ok": r.damaged.is_empty(), "report": r}));
+            } else {
+                println!(
+                    "{}: {} chunks ({}) checked, {} damaged",
+                    repo.url(),
+                    r.chunks_checked,
+                    human(r.bytes_checked),
+                    r.damaged.len()
+                );
+                for d in &r.damaged {
+                    println!("  damaged: {d}");
+                }
+                for m in &r.broken_manifests {
+                    println!("  broken manifest: {m}");
+                }
+            }
+            if !r.damaged.is_empty() {
+                return Err(Failure::Failed(format!(
+                    "{} damaged chunk(s), {} broken manifest(s)",
+                    r.damaged.len(),
+                    r.broken_manifests.len()
+                )));
+            }
+        }
     }
     Ok(())
 }

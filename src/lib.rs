@@ -18,4 +18,5 @@ pub mod control;
 pub mod frontend;
 pub mod repo;
 pub mod store;
+pub mod swap;
 pub mod units;

@@ -15,6 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::format::{self, le_u16, le_u64, HeaderReader, HeaderWriter, DATA_OFFSET};
+use super::hydrate::{self, Hydration};
 use super::wlog::{Entry as WEntry, WriteLayer};
 use super::{StoreError, BLOCK_SIZE};
 
@@ -66,6 +67,8 @@ pub struct Delta {
     data_offset: u64,
     crc_offset: u64,
     pub stats: DeltaStats,
+    /// Set while (and after) the delta is filled from a repository (swapin).
+    hydration: Option<Hydration>,
 }
 
 #[inline]
@@ -175,7 +178,9 @@ impl Delta {
             }
             next = first + n;
         }
+        let hydration = Hydration::open(path, data_offset, crc_offset, data_blocks)?;
         let delta = Delta {
+            hydration,
             file,
             path: path.to_path_buf(),
             table,
@@ -251,6 +256,9 @@ impl Delta {
 
     /// Reads `buf.len()` bytes of block data at a file offset returned by `lookup`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
+        if let Some(h) = &self.hydration {
+            h.ensure_range(offset, buf.len() as u64)?;
+        }
         format::read_exact_at(&self.file, buf, offset, &self.path)
     }
 
@@ -294,6 +302,37 @@ impl Delta {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The hydration state of a delta made by swapin.
+    pub fn hydration(&self) -> Option<&Hydration> {
+        self.hydration.as_ref()
+    }
+
+    /// Creates at `path` the delta of a swapped-in disk: `entries` (ascending cluster, each a
+    /// whole 64 KiB chunk named by its BLAKE3 hash) become data clusters left as holes, to be
+    /// filled on first read or by the prefetcher; chunks equal to `zero_hash` become zero
+    /// clusters. Writes the chunk map beside it.
+    pub fn create_hydrating(
+        path: &Path,
+        entries: &[(u64, [u8; 32])],
+        zero_hash: &[u8; 32],
+    ) -> Result<DeltaStats, StoreError> {
+        let mut out = DeltaWriter::create(path)?;
+        let mut data = Vec::new();
+        for (cluster, hash) in entries {
+            if hash == zero_hash {
+                for b in 0..CLUSTER_BLOCKS {
+                    out.push_zero(cluster * CLUSTER_BLOCKS + b);
+                }
+            } else {
+                out.push_reserved_cluster(*cluster)?;
+                data.push((*cluster, *hash));
+            }
+        }
+        let stats = out.finish()?;
+        hydrate::write_map(&hydrate::chunks_path(path), &data)?;
+        Ok(stats)
     }
 }
 
@@ -365,6 +404,20 @@ impl DeltaWriter {
         if self.batch.len() >= WRITE_BATCH {
             self.write_batch()?;
         }
+        Ok(())
+    }
+
+    /// Adds a whole data cluster whose data and CRCs are written later (hydration): the
+    /// file keeps a hole there.
+    pub fn push_reserved_cluster(&mut self, cluster: u64) -> Result<(), StoreError> {
+        let first = cluster * CLUSTER_BLOCKS;
+        self.entry_for(first).present = u16::MAX;
+        self.last_block = Some(first + CLUSTER_BLOCKS - 1);
+        self.data_blocks += CLUSTER_BLOCKS;
+        self.crcs
+            .resize(self.crcs.len() + CLUSTER_BLOCKS as usize * 4, 0);
+        self.write_batch()?;
+        self.batch_start += CLUSTER_BLOCKS * BLOCK_SIZE as u64;
         Ok(())
     }
 

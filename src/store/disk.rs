@@ -469,3 +469,28 @@ mod tests {
         assert_eq!(Disk::split(0, 4096 + 1), (None, (0, 1), Some((1, 0, 1))));
     }
 }
+
+impl Disk {
+    /// The chunks (64 KiB, by index) in which the disk may differ from its golden: those the
+    /// write layer touched, and those the delta holds. Sorted, no duplicates.
+    pub fn changed_chunks(&self) -> (std::collections::BTreeSet<u64>, Vec<u64>) {
+        let per_chunk = (super::CHUNK_SIZE / BLOCK_SIZE) as u64;
+        let touched: std::collections::BTreeSet<u64> = self
+            .wlog
+            .entries()
+            .into_iter()
+            .map(|(block, _)| block / per_chunk)
+            .collect();
+        let mut in_delta: Vec<u64> = self
+            .delta
+            .as_ref()
+            .map(|d| d.blocks().into_iter().map(|(b, _)| b / per_chunk).collect())
+            .unwrap_or_default();
+        in_delta.dedup();
+        (touched, in_delta)
+    }
+
+    pub fn golden(&self) -> &Golden {
+        &self.golden
+    }
+}

@@ -20,6 +20,7 @@ pub mod disk;
 mod extents;
 pub mod format;
 pub mod golden;
+pub mod hydrate;
 pub mod registry;
 pub mod wlog;
 
@@ -78,6 +79,9 @@ pub enum StoreError {
     Import { path: PathBuf, problem: String },
     #[error("{0}")]
     Busy(String),
+    /// Data not local and its source unreachable (a swapped-in disk still hydrating).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl StoreError {
@@ -252,9 +256,15 @@ fn detect_format(path: &Path) -> Result<&'static str, StoreError> {
     })
 }
 
+/// Makes the chunk source of a hydrating delta from its recorded origin (a repository URL
+/// and manifest). The store knows nothing of repositories: the swap engine provides this.
+pub type SourceFactory =
+    Arc<dyn Fn(&str) -> Result<Arc<dyn hydrate::ChunkSource>, String> + Send + Sync>;
+
 pub struct Store {
     root: PathBuf,
     registry: Registry,
+    sources: Option<SourceFactory>,
 }
 
 impl Store {
@@ -268,7 +278,32 @@ impl Store {
         Ok(Store {
             root: root.to_path_buf(),
             registry,
+            sources: None,
         })
+    }
+
+    /// From now on, every delta still hydrating that this store opens is connected to its
+    /// origin through `factory`.
+    pub fn set_source_factory(&mut self, factory: SourceFactory) {
+        self.sources = Some(factory);
+    }
+
+    /// Opens delta `id`, connected to its origin if it is still hydrating.
+    fn open_delta(&self, id: &str) -> Result<Delta, StoreError> {
+        let delta = Delta::open(&self.delta_path(id))?;
+        if let (Some(h), Some(factory)) = (delta.hydration(), &self.sources) {
+            if !h.is_complete() {
+                let origin = self.registry.read(|t| t.delta(id))?.and_then(|d| d.origin);
+                if let Some(origin) = origin {
+                    match factory(&origin) {
+                        Ok(source) => h.set_source(source),
+                        // Reads of absent chunks will say so; the rest of the disk works.
+                        Err(e) => tracing::warn!(delta = id, "cannot reach {origin}: {e}"),
+                    }
+                }
+            }
+        }
+        Ok(delta)
     }
 
     pub fn root(&self) -> &Path {
@@ -497,13 +532,81 @@ impl Store {
         Ok(rec)
     }
 
+    /// Creates disk `name` over `image` whose delta is `entries` (cluster, BLAKE3 hash of its
+    /// 64 KiB), to be hydrated from `origin` (a repository URL and manifest, recorded for the
+    /// servers that will connect it): swapin. No chunk data is read here.
+    pub fn create_hydrating_disk(
+        &self,
+        name: &str,
+        image: &str,
+        size: u64,
+        entries: &[(u64, [u8; 32])],
+        origin: &str,
+    ) -> Result<DiskRecord, StoreError> {
+        validate_name(name)?;
+        let _structure = self.structure_lock()?;
+        let img = self.image(image)?;
+        if size < img.size || size % BLOCK_SIZE as u64 != 0 {
+            return Err(StoreError::InvalidSize(format!(
+                "{size} bytes for a disk over image '{image}' ({} bytes)",
+                img.size
+            )));
+        }
+        if self.registry.read(|t| t.disk(name))?.is_some() {
+            return Err(StoreError::DiskExists(name.into()));
+        }
+        let id = Self::new_id();
+        let tmp = self.root.join("tmp").join(format!("{id}.delta"));
+        let zero = *blake3::hash(&[0u8; CHUNK_SIZE]).as_bytes();
+        let stats = Delta::create_hydrating(&tmp, entries, &zero)?;
+        for ext in ["chunks", "delta"] {
+            let from = tmp.with_extension(ext);
+            let to = self.delta_path(&id).with_extension(ext);
+            fs::rename(&from, &to).map_err(|e| StoreError::io(&to, e))?;
+        }
+        format::sync_dir(&self.root.join("deltas"))?;
+        let wlog = Self::new_id();
+        WriteLayer::create(&self.wlog_dir(&wlog))?;
+        let rec = DiskRecord {
+            name: name.into(),
+            image: image.into(),
+            size,
+            delta: Some(id.clone()),
+            wlog,
+            parent: None,
+            created_at: now_secs(),
+            parent_removed: false,
+        };
+        let mut delta_rec = DeltaRecord::new(id, image.into(), &stats);
+        delta_rec.origin = Some(origin.to_string());
+        let put = self.registry.update(|t| {
+            if t.disk(name)?.is_some() {
+                return Err(StoreError::DiskExists(name.into()));
+            }
+            t.put_delta(&delta_rec)?;
+            t.put_disk(&rec)
+        });
+        if let Err(e) = put {
+            self.collect_garbage()?;
+            return Err(e);
+        }
+        Ok(rec)
+    }
+
+    /// Where the disk's delta is hydrated from, if it came from a swapin.
+    pub fn delta_origin(&self, disk: &str) -> Result<Option<String>, StoreError> {
+        let rec = self.disk(disk)?;
+        let Some(id) = rec.delta else { return Ok(None) };
+        Ok(self.registry.read(|t| t.delta(&id))?.and_then(|d| d.origin))
+    }
+
     /// Opens a disk for I/O. It stays locked against other openers until the `Disk` is dropped.
     pub fn open_disk(&self, name: &str) -> Result<Disk, StoreError> {
         let lock = self.lock_disk(name)?;
         let rec = self.disk(name)?;
         let golden = Arc::new(self.open_golden(&rec.image)?);
         let delta = match &rec.delta {
-            Some(id) => Some(Arc::new(Delta::open(&self.delta_path(id))?)),
+            Some(id) => Some(Arc::new(self.open_delta(id)?)),
             None => None,
         };
         let wlog = WriteLayer::open(&self.wlog_dir(&rec.wlog), rec.size / BLOCK_SIZE as u64)?;
@@ -522,7 +625,7 @@ impl Store {
             return Ok(None);
         }
         let base = match &rec.delta {
-            Some(id) => Some(Delta::open(&self.delta_path(id))?),
+            Some(id) => Some(self.open_delta(id)?),
             None => None,
         };
         let id = Self::new_id();
@@ -675,8 +778,10 @@ impl Store {
             .registry
             .read(|t| Ok((t.disks()?, t.deltas()?, t.images()?)))?;
         let live_wlogs: BTreeSet<String> = disks.iter().map(|d| d.wlog.clone()).collect();
-        let live_deltas: BTreeSet<String> =
-            deltas.iter().map(|d| format!("{}.delta", d.id)).collect();
+        let live_deltas: BTreeSet<String> = deltas
+            .iter()
+            .flat_map(|d| [format!("{}.delta", d.id), format!("{}.chunks", d.id)])
+            .collect();
         let live_images: BTreeSet<String> = images.iter().map(|i| i.name.clone()).collect();
         let sweep = |dir: PathBuf, live: &BTreeSet<String>| -> Result<(), StoreError> {
             let entries = fs::read_dir(&dir).map_err(|e| StoreError::io(&dir, e))?;

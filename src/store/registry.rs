@@ -63,6 +63,9 @@ pub struct DeltaRecord {
     pub zero_blocks: u64,
     pub file_bytes: u64,
     pub created_at: u64,
+    /// For a delta made by swapin: "<repository URL>#<manifest>", where its data comes from.
+    #[serde(default)]
+    pub origin: Option<String>,
 }
 
 impl DeltaRecord {
@@ -74,6 +77,7 @@ impl DeltaRecord {
             zero_blocks: stats.zero_blocks,
             file_bytes: stats.file_bytes,
             created_at: super::now_secs(),
+            origin: None,
         }
     }
 }

@@ -1,0 +1,295 @@
+//! Hydration: a delta whose data arrives later. Swapin creates the delta of a disk from a
+//! manifest at once (its table says which 64 KiB clusters hold data), leaves those clusters'
+//! data as holes, and fills each from a [`ChunkSource`] the first time it is read, or in the
+//! background (the prefetcher calls [`Hydration::hydrate_some`]). The device is usable at
+//! once; nothing else in the store sees the difference.
+//!
+//! The side file `<id>.chunks` next to `<id>.delta` (kernel-notes/formats.md, "Chunk map"):
+//! ```text
+//! 0      header   4 KiB, magic b"STASCHNK", version 1; body: count u64, entries_at u64,
+//!                 present_at u64
+//! 4096   entries  count x (cluster u64 LE, BLAKE3 hash [u8; 32]), ascending cluster: the
+//!                 delta's data clusters in data order (cluster k's data is the k-th 64 KiB)
+//! ...    present  count bytes: 1 once the cluster's data and CRCs are durable in the delta
+//! ```
+//! It stays after hydration completes: its hashes let the next swapout skip re-hashing
+//! clusters the disk did not change. A `present` byte is written only after the delta file
+//! was synced, so a crash at worst forgets chunks (fetched again), never claims absent ones.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use super::format::{self, le_u64, HeaderReader, HeaderWriter, HEADER_LEN};
+use super::{StoreError, BLOCK_SIZE, CHUNK_SIZE};
+
+const MAGIC: &[u8; 8] = b"STASCHNK";
+const VERSION: u32 = 1;
+const ENTRY_LEN: usize = 40;
+const STRIPES: usize = 64;
+
+/// Where hydration gets the chunks it lacks (the swap engine connects a repository).
+pub trait ChunkSource: Send + Sync {
+    /// The bytes of the chunk named by this BLAKE3 hash. The store checks them again.
+    fn fetch(&self, hash: &[u8; 32]) -> Result<Vec<u8>, String>;
+}
+
+pub fn chunks_path(delta_path: &Path) -> PathBuf {
+    delta_path.with_extension("chunks")
+}
+
+/// Writes the chunk map for a delta about to be hydrated (nothing present yet), synced.
+pub fn write_map(path: &Path, entries: &[(u64, [u8; 32])]) -> Result<(), StoreError> {
+    let count = entries.len() as u64;
+    let entries_at = HEADER_LEN as u64;
+    let present_at = entries_at + count * ENTRY_LEN as u64;
+    let mut buf = HeaderWriter::new(MAGIC, VERSION)
+        .u64(count)
+        .u64(entries_at)
+        .u64(present_at)
+        .finish();
+    for (cluster, hash) in entries {
+        buf.extend_from_slice(&cluster.to_le_bytes());
+        buf.extend_from_slice(hash);
+    }
+    buf.resize(buf.len() + entries.len(), 0);
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| StoreError::io(path, e))?;
+    f.write_all_at(&buf, 0)
+        .and_then(|_| f.sync_all())
+        .map_err(|e| StoreError::io(path, e))
+}
+
+pub struct Hydration {
+    map_path: PathBuf,
+    map: File,
+    /// The delta file, writable (the `Delta` reads through its own handle).
+    data: File,
+    data_path: PathBuf,
+    data_offset: u64,
+    crc_offset: u64,
+    present_at: u64,
+    clusters: Vec<u64>,
+    hashes: Vec<[u8; 32]>,
+    present: Vec<AtomicBool>,
+    remaining: AtomicU64,
+    /// Chunks written to the delta whose `present` byte is not written yet.
+    unsynced: Mutex<Vec<u32>>,
+    stripes: Box<[Mutex<()>]>,
+    source: RwLock<Option<Arc<dyn ChunkSource>>>,
+    /// The last chunk a read had to wait for: the prefetcher continues from there.
+    hint: AtomicU64,
+    cursor: AtomicU64,
+}
+
+impl Hydration {
+    /// Loads the chunk map of the delta at `delta_path`, if it has one. `data_clusters` is
+    /// the delta's count of data blocks / 16: the map must describe exactly those.
+    pub fn open(
+        delta_path: &Path,
+        data_offset: u64,
+        crc_offset: u64,
+        data_blocks: u64,
+    ) -> Result<Option<Hydration>, StoreError> {
+        let map_path = chunks_path(delta_path);
+        let map = match OpenOptions::new().read(true).write(true).open(&map_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io(&map_path, e)),
+        };
+        let corrupt = |what: &str| StoreError::corrupt(&map_path, format!("chunk map: {what}"));
+        let hdr = format::read_header(&map, &map_path)?;
+        let mut r = HeaderReader::parse(&hdr, MAGIC, VERSION, &map_path, "chunk map")?;
+        let (count, entries_at, present_at) = (r.u64(), r.u64(), r.u64());
+        let clusters_in_delta = data_blocks / 16;
+        if entries_at != HEADER_LEN as u64
+            || count != clusters_in_delta
+            || data_blocks % 16 != 0
+            || count
+                .checked_mul(ENTRY_LEN as u64)
+                .and_then(|n| n.checked_add(entries_at))
+                != Some(present_at)
+        {
+            return Err(corrupt("header does not match its delta"));
+        }
+        let mut raw = vec![0u8; count as usize * (ENTRY_LEN + 1)];
+        format::read_exact_at(&map, &mut raw, entries_at, &map_path)?;
+        let (entries, present) = raw.split_at(count as usize * ENTRY_LEN);
+        let mut clusters = Vec::with_capacity(count as usize);
+        let mut hashes = Vec::with_capacity(count as usize);
+        for e in entries.chunks_exact(ENTRY_LEN) {
+            let c = le_u64(&e[..8]);
+            if clusters.last().is_some_and(|&p| p >= c) {
+                return Err(corrupt("entries out of order"));
+            }
+            clusters.push(c);
+            hashes.push(e[8..].try_into().expect("32 bytes"));
+        }
+        if present.iter().any(|&b| b > 1) {
+            return Err(corrupt("bad present byte"));
+        }
+        let remaining = present.iter().filter(|&&b| b == 0).count() as u64;
+        let data = OpenOptions::new()
+            .write(true)
+            .open(delta_path)
+            .map_err(|e| StoreError::io(delta_path, e))?;
+        Ok(Some(Hydration {
+            map_path,
+            map,
+            data,
+            data_path: delta_path.to_path_buf(),
+            data_offset,
+            crc_offset,
+            present_at,
+            clusters,
+            hashes,
+            present: present.iter().map(|&b| AtomicBool::new(b == 1)).collect(),
+            remaining: AtomicU64::new(remaining),
+            unsynced: Mutex::new(Vec::new()),
+            stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            source: RwLock::new(None),
+            hint: AtomicU64::new(0),
+            cursor: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn set_source(&self, source: Arc<dyn ChunkSource>) {
+        *self.source.write() = Some(source);
+    }
+
+    /// (chunks present, chunks in all).
+    pub fn progress(&self) -> (u64, u64) {
+        let total = self.clusters.len() as u64;
+        (total - self.remaining.load(Ordering::Relaxed), total)
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.remaining.load(Ordering::Relaxed) == 0
+    }
+
+    /// The hash of each data cluster: (cluster, BLAKE3).
+    pub fn hashes(&self) -> impl Iterator<Item = (u64, &[u8; 32])> {
+        self.clusters.iter().copied().zip(self.hashes.iter())
+    }
+
+    /// Makes sure the chunks holding delta bytes `[offset, offset+len)` are present.
+    pub fn ensure_range(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        if self.is_complete() || len == 0 {
+            return Ok(());
+        }
+        let first = (offset - self.data_offset) / CHUNK_SIZE as u64;
+        let last = (offset + len - 1 - self.data_offset) / CHUNK_SIZE as u64;
+        for k in first..=last.min(self.clusters.len() as u64 - 1) {
+            if !self.present[k as usize].load(Ordering::Acquire) {
+                self.hint.store(k + 1, Ordering::Relaxed);
+                self.fetch(k as usize)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn fetch(&self, k: usize) -> Result<(), StoreError> {
+        let _stripe = self.stripes[k % STRIPES].lock();
+        if self.present[k].load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let source = self.source.read().clone().ok_or_else(|| {
+            StoreError::Unavailable(format!(
+                "cluster {} of {} is not hydrated yet and no repository is connected",
+                self.clusters[k],
+                self.data_path.display()
+            ))
+        })?;
+        let hash = &self.hashes[k];
+        let data = source.fetch(hash).map_err(|e| {
+            StoreError::Unavailable(format!(
+                "fetching chunk for cluster {}: {e}",
+                self.clusters[k]
+            ))
+        })?;
+        // Never trust the source: a chunk is used only if it is what its hash names.
+        if data.len() != CHUNK_SIZE || blake3::hash(&data).as_bytes() != hash {
+            return Err(StoreError::corrupt(
+                &self.data_path,
+                format!(
+                    "chunk {} for cluster {} does not match its hash (refused)",
+                    blake3::Hash::from_bytes(*hash).to_hex(),
+                    self.clusters[k]
+                ),
+            ));
+        }
+        let mut crcs = Vec::with_capacity(CHUNK_SIZE / BLOCK_SIZE * 4);
+        for block in data.chunks_exact(BLOCK_SIZE) {
+            crcs.extend_from_slice(&crc32c::crc32c(block).to_le_bytes());
+        }
+        let at = self.data_offset + (k * CHUNK_SIZE) as u64;
+        let crc_at = self.crc_offset + (k * CHUNK_SIZE / BLOCK_SIZE * 4) as u64;
+        self.data
+            .write_all_at(&data, at)
+            .and_then(|_| self.data.write_all_at(&crcs, crc_at))
+            .map_err(|e| StoreError::io(&self.data_path, e))?;
+        self.present[k].store(true, Ordering::Release);
+        self.remaining.fetch_sub(1, Ordering::Relaxed);
+        self.unsynced.lock().push(k as u32);
+        Ok(())
+    }
+
+    /// Fetches up to `n` absent chunks, those after the last one a read waited for first;
+    /// returns how many it fetched (0: complete).
+    pub fn hydrate_some(&self, n: usize) -> Result<usize, StoreError> {
+        let total = self.clusters.len() as u64;
+        let mut done = 0;
+        let mut scanned = 0;
+        while done < n && scanned < total && !self.is_complete() {
+            let hint = self.hint.load(Ordering::Relaxed);
+            let k =
+                if hint > 0 && hint < total && !self.present[hint as usize].load(Ordering::Acquire)
+                {
+                    self.hint.store(hint + 1, Ordering::Relaxed);
+                    hint
+                } else {
+                    scanned += 1;
+                    self.cursor.fetch_add(1, Ordering::Relaxed) % total
+                };
+            if !self.present[k as usize].load(Ordering::Acquire) {
+                self.fetch(k as usize)?;
+                done += 1;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Records fetched chunks as present, durably: delta first, then the map.
+    pub fn persist(&self) -> Result<(), StoreError> {
+        let pending = std::mem::take(&mut *self.unsynced.lock());
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.data
+            .sync_data()
+            .map_err(|e| StoreError::io(&self.data_path, e))?;
+        for k in &pending {
+            self.map
+                .write_all_at(&[1], self.present_at + *k as u64)
+                .map_err(|e| StoreError::io(&self.map_path, e))?;
+        }
+        self.map
+            .sync_data()
+            .map_err(|e| StoreError::io(&self.map_path, e))
+    }
+}
+
+impl Drop for Hydration {
+    fn drop(&mut self) {
+        if let Err(e) = self.persist() {
+            tracing::warn!("hydration state not saved (chunks will be fetched again): {e}");
+        }
+    }
+}

@@ -1,0 +1,507 @@
+//! The swap engine: swapout of a disk to a repository, and swapin from one (lazy).
+//!
+//! Swapout: the chunks in which the disk differs from its golden image are found from the
+//! layers (write layer and delta), hashed (a delta made by swapin already knows the hashes of
+//! the chunks the write layer did not touch: they are reused, never recomputed), sent to the
+//! repository in batches, which answers which it lacks, and only those are uploaded. The
+//! three stages run at once (a pipeline): a reader/hasher thread, the negotiating caller, and
+//! uploader threads. The manifest is committed last. The golden image goes to the
+//! repository too, once (its hashes are known from import).
+//!
+//! Swapin: the manifest becomes a disk whose delta is hydrated on demand and in the
+//! background from the repository (store::hydrate); each chunk is checked against its hash.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+
+use crate::blockdev::BlockDevice;
+use crate::repo::{ChunkHash, Kind, Manifest, ManifestInfo, Repo, RepoError};
+use crate::store::disk::Disk;
+use crate::store::golden::Golden;
+use crate::store::hydrate::ChunkSource;
+use crate::store::{Store, StoreError, CHUNK_SIZE};
+
+/// Hashes sent to the repository per question.
+const NEGOTIATE_BATCH: usize = 256;
+/// Chunks per upload call (one directory sync and one index transaction each).
+const UPLOAD_BATCH: usize = 32;
+const UPLOADERS: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SwapError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl SwapError {
+    pub fn is_usage(&self) -> bool {
+        match self {
+            SwapError::Store(e) => e.is_usage(),
+            SwapError::Repo(e) => e.is_usage(),
+            SwapError::Usage(_) => true,
+            SwapError::Failed(_) => false,
+        }
+    }
+}
+
+/// Running totals of a transfer, for the progress bar and the summary.
+#[derive(Default)]
+pub struct Counters {
+    pub bytes_scanned: AtomicU64,
+    pub bytes_hashed: AtomicU64,
+    pub hashes_reused: AtomicU64,
+    pub chunks_present: AtomicU64,
+    pub chunks_uploaded: AtomicU64,
+    pub bytes_uploaded: AtomicU64,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct SwapoutSummary {
+    pub disk: String,
+    pub manifest: String,
+    pub repo: String,
+    /// Chunks in the manifest (where the disk differs from its golden).
+    pub chunks: u64,
+    pub bytes_scanned: u64,
+    pub bytes_hashed: u64,
+    /// Chunks whose hash was known from the swapin and not recomputed.
+    pub hashes_reused: u64,
+    /// Chunks the repository already held (dedup).
+    pub chunks_reused: u64,
+    pub chunks_uploaded: u64,
+    pub bytes_uploaded: u64,
+    /// Chunks of the golden image uploaded (only the first time the image is swapped out).
+    pub image_chunks_uploaded: u64,
+    pub seconds: f64,
+}
+
+struct Item {
+    index: u64,
+    hash: ChunkHash,
+    data: Option<Vec<u8>>,
+}
+
+/// Runs the hash -> negotiate -> upload pipeline over `items` (chunk index, hash if known)
+/// and returns the (index, hash) entries of every chunk that `keep` accepts.
+fn pipeline(
+    items: Vec<(u64, Option<ChunkHash>)>,
+    read: &(dyn Fn(u64) -> Result<Vec<u8>, SwapError> + Sync),
+    keep: &(dyn Fn(u64, &ChunkHash) -> bool + Sync),
+    repo: &Repo,
+    counters: &Counters,
+    progress: &dyn Fn(&Counters),
+) -> Result<Vec<(u64, ChunkHash)>, SwapError> {
+    let failed: Mutex<Option<SwapError>> = Mutex::new(None);
+    let stop = AtomicBool::new(false);
+    let fail = |e: SwapError| {
+        stop.store(true, Ordering::Relaxed);
+        failed.lock().get_or_insert(e);
+    };
+    let mut entries = Vec::new();
+    std::thread::scope(|s| {
+        let (hashed_tx, hashed_rx) = sync_channel::<Item>(64);
+        let (upload_tx, upload_rx) = sync_channel::<Item>(64);
+        // Stage 1: read and hash what is not known.
+        s.spawn(|| {
+            let hashed_tx = hashed_tx;
+            for (index, known) in items {
+                if stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                let item = match known {
+                    Some(hash) => {
+                        counters.hashes_reused.fetch_add(1, Ordering::Relaxed);
+                        Item {
+                            index,
+                            hash,
+                            data: None,
+                        }
+                    }
+                    None => match read(index) {
+                        Ok(data) => {
+                            counters
+                                .bytes_hashed
+                                .fetch_add(data.len() as u64, Ordering::Relaxed);
+                            Item {
+                                index,
+                                hash: ChunkHash::of(&data),
+                                data: Some(data),
+                            }
+                        }
+                        Err(e) => return fail(e),
+                    },
+                };
+                counters
+                    .bytes_scanned
+                    .fetch_add(CHUNK_SIZE as u64, Ordering::Relaxed);
+                if keep(index, &item.hash) && hashed_tx.send(item).is_err() {
+                    return;
+                }
+            }
+        });
+        // Stage 3: upload, in batches, on several threads.
+        let upload_rx = Arc::new(Mutex::new(upload_rx));
+        for _ in 0..UPLOADERS {
+            let upload_rx = upload_rx.clone();
+            let (fail, stop) = (&fail, &stop);
+            s.spawn(move || {
+                let _lock = match repo.upload_lock() {
+                    Ok(l) => l,
+                    Err(e) => return fail(e.into()),
+                };
+                loop {
+                    let batch = take_batch(&upload_rx.lock(), UPLOAD_BATCH);
+                    if batch.is_empty() || stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let refs: Vec<(ChunkHash, &[u8])> = batch
+                        .iter()
+                        .map(|i| (i.hash, i.data.as_deref().unwrap_or_default()))
+                        .collect();
+                    if let Err(e) = repo.put_chunks(&refs) {
+                        return fail(e.into());
+                    }
+                    let bytes: u64 = refs.iter().map(|r| r.1.len() as u64).sum();
+                    counters
+                        .chunks_uploaded
+                        .fetch_add(refs.len() as u64, Ordering::Relaxed);
+                    counters.bytes_uploaded.fetch_add(bytes, Ordering::Relaxed);
+                }
+            });
+        }
+        // Stage 2 (here): ask which chunks the repository lacks.
+        let mut queued: HashSet<ChunkHash> = HashSet::new();
+        loop {
+            let batch = take_batch(&hashed_rx, NEGOTIATE_BATCH);
+            if batch.is_empty() || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let hashes: Vec<ChunkHash> = batch.iter().map(|i| i.hash).collect();
+            let missing = match repo.missing(&hashes) {
+                Ok(m) => m,
+                Err(e) => {
+                    fail(e.into());
+                    break;
+                }
+            };
+            for (mut item, missing) in batch.into_iter().zip(missing) {
+                entries.push((item.index, item.hash));
+                if !missing || !queued.insert(item.hash) {
+                    counters.chunks_present.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                }
+                if item.data.is_none() {
+                    // A reused hash the repository no longer holds: read the chunk now.
+                    match read(item.index) {
+                        Ok(d) if item.hash.matches(&d) => item.data = Some(d),
+                        Ok(_) => {
+                            fail(SwapError::Failed(format!(
+                                "chunk {} no longer matches the hash recorded at swapin",
+                                item.index
+                            )));
+                            break;
+                        }
+                        Err(e) => {
+                            fail(e);
+                            break;
+                        }
+                    }
+                }
+                if upload_tx.send(item).is_err() {
+                    break;
+                }
+            }
+            progress(counters);
+        }
+        drop(upload_tx);
+        drop(hashed_rx);
+    });
+    if let Some(e) = failed.into_inner() {
+        return Err(e);
+    }
+    progress(counters);
+    entries.sort_unstable_by_key(|e| e.0);
+    Ok(entries)
+}
+
+/// Waits for one item, then takes what else is ready, up to `max`. Empty: the sender is gone.
+fn take_batch(rx: &Receiver<Item>, max: usize) -> Vec<Item> {
+    let mut batch = Vec::new();
+    let Ok(first) = rx.recv() else { return batch };
+    batch.push(first);
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(i) => batch.push(i),
+            Err(_) => break,
+        }
+    }
+    batch
+}
+
+/// Puts the golden image `name` in the repository if it is not there yet (only the chunks
+/// the repository lacks are read and sent). An image of that name with other content is an
+/// error: names must mean one image everywhere.
+pub fn ensure_image(
+    store: &Store,
+    name: &str,
+    repo: &Repo,
+    counters: &Counters,
+    progress: &dyn Fn(&Counters),
+) -> Result<u64, SwapError> {
+    let golden = store.open_golden(name)?;
+    let hashes: Vec<ChunkHash> = golden.chunk_hashes()?.into_iter().map(ChunkHash).collect();
+    if let Some(m) = repo.image(name)? {
+        let theirs: Vec<ChunkHash> = m.entries.iter().map(|e| e.1).collect();
+        if theirs != hashes || m.info.size != golden.size {
+            return Err(SwapError::Usage(format!(
+                "the repository has a different image named {name:?}"
+            )));
+        }
+        return Ok(0);
+    }
+    let before = counters.chunks_uploaded.load(Ordering::Relaxed);
+    let items = hashes
+        .iter()
+        .enumerate()
+        .map(|(i, h)| (i as u64, Some(*h)))
+        .collect();
+    let read = |index: u64| read_golden_chunk(&golden, index);
+    let entries = pipeline(items, &read, &|_, _| true, repo, counters, progress)?;
+    repo.commit(&Manifest {
+        info: ManifestInfo {
+            name: name.into(),
+            kind: Kind::Image,
+            size: golden.size,
+            chunk_size: CHUNK_SIZE as u32,
+            image: None,
+            parent: None,
+            source: None,
+            created_at: crate::repo::now_secs(),
+        },
+        entries,
+    })?;
+    Ok(counters.chunks_uploaded.load(Ordering::Relaxed) - before)
+}
+
+fn read_golden_chunk(golden: &Golden, index: u64) -> Result<Vec<u8>, SwapError> {
+    let off = index * CHUNK_SIZE as u64;
+    let len = golden.size.saturating_sub(off).min(CHUNK_SIZE as u64) as usize;
+    let mut buf = vec![0u8; len];
+    golden.read_blocks(off / crate::store::BLOCK_SIZE as u64, &mut buf)?;
+    Ok(buf)
+}
+
+/// One chunk of the disk as the guest sees it; past the end of the disk, zeros.
+fn read_disk_chunk(disk: &Disk, index: u64) -> Result<Vec<u8>, SwapError> {
+    let off = index * CHUNK_SIZE as u64;
+    let len = disk.size().saturating_sub(off).min(CHUNK_SIZE as u64) as usize;
+    let mut buf = vec![0u8; CHUNK_SIZE];
+    disk.read_at(off, &mut buf[..len])
+        .map_err(|e| SwapError::Failed(format!("reading chunk {index}: {e}")))?;
+    Ok(buf)
+}
+
+/// Swaps out an open (and quiet: frozen or not served) disk to `repo` under manifest
+/// `manifest`. Commits the manifest; releasing the disk is the caller's.
+pub fn swapout(
+    store: &Store,
+    disk_name: &str,
+    disk: &Disk,
+    repo: &Repo,
+    manifest: &str,
+    progress: &dyn Fn(&Counters),
+) -> Result<SwapoutSummary, SwapError> {
+    let started = Instant::now();
+    let rec = store.disk(disk_name)?;
+    let image_counters = Counters::default();
+    let image_chunks_uploaded = ensure_image(store, &rec.image, repo, &image_counters, &|_| {})?;
+    let counters = Counters::default();
+    let golden_hashes: Vec<ChunkHash> = disk
+        .golden()
+        .chunk_hashes()?
+        .into_iter()
+        .map(ChunkHash)
+        .collect();
+    let zero = ChunkHash::of(&[0u8; CHUNK_SIZE]);
+    let (touched, in_delta) = disk.changed_chunks();
+    // Hashes known from the swapin that made the delta, for chunks the write layer left alone.
+    let known: std::collections::HashMap<u64, ChunkHash> = disk
+        .delta()
+        .and_then(|d| d.hydration())
+        .map(|h| h.hashes().map(|(c, hash)| (c, ChunkHash(*hash))).collect())
+        .unwrap_or_default();
+    let mut candidates: Vec<u64> = touched.iter().copied().chain(in_delta).collect();
+    candidates.sort_unstable();
+    candidates.dedup();
+    let items = candidates
+        .into_iter()
+        .map(|i| {
+            let reuse = (!touched.contains(&i))
+                .then(|| known.get(&i).copied())
+                .flatten();
+            (i, reuse)
+        })
+        .collect();
+    // A chunk equal to the golden's (or zeros past its end) needs no entry.
+    let keep = |index: u64, hash: &ChunkHash| match golden_hashes.get(index as usize) {
+        Some(g) => g != hash,
+        None => *hash != zero,
+    };
+    let read = |index: u64| read_disk_chunk(disk, index);
+    let entries = pipeline(items, &read, &keep, repo, &counters, progress)?;
+    let parent = store
+        .delta_origin(disk_name)?
+        .and_then(|o| o.split_once('#').map(|(_, m)| m.to_string()));
+    let m = Manifest {
+        info: ManifestInfo {
+            name: manifest.into(),
+            kind: Kind::Disk,
+            size: disk.size(),
+            chunk_size: CHUNK_SIZE as u32,
+            image: Some(rec.image.clone()),
+            parent,
+            source: Some(disk_name.into()),
+            created_at: crate::repo::now_secs(),
+        },
+        entries,
+    };
+    repo.commit(&m)?;
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    Ok(SwapoutSummary {
+        disk: disk_name.into(),
+        manifest: manifest.into(),
+        repo: repo.url(),
+        chunks: m.entries.len() as u64,
+        bytes_scanned: get(&counters.bytes_scanned),
+        bytes_hashed: get(&counters.bytes_hashed),
+        hashes_reused: get(&counters.hashes_reused),
+        chunks_reused: get(&counters.chunks_present),
+        chunks_uploaded: get(&counters.chunks_uploaded),
+        bytes_uploaded: get(&counters.bytes_uploaded),
+        image_chunks_uploaded,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Fetches chunks for a hydrating delta from a repository.
+pub struct RepoSource(pub Repo);
+
+impl ChunkSource for RepoSource {
+    fn fetch(&self, hash: &[u8; 32]) -> Result<Vec<u8>, String> {
+        self.0
+            .get_chunk(&ChunkHash(*hash))
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Brings golden image `name` from the repository into the store (verified chunk by chunk),
+/// or checks that the store's image of that name is the repository's.
+fn ensure_local_image(store: &Store, repo: &Repo, name: &str) -> Result<(), SwapError> {
+    let m = repo
+        .image(name)?
+        .ok_or_else(|| SwapError::Failed(format!("the repository lacks image {name:?}")))?;
+    let want: Vec<[u8; 32]> = m.entries.iter().map(|e| e.1 .0).collect();
+    if store.image(name).is_ok() {
+        if store.open_golden(name)?.chunk_hashes()? != want {
+            return Err(SwapError::Usage(format!(
+                "this store's image {name:?} differs from the repository's"
+            )));
+        }
+        return Ok(());
+    }
+    let tmp = store.root().join("tmp").join(format!("{name}.fetch.raw"));
+    let write = || -> Result<(), SwapError> {
+        let f = std::fs::File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
+        for (index, hash) in &m.entries {
+            let data = repo.get_chunk(hash)?;
+            std::os::unix::fs::FileExt::write_all_at(&f, &data, index * CHUNK_SIZE as u64)
+                .map_err(|e| StoreError::io(&tmp, e))?;
+        }
+        f.set_len(m.info.size)
+            .map_err(|e| StoreError::io(&tmp, e))?;
+        Ok(())
+    };
+    let result = write().and_then(|_| {
+        store.import_image(name, &tmp, &|_, _| {})?;
+        Ok(())
+    });
+    let _ = std::fs::remove_file(&tmp);
+    result?;
+    if store.open_golden(name)?.chunk_hashes()? != want {
+        return Err(SwapError::Failed(format!(
+            "image {name:?} fetched but its hashes differ"
+        )));
+    }
+    Ok(())
+}
+
+/// Swapin: makes disk `as_disk` from manifest `manifest`, at once; its data is hydrated
+/// when served (on demand and in the background) or by `hydrate`.
+pub fn swapin(
+    store: &Store,
+    repo: &Repo,
+    manifest: &str,
+    as_disk: &str,
+) -> Result<crate::store::registry::DiskRecord, SwapError> {
+    let m = repo.manifest(manifest)?;
+    let image = m
+        .info
+        .image
+        .clone()
+        .ok_or_else(|| SwapError::Failed(format!("manifest {manifest} names no image")))?;
+    if store.disk(as_disk).is_ok() {
+        return Err(StoreError::DiskExists(as_disk.into()).into());
+    }
+    ensure_local_image(store, repo, &image)?;
+    let entries: Vec<(u64, [u8; 32])> = m.entries.iter().map(|(i, h)| (*i, h.0)).collect();
+    let origin = format!("{}#{manifest}", repo.url());
+    Ok(store.create_hydrating_disk(as_disk, &image, m.info.size, &entries, &origin)?)
+}
+
+/// How the store reaches the origin of a swapped-in disk ("<repository URL>#<manifest>"):
+/// give this to `Store::set_source_factory`.
+pub fn source_factory() -> crate::store::SourceFactory {
+    Arc::new(|origin: &str| {
+        let url = origin.split_once('#').map_or(origin, |(u, _)| u);
+        let repo = Repo::open(url).map_err(|e| e.to_string())?;
+        Ok(Arc::new(RepoSource(repo)) as Arc<dyn ChunkSource>)
+    })
+}
+
+/// True if the disk is a swapped-in disk whose data is not all local yet.
+pub fn is_hydrating(disk: &Disk) -> bool {
+    disk.delta()
+        .and_then(|d| d.hydration())
+        .is_some_and(|h| !h.is_complete())
+}
+
+/// Fetches every chunk a swapped-in disk still lacks; `progress(present, total)`.
+pub fn hydrate(
+    disk: &Disk,
+    stop: &AtomicBool,
+    progress: &dyn Fn(u64, u64),
+) -> Result<(), SwapError> {
+    let Some(h) = disk.delta().and_then(|d| d.hydration()) else {
+        return Ok(());
+    };
+    while !h.is_complete() && !stop.load(Ordering::Relaxed) {
+        h.hydrate_some(64)?;
+        h.persist()?;
+        let (done, total) = h.progress();
+        progress(done, total);
+    }
+    h.persist()?;
+    Ok(())
+}
