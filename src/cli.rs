@@ -841,6 +841,19 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
                     ),
                     None => println!("delta:       - (none)"),
                 }
+                if let Some(h) = info.delta.as_ref().and_then(|d| d.hydration.as_ref()) {
+                    println!(
+                        "hydration:   {}/{} chunks local ({:.0}%) from {}",
+                        h.chunks_present,
+                        h.chunks,
+                        if h.chunks == 0 {
+                            100.0
+                        } else {
+                            h.chunks_present as f64 * 100.0 / h.chunks as f64
+                        },
+                        h.origin
+                    );
+                }
                 match &info.write_layer {
                     Some(w) => println!(
                         "write layer: {} dirty blocks ({} data = {}, {} zero)",

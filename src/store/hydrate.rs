@@ -67,6 +67,18 @@ pub fn write_map(path: &Path, entries: &[(u64, [u8; 32])]) -> Result<(), StoreEr
         .map_err(|e| StoreError::io(path, e))
 }
 
+/// (chunks present, chunks) from a chunk map, read without opening its delta; None if there
+/// is no map or it cannot be read (`disk info` must not fail on that).
+pub fn map_progress(path: &Path) -> Option<(u64, u64)> {
+    let map = File::open(path).ok()?;
+    let hdr = format::read_header(&map, path).ok()?;
+    let mut r = HeaderReader::parse(&hdr, MAGIC, VERSION, path, "chunk map").ok()?;
+    let (count, _, present_at) = (r.u64(), r.u64(), r.u64());
+    let mut present = vec![0u8; usize::try_from(count).ok()?];
+    format::read_exact_at(&map, &mut present, present_at, path).ok()?;
+    Some((present.iter().filter(|&&b| b == 1).count() as u64, count))
+}
+
 pub struct Hydration {
     map_path: PathBuf,
     map: File,

@@ -228,6 +228,16 @@ pub struct DeltaInfo {
     pub file_bytes: u64,
     /// Other disks sharing this delta.
     pub shared_with: Vec<String>,
+    /// For a delta made by swapin: how much of its data is local.
+    pub hydration: Option<HydrationInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct HydrationInfo {
+    pub chunks_present: u64,
+    pub chunks: u64,
+    /// "<repository URL>#<manifest>"
+    pub origin: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -833,6 +843,13 @@ impl Store {
                 .map(|o| o.name.clone())
                 .collect(),
             data_bytes: d.data_blocks * BLOCK_SIZE as u64,
+            hydration: hydrate::map_progress(&hydrate::chunks_path(&self.delta_path(&d.id))).map(
+                |(chunks_present, chunks)| HydrationInfo {
+                    chunks_present,
+                    chunks,
+                    origin: d.origin.clone().unwrap_or_default(),
+                },
+            ),
             id: d.id,
             data_blocks: d.data_blocks,
             zero_blocks: d.zero_blocks,

@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::blockdev::BlockDevice;
 use crate::repo::{ChunkHash, Kind, Manifest, ManifestInfo, Repo, RepoError};
+use crate::store::delta::DeltaBlock;
 use crate::store::disk::Disk;
 use crate::store::golden::Golden;
 use crate::store::hydrate::ChunkSource;
@@ -345,12 +346,26 @@ pub fn swapout(
     let mut candidates: Vec<u64> = touched.iter().copied().chain(in_delta).collect();
     candidates.sort_unstable();
     candidates.dedup();
+    // A cluster the delta holds as zeros needs no reading either.
+    let all_zero_in_delta = |i: u64| {
+        disk.delta().is_some_and(|d| {
+            let mut blocks = [DeltaBlock::Absent; 16];
+            d.lookup_cluster(i * 16, &mut blocks);
+            blocks.iter().all(|b| *b == DeltaBlock::Zero)
+        })
+    };
     let items = candidates
         .into_iter()
         .map(|i| {
-            let reuse = (!touched.contains(&i))
-                .then(|| known.get(&i).copied())
-                .flatten();
+            let reuse = if touched.contains(&i) {
+                None
+            } else if let Some(h) = known.get(&i) {
+                Some(*h)
+            } else if all_zero_in_delta(i) {
+                Some(zero)
+            } else {
+                None
+            };
             (i, reuse)
         })
         .collect();

@@ -1,0 +1,60 @@
+//! Helpers shared by the integration tests that drive the real binary.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs `stasis --store ROOT ARGS...` with a clean environment for the store and repository.
+pub fn stasis(root: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_stasis"))
+        .arg("--store")
+        .arg(root)
+        .args(args)
+        .env_remove("STASIS_STORE")
+        .env_remove("STASIS_REPO")
+        .output()
+        .expect("run stasis")
+}
+
+/// Like [`stasis`], asserting success; returns stdout.
+pub fn ok(root: &Path, args: &[&str]) -> String {
+    let out = stasis(root, args);
+    assert!(
+        out.status.success(),
+        "stasis {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+/// Like [`ok`] with `--json`, parsed.
+pub fn ok_json(root: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&ok(root, &all)).expect("JSON output")
+}
+
+/// Runs stasis expecting exit status `code`; returns stderr.
+pub fn fails(root: &Path, args: &[&str], code: i32) -> String {
+    let out = stasis(root, args);
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stasis {args:?}: expected exit {code}; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Deterministic pseudo-random bytes (xorshift).
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

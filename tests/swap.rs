@@ -1,0 +1,257 @@
+//! Swapout and swapin through the real binary: two stores (two nodes) sharing a file://
+//! repository; deduplication and hash reuse; damaged chunks caught; a swapped-in disk served
+//! over NBD to a real client while it hydrates.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{fails, ok, ok_json, pattern};
+
+const MIB: usize = 1 << 20;
+
+struct Nodes {
+    _dir: tempfile::TempDir,
+    a: PathBuf,
+    b: PathBuf,
+    repo: String,
+    work: PathBuf,
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Node A has image `g` (4 MiB, a zero region) and disk `d` (16 MiB) with writes: aligned,
+/// unaligned, repeated content (dedup inside the disk), zeros over golden data, and data past
+/// the golden's end.
+fn nodes() -> Nodes {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, work) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("w"),
+    );
+    std::fs::create_dir(&work).unwrap();
+    let repo = format!("file://{}", dir.path().join("repo").display());
+    let mut golden = pattern(4 * MIB, 1);
+    golden[MIB..2 * MIB].fill(0);
+    std::fs::write(work.join("g.raw"), &golden).unwrap();
+    ok(&a, &["image", "import", "g", s(&work.join("g.raw"))]);
+    ok(&a, &["disk", "create", "d", "--from", "g", "--size", "16M"]);
+    write_same(&a, "d", &work);
+    Nodes {
+        _dir: dir,
+        a,
+        b,
+        repo,
+        work,
+    }
+}
+
+fn write_at(root: &Path, disk: &str, work: &Path, data: &[u8], offset: usize) {
+    let f = work.join(format!("w-{offset}"));
+    std::fs::write(&f, data).unwrap();
+    ok(
+        root,
+        &[
+            "disk",
+            "write",
+            disk,
+            s(&f),
+            "--offset",
+            &offset.to_string(),
+        ],
+    );
+}
+
+fn write_same(root: &Path, disk: &str, work: &Path) {
+    write_at(root, disk, work, &pattern(MIB, 2), 512 * 1024);
+    write_at(root, disk, work, &pattern(100_000, 3), 3_000_001 & !4095);
+    write_at(root, disk, work, &pattern(MIB, 2), 9 * MIB);
+    write_at(root, disk, work, &vec![0u8; 256 * 1024], 3 * MIB);
+    write_at(root, disk, work, &pattern(12_345, 4), 15 * MIB + 7);
+}
+
+fn export(root: &Path, disk: &str, to: &Path) -> Vec<u8> {
+    ok(root, &["disk", "export", disk, s(to)]);
+    std::fs::read(to).unwrap()
+}
+
+#[test]
+fn swapout_on_one_node_swapin_on_another_gives_the_same_disk() {
+    let n = nodes();
+    let before = export(&n.a, "d", &n.work.join("a.raw"));
+    let out = ok_json(&n.a, &["swapout", "d", "--repo", &n.repo, "--name", "d1"]);
+    let sw = &out["swapout"];
+    assert!(sw["chunks"].as_u64().unwrap() > 0);
+    // The 1 MiB written twice is stored once.
+    assert!(sw["chunks_reused"].as_u64().unwrap() >= 16, "{out}");
+    assert!(sw["image_chunks_uploaded"].as_u64().unwrap() > 0);
+    // Released: the disk is gone from node A.
+    assert!(
+        !ok(&n.a, &["disk", "list"]).contains(" d "),
+        "disk d still listed on A"
+    );
+
+    // Node B lacks the image: swapin fetches it, and the disk is there at once.
+    ok(&n.b, &["swapin", "d1", "--as", "d", "--repo", &n.repo]);
+    let info = ok_json(&n.b, &["disk", "info", "d"]);
+    let h = &info["delta"]["hydration"];
+    assert_eq!(h["chunks_present"], 0, "{info}");
+    assert!(h["chunks"].as_u64().unwrap() > 0);
+    let after = export(&n.b, "d", &n.work.join("b.raw"));
+    assert!(
+        before == after,
+        "the swapped-in disk differs from the swapped-out one"
+    );
+    let info = ok_json(&n.b, &["disk", "info", "d"]);
+    assert_eq!(info["delta"]["hydration"]["chunks_present"], h["chunks"]);
+    ok(&n.b, &["disk", "verify", "d"]);
+    ok(&n.b, &["repo", "verify", "--repo", &n.repo]);
+}
+
+#[test]
+fn an_unchanged_disk_uploads_nothing_and_equal_writes_are_stored_once() {
+    let n = nodes();
+    ok(&n.a, &["swapout", "d", "--repo", &n.repo, "--name", "d1"]);
+    ok(&n.b, &["swapin", "d1", "--as", "d", "--repo", &n.repo]);
+    // Swapped out again unchanged: no byte uploaded, no byte hashed (hashes reused).
+    let out = ok_json(
+        &n.b,
+        &["swapout", "d", "--repo", &n.repo, "--name", "d2", "--keep"],
+    );
+    let sw = &out["swapout"];
+    assert_eq!(sw["bytes_uploaded"], 0, "{out}");
+    assert_eq!(sw["bytes_hashed"], 0, "{out}");
+    assert_eq!(sw["hashes_reused"], sw["chunks"], "{out}");
+    // One changed chunk after swapin: only it is hashed and uploaded.
+    write_at(&n.b, "d", &n.work, &pattern(4096, 9), 9 * MIB);
+    let out = ok_json(
+        &n.b,
+        &["swapout", "d", "--repo", &n.repo, "--name", "d3", "--keep"],
+    );
+    assert_eq!(out["swapout"]["chunks_uploaded"], 1, "{out}");
+    assert_eq!(out["swapout"]["bytes_hashed"], 64 * 1024, "{out}");
+    // Another disk with the same writes, on node A: nothing new is stored.
+    ok(
+        &n.a,
+        &["disk", "create", "e", "--from", "g", "--size", "16M"],
+    );
+    write_same(&n.a, "e", &n.work);
+    let out = ok_json(&n.a, &["swapout", "e", "--repo", &n.repo, "--name", "e1"]);
+    assert_eq!(out["swapout"]["chunks_uploaded"], 0, "{out}");
+    assert_eq!(out["swapout"]["image_chunks_uploaded"], 0, "{out}");
+    let stat = ok_json(&n.a, &["repo", "stat", "--repo", &n.repo]);
+    assert_eq!(stat["disk_manifests"], 4);
+    assert!(stat["dedup_ratio"].as_f64().unwrap() > 1.0);
+    // gc keeps everything a manifest names.
+    ok(&n.a, &["repo", "gc", "--repo", &n.repo, "--grace", "0"]);
+    ok(&n.a, &["repo", "verify", "--repo", &n.repo]);
+    ok(&n.a, &["swapin", "d3", "--as", "d3", "--repo", &n.repo]);
+    ok(&n.a, &["disk", "hydrate", "d3"]);
+}
+
+#[test]
+fn a_damaged_chunk_is_never_returned_as_data() {
+    let n = nodes();
+    ok(&n.a, &["swapout", "d", "--repo", &n.repo, "--name", "d1"]);
+    // Flip a bit in one chunk the disk manifest names (not an image chunk).
+    let m = ok_json(&n.a, &["repo", "ls", "--repo", &n.repo]);
+    assert!(m.to_string().contains("\"d1\""));
+    let brick = PathBuf::from(n.repo.trim_start_matches("file://")).join("brick0");
+    let chunk = pattern(MIB, 2);
+    let hash = blake3::hash(&chunk[..64 * 1024]).to_hex().to_string();
+    let path = brick.join(&hash[..2]).join(&hash);
+    let mut bytes = std::fs::read(&path).expect("the chunk of the repeated write is stored");
+    bytes[1000] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+
+    ok(&n.b, &["swapin", "d1", "--as", "d", "--repo", &n.repo]);
+    let err = fails(&n.b, &["disk", "export", "d", s(&n.work.join("b.raw"))], 1);
+    assert!(err.contains("does not match its hash"), "{err}");
+    let out = common::stasis(&n.b, &["--json", "repo", "verify", "--repo", &n.repo]);
+    assert_eq!(out.status.code(), Some(1));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        report["report"]["broken_manifests"],
+        serde_json::json!(["d1"])
+    );
+}
+
+#[test]
+fn wrong_use_is_refused_and_changes_nothing() {
+    let n = nodes();
+    fails(&n.a, &["swapout", "d", "--repo", "s3://bucket/x"], 2);
+    fails(&n.a, &["swapout", "nope", "--repo", &n.repo], 2);
+    ok(
+        &n.a,
+        &["swapout", "d", "--repo", &n.repo, "--name", "d1", "--keep"],
+    );
+    write_at(&n.a, "d", &n.work, &pattern(4096, 5), 0);
+    // Manifests are immutable: the name is taken.
+    let err = fails(
+        &n.a,
+        &["swapout", "d", "--repo", &n.repo, "--name", "d1", "--keep"],
+        2,
+    );
+    assert!(err.contains("immutable"), "{err}");
+    fails(&n.b, &["swapin", "nope", "--as", "x", "--repo", &n.repo], 2);
+    ok(&n.b, &["swapin", "d1", "--as", "x", "--repo", &n.repo]);
+    fails(&n.b, &["swapin", "d1", "--as", "x", "--repo", &n.repo], 2);
+}
+
+#[test]
+fn a_swapped_in_disk_serves_a_real_client_at_once_while_it_hydrates() {
+    use std::io::{BufRead, BufReader};
+    let n = nodes();
+    let before = export(&n.a, "d", &n.work.join("a.raw"));
+    ok(&n.a, &["swapout", "d", "--repo", &n.repo, "--name", "d1"]);
+    let sock = n.work.join("nbd.sock");
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_stasis"))
+        .args([
+            "--json",
+            "--store",
+            s(&n.b),
+            "swapin",
+            "d1",
+            "--as",
+            "d",
+            "--repo",
+            &n.repo,
+        ])
+        .arg("--nbd")
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let uri = loop {
+        let line = lines.next().expect("server output").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if let Some(uri) = v["nbd"].as_str() {
+            break uri.to_string();
+        }
+    };
+    let copy = n.work.join("copy.raw");
+    let out = std::process::Command::new("nbdcopy")
+        .args([&uri, s(&copy)])
+        .output()
+        .expect("nbdcopy (libnbd-bin) is installed");
+    assert!(
+        out.status.success(),
+        "nbdcopy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        std::fs::read(&copy).unwrap() == before,
+        "read over NBD differs"
+    );
+    // SAFETY: signalling our child.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    assert!(server.wait().unwrap().success());
+    let info = ok_json(&n.b, &["disk", "info", "d"]);
+    let h = &info["delta"]["hydration"];
+    assert_eq!(h["chunks_present"], h["chunks"], "{info}");
+    assert!(export(&n.b, "d", &n.work.join("b.raw")) == before);
+}
