@@ -945,12 +945,18 @@ fn export(store: &Store, disk: &str, file: &Path, json: bool) -> Result<(), Fail
     Ok(())
 }
 
-fn open_repo(store: &Store, arg: &RepoArg) -> Result<crate::repo::Repo, Failure> {
+/// The repository named by --repo / STASIS_REPO, or the store's own. Only a swapout may
+/// create it; everything else needs an existing one.
+fn open_repo(store: &Store, arg: &RepoArg, create: bool) -> Result<crate::repo::Repo, Failure> {
     let url = arg
         .url
         .clone()
         .unwrap_or_else(|| store.root().join("repo").display().to_string());
-    Ok(crate::repo::Repo::open(&url)?)
+    Ok(if create {
+        crate::repo::Repo::open(&url)?
+    } else {
+        crate::repo::Repo::open_existing(&url)?
+    })
 }
 
 fn swapout(
@@ -968,7 +974,7 @@ fn swapout(
              socket is not implemented yet)"
         )));
     }
-    let repo = open_repo(store, repo)?;
+    let repo = open_repo(store, repo, true)?;
     let manifest = manifest.unwrap_or_else(|| format!("{name}@{}", crate::repo::now_secs()));
     let disk = store.open_disk(name)?;
     let pb = progress_bar(json, &format!("swapout {name}"));
@@ -1013,7 +1019,7 @@ fn swapin(
     repo: &RepoArg,
     json: bool,
 ) -> Result<(), Failure> {
-    let repo = open_repo(store, repo)?;
+    let repo = open_repo(store, repo, false)?;
     let rec = crate::swap::swapin(store, &repo, manifest, as_disk)?;
     if json {
         println!(
@@ -1105,7 +1111,7 @@ fn stop_prefetch(
 fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
     match cmd {
         RepoCmd::Ls { repo } => {
-            let repo = open_repo(store, &repo)?;
+            let repo = open_repo(store, &repo, false)?;
             let mut list = repo.list()?;
             list.sort_by(|a, b| (a.0.created_at, &a.0.name).cmp(&(b.0.created_at, &b.0.name)));
             if json {
@@ -1133,7 +1139,7 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
             }
         }
         RepoCmd::Stat { repo } => {
-            let repo = open_repo(store, &repo)?;
+            let repo = open_repo(store, &repo, false)?;
             let s = repo.stat()?;
             if json {
                 print_json(&json!(s));
@@ -1151,7 +1157,7 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
             }
         }
         RepoCmd::Gc { repo, grace } => {
-            let repo = open_repo(store, &repo)?;
+            let repo = open_repo(store, &repo, false)?;
             let r = repo.gc(grace)?;
             if json {
                 print_json(&json!(r));
@@ -1167,7 +1173,7 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
             }
         }
         RepoCmd::Verify { repo } => {
-            let repo = open_repo(store, &repo)?;
+            let repo = open_repo(store, &repo, false)?;
             let pb = progress_bar(json, "verifying repository");
             let r = repo.verify(&|done, total| {
                 pb.set_length(total);

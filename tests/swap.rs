@@ -197,6 +197,14 @@ fn wrong_use_is_refused_and_changes_nothing() {
     );
     assert!(err.contains("immutable"), "{err}");
     fails(&n.b, &["swapin", "nope", "--as", "x", "--repo", &n.repo], 2);
+    // Reading from a repository that is not there is refused (not a new, empty one).
+    let absent = n.work.join("no-repo");
+    fails(
+        &n.b,
+        &["swapin", "d1", "--as", "x", "--repo", s(&absent)],
+        2,
+    );
+    assert!(!absent.exists(), "a missing repository was created");
     ok(&n.b, &["swapin", "d1", "--as", "x", "--repo", &n.repo]);
     fails(&n.b, &["swapin", "d1", "--as", "x", "--repo", &n.repo], 2);
 }

@@ -140,7 +140,24 @@ impl Repo {
     /// `spec` is `file:///path` or a path. Creates an empty repository (one brick,
     /// `brick0`) if the directory has none.
     pub fn open(spec: &str) -> Result<Repo, RepoError> {
+        Self::open_with(spec, true)
+    }
+
+    /// Opens a repository that must exist (reading from one: swapin, hydration). A missing
+    /// path is an error, not a new empty repository (an unmounted share must not look empty).
+    pub fn open_existing(spec: &str) -> Result<Repo, RepoError> {
+        Self::open_with(spec, false)
+    }
+
+    fn open_with(spec: &str, create: bool) -> Result<Repo, RepoError> {
         let root = parse_spec(spec)?;
+        if !create && !root.join(CONFIG_FILE).exists() {
+            return Err(RepoError::NotFound(format!(
+                "no repository at {} ({} missing)",
+                root.display(),
+                CONFIG_FILE
+            )));
+        }
         fs::create_dir_all(&root).map_err(|e| RepoError::io(&root, e))?;
         let config_path = root.join(CONFIG_FILE);
         let config = match fs::read(&config_path) {

@@ -326,6 +326,9 @@ pub fn swapout(
 ) -> Result<SwapoutSummary, SwapError> {
     let started = Instant::now();
     let rec = store.disk(disk_name)?;
+    // Held until the manifest is committed: a garbage collection waits for us, so it never
+    // marks before our commit and sweeps the chunks we counted on after it.
+    let _upload = repo.upload_lock()?;
     let image_counters = Counters::default();
     let image_chunks_uploaded = ensure_image(store, &rec.image, repo, &image_counters, &|_| {})?;
     let counters = Counters::default();
@@ -490,7 +493,7 @@ pub fn swapin(
 pub fn source_factory() -> crate::store::SourceFactory {
     Arc::new(|origin: &str| {
         let url = origin.split_once('#').map_or(origin, |(u, _)| u);
-        let repo = Repo::open(url).map_err(|e| e.to_string())?;
+        let repo = Repo::open_existing(url).map_err(|e| e.to_string())?;
         Ok(Arc::new(RepoSource(repo)) as Arc<dyn ChunkSource>)
     })
 }
