@@ -230,7 +230,7 @@ proptest! {
             .iter()
             .map(|&c| (c, if c == 4 { zero } else { *blake3::hash(&c.to_le_bytes()).as_bytes() }))
             .collect();
-        Delta::create_hydrating(&p, &entries, &zero).unwrap();
+        Delta::create_hydrating(&p, &entries).unwrap();
         let map = p.with_extension("chunks");
         let mut bytes = std::fs::read(&map).unwrap();
         apply(&mut bytes, &muts, 40);

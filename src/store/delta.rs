@@ -311,17 +311,16 @@ impl Delta {
 
     /// Creates at `path` the delta of a swapped-in disk: `entries` (ascending cluster, each a
     /// whole 64 KiB chunk named by its BLAKE3 hash) become data clusters left as holes, to be
-    /// filled on first read or by the prefetcher; chunks equal to `zero_hash` become zero
+    /// filled on first read or by the prefetcher; chunks of zeros become zero
     /// clusters. Writes the chunk map beside it.
     pub fn create_hydrating(
         path: &Path,
         entries: &[(u64, [u8; 32])],
-        zero_hash: &[u8; 32],
     ) -> Result<DeltaStats, StoreError> {
         let mut out = DeltaWriter::create(path)?;
         let mut data = Vec::new();
         for (cluster, hash) in entries {
-            if hash == zero_hash {
+            if hash == hydrate::zero_chunk_hash() {
                 for b in 0..CLUSTER_BLOCKS {
                     out.push_zero(cluster * CLUSTER_BLOCKS + b);
                 }

@@ -38,6 +38,13 @@ pub trait ChunkSource: Send + Sync {
     fn fetch(&self, hash: &[u8; 32]) -> Result<Vec<u8>, String>;
 }
 
+/// The BLAKE3 hash of a 64 KiB chunk of zeros: swapin makes such chunks zero clusters, never
+/// fetched.
+pub fn zero_chunk_hash() -> &'static [u8; 32] {
+    static ZERO: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+    ZERO.get_or_init(|| *blake3::hash(&[0u8; CHUNK_SIZE]).as_bytes())
+}
+
 pub fn chunks_path(delta_path: &Path) -> PathBuf {
     delta_path.with_extension("chunks")
 }

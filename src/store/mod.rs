@@ -499,6 +499,45 @@ impl Store {
         image: &str,
         size: Option<u64>,
     ) -> Result<DiskRecord, StoreError> {
+        self.create_disk_over(name, image, size, |_| Ok(None))
+    }
+
+    /// Creates disk `name` over `image` whose delta is `entries` (cluster, BLAKE3 hash of its
+    /// 64 KiB), to be hydrated from `origin` (a repository URL and manifest, recorded for the
+    /// servers that will connect it): swapin. No chunk data is read here.
+    pub fn create_hydrating_disk(
+        &self,
+        name: &str,
+        image: &str,
+        size: u64,
+        entries: &[(u64, [u8; 32])],
+        origin: &str,
+    ) -> Result<DiskRecord, StoreError> {
+        self.create_disk_over(name, image, Some(size), |store| {
+            let id = Self::new_id();
+            let tmp = store.root.join("tmp").join(format!("{id}.delta"));
+            let stats = Delta::create_hydrating(&tmp, entries)?;
+            for ext in ["chunks", "delta"] {
+                let to = store.delta_path(&id).with_extension(ext);
+                fs::rename(tmp.with_extension(ext), &to).map_err(|e| StoreError::io(&to, e))?;
+            }
+            format::sync_dir(&store.root.join("deltas"))?;
+            let mut rec = DeltaRecord::new(id, image.into(), &stats);
+            rec.origin = Some(origin.to_string());
+            Ok(Some(rec))
+        })
+    }
+
+    /// The common part of creating a disk: checks, a fresh write layer, and the registry
+    /// entry (with the delta `make_delta` wrote, if any) in one transaction. On failure the
+    /// files made so far are collected.
+    fn create_disk_over(
+        &self,
+        name: &str,
+        image: &str,
+        size: Option<u64>,
+        make_delta: impl FnOnce(&Self) -> Result<Option<DeltaRecord>, StoreError>,
+    ) -> Result<DiskRecord, StoreError> {
         validate_name(name)?;
         let _structure = self.structure_lock()?;
         let img = self.image(image)?;
@@ -517,90 +556,34 @@ impl Store {
         if self.registry.read(|t| t.disk(name))?.is_some() {
             return Err(StoreError::DiskExists(name.into()));
         }
-        let wlog = Self::new_id();
-        WriteLayer::create(&self.wlog_dir(&wlog))?;
-        let rec = DiskRecord {
-            name: name.into(),
-            image: image.into(),
-            size,
-            delta: None,
-            wlog,
-            parent: None,
-            created_at: now_secs(),
-            parent_removed: false,
-        };
-        let put = self.registry.update(|t| {
-            if t.disk(name)?.is_some() {
-                return Err(StoreError::DiskExists(name.into()));
-            }
-            t.put_disk(&rec)
+        let made = make_delta(self).and_then(|delta| {
+            let wlog = Self::new_id();
+            WriteLayer::create(&self.wlog_dir(&wlog))?;
+            let rec = DiskRecord {
+                name: name.into(),
+                image: image.into(),
+                size,
+                delta: delta.as_ref().map(|d| d.id.clone()),
+                wlog,
+                parent: None,
+                created_at: now_secs(),
+                parent_removed: false,
+            };
+            self.registry.update(|t| {
+                if t.disk(name)?.is_some() {
+                    return Err(StoreError::DiskExists(name.into()));
+                }
+                if let Some(d) = &delta {
+                    t.put_delta(d)?;
+                }
+                t.put_disk(&rec)
+            })?;
+            Ok(rec)
         });
-        if let Err(e) = put {
+        if made.is_err() {
             self.collect_garbage()?;
-            return Err(e);
         }
-        Ok(rec)
-    }
-
-    /// Creates disk `name` over `image` whose delta is `entries` (cluster, BLAKE3 hash of its
-    /// 64 KiB), to be hydrated from `origin` (a repository URL and manifest, recorded for the
-    /// servers that will connect it): swapin. No chunk data is read here.
-    pub fn create_hydrating_disk(
-        &self,
-        name: &str,
-        image: &str,
-        size: u64,
-        entries: &[(u64, [u8; 32])],
-        origin: &str,
-    ) -> Result<DiskRecord, StoreError> {
-        validate_name(name)?;
-        let _structure = self.structure_lock()?;
-        let img = self.image(image)?;
-        if size < img.size || size % BLOCK_SIZE as u64 != 0 {
-            return Err(StoreError::InvalidSize(format!(
-                "{size} bytes for a disk over image '{image}' ({} bytes)",
-                img.size
-            )));
-        }
-        if self.registry.read(|t| t.disk(name))?.is_some() {
-            return Err(StoreError::DiskExists(name.into()));
-        }
-        let id = Self::new_id();
-        let tmp = self.root.join("tmp").join(format!("{id}.delta"));
-        let zero = *blake3::hash(&[0u8; CHUNK_SIZE]).as_bytes();
-        let stats = Delta::create_hydrating(&tmp, entries, &zero)?;
-        for ext in ["chunks", "delta"] {
-            let from = tmp.with_extension(ext);
-            let to = self.delta_path(&id).with_extension(ext);
-            fs::rename(&from, &to).map_err(|e| StoreError::io(&to, e))?;
-        }
-        format::sync_dir(&self.root.join("deltas"))?;
-        let wlog = Self::new_id();
-        WriteLayer::create(&self.wlog_dir(&wlog))?;
-        let rec = DiskRecord {
-            name: name.into(),
-            image: image.into(),
-            size,
-            delta: Some(id.clone()),
-            wlog,
-            parent: None,
-            created_at: now_secs(),
-            parent_removed: false,
-        };
-        let mut delta_rec = DeltaRecord::new(id, image.into(), &stats);
-        delta_rec.origin = Some(origin.to_string());
-        let put = self.registry.update(|t| {
-            if t.disk(name)?.is_some() {
-                return Err(StoreError::DiskExists(name.into()));
-            }
-            t.put_delta(&delta_rec)?;
-            t.put_disk(&rec)
-        });
-        if let Err(e) = put {
-            self.collect_garbage()?;
-            return Err(e);
-        }
-        Ok(rec)
+        made
     }
 
     /// Where the disk's delta is hydrated from, if it came from a swapin.

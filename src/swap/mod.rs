@@ -338,7 +338,7 @@ pub fn swapout(
         .into_iter()
         .map(ChunkHash)
         .collect();
-    let zero = ChunkHash::of(&[0u8; CHUNK_SIZE]);
+    let zero = ChunkHash(*crate::store::hydrate::zero_chunk_hash());
     let (touched, in_delta) = disk.changed_chunks();
     // Hashes known from the swapin that made the delta, for chunks the write layer left alone.
     let known: std::collections::HashMap<u64, ChunkHash> = disk
