@@ -234,8 +234,36 @@ fn init_logging(verbose: u8) {
         .try_init();
 }
 
-/// A byte progress bar on stderr when it is a terminal and output is not JSON.
-fn progress_bar(json: bool, what: &str) -> ProgressBar {
+/// A byte progress bar on stderr when it is a terminal and output is not JSON. It also
+/// clears itself when dropped, so an error never leaves a stale bar above its message.
+struct Progress(ProgressBar);
+
+impl Progress {
+    /// For the store's `progress(done, total)` callbacks.
+    fn report(&self, done: u64, total: u64) {
+        self.0.set_length(total);
+        self.0.set_position(done);
+    }
+}
+
+impl std::ops::Deref for Progress {
+    type Target = ProgressBar;
+    fn deref(&self) -> &ProgressBar {
+        &self.0
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+fn progress_bar(json: bool, what: &str) -> Progress {
+    Progress(new_bar(json, what))
+}
+
+fn new_bar(json: bool, what: &str) -> ProgressBar {
     if json || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -254,6 +282,17 @@ fn progress_bar(json: bool, what: &str) -> ProgressBar {
 enum Failure {
     Usage(String),
     Failed(String),
+}
+
+impl From<crate::frontend::ublk::UblkFrontendError> for Failure {
+    fn from(e: crate::frontend::ublk::UblkFrontendError) -> Self {
+        match e {
+            crate::frontend::ublk::UblkFrontendError::NotRecoverable { .. } => {
+                Failure::Usage(e.to_string())
+            }
+            other => Failure::Failed(other.to_string()),
+        }
+    }
 }
 
 impl From<crate::swap::SwapError> for Failure {
@@ -412,9 +451,8 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     refuse_if_orphaned_ublk(store, name)?;
     let served = std::sync::Arc::new(Served::new(disk));
     let prefetch = start_prefetch(store, name, &served)?;
-    let fail = |e: String| Failure::Failed(e);
-    let mut nbd =
-        NbdServer::start(listen, name, served.clone()).map_err(|e| fail(e.to_string()))?;
+    let mut nbd = NbdServer::start(listen, name, served.clone())
+        .map_err(|e| Failure::Failed(e.to_string()))?;
     let control_path = store.control_socket(name);
     let control = start_control(store, name, "nbd", nbd.uri.clone(), &served)?;
     if json {
@@ -475,11 +513,6 @@ fn serve_ublk(
 ) -> Result<(), Failure> {
     use crate::frontend::ublk;
     let signals = block_stop_signals();
-    let fail = |e: String| Failure::Failed(e);
-    let ublk_fail = |e: ublk::UblkFrontendError| match e {
-        ublk::UblkFrontendError::NotRecoverable { .. } => Failure::Usage(e.to_string()),
-        other => Failure::Failed(other.to_string()),
-    };
     // The server must not share a mount namespace with a mount of its own device when it
     // exits (the exit deadlocks): give it a private one, which never sees such mounts.
     // SAFETY: unshare and mount with constant arguments.
@@ -493,7 +526,7 @@ fn serve_ublk(
                 std::ptr::null(),
             ) != 0
         {
-            return Err(fail(format!(
+            return Err(Failure::Failed(format!(
                 "private mount namespace: {}",
                 std::io::Error::last_os_error()
             )));
@@ -515,26 +548,26 @@ fn serve_ublk(
                 record_path.display()
             ))
         })?;
-        ublk::check_recoverable(&record).map_err(ublk_fail)?;
+        ublk::check_recoverable(&record)?;
         // A copy of the guest's mount of this very device came with our namespace: drop it
         // (here only) before the device comes back.
         ublk::detach_own_mounts(record.dev_id)
-            .map_err(|e| fail(format!("detaching /dev/ublkb{}: {e}", record.dev_id)))?;
-        ublk::reattach(&record).map_err(ublk_fail)?
+            .map_err(|e| Failure::Failed(format!("detaching /dev/ublkb{}: {e}", record.dev_id)))?;
+        ublk::reattach(&record)?
     } else {
         let mut opts = ublk::UblkOptions::default();
         if let Some(q) = queues {
             opts.queues = q.max(1);
         }
         let tag = ublk::new_tag();
-        let ctrl = ublk::create("stasis", &opts, tag).map_err(ublk_fail)?;
+        let ctrl = ublk::create("stasis", &opts, tag)?;
         let record = ublk::DeviceRecord {
             dev_id: ctrl.dev_info().dev_id,
             tag,
         };
         if let Err(e) = record.save(&record_path) {
             let _ = ctrl.del_dev();
-            return Err(fail(format!("{}: {e}", record_path.display())));
+            return Err(Failure::Failed(format!("{}: {e}", record_path.display())));
         }
         ctrl
     };
@@ -574,14 +607,19 @@ fn serve_ublk(
     ublk::serve(&ctrl, served.clone(), recover, move |id| {
         let _ = started_tx.send(());
         if json {
-            println!("{}", json!({"disk": name_owned, "ublk": format!("/dev/ublkb{id}"), "control": control_shown, "pid": std::process::id(), "recovered": recover}));
+            println!(
+                "{}",
+                json!({"disk": name_owned, "ublk": format!("/dev/ublkb{id}"), "control": control_shown, "pid": std::process::id(), "recovered": recover})
+            );
         } else {
             println!("{verb} {name_owned} as /dev/ublkb{id}");
-            println!("control socket: {} (stasis ctl {name_owned} status|stats|flush|freeze|thaw)", control_shown.display());
+            println!(
+                "control socket: {} (stasis ctl {name_owned} status|stats|flush|freeze|thaw)",
+                control_shown.display()
+            );
         }
         let _ = std::io::Write::flush(&mut std::io::stdout());
-    })
-    .map_err(ublk_fail)?;
+    })?;
     let _ = stopper.join();
     let _ = std::fs::remove_file(&record_path);
     stop_prefetch(prefetch);
@@ -599,10 +637,7 @@ fn ublk_delete(store: &Store, name: &str, json: bool) -> Result<(), Failure> {
     let disk = store.open_disk(name)?;
     let record = ublk::DeviceRecord::load(&record_path)
         .ok_or_else(|| Failure::Usage(format!("disk {name} has no recorded ublk device")))?;
-    ublk::delete_orphan(&record).map_err(|e| match e {
-        ublk::UblkFrontendError::NotRecoverable { .. } => Failure::Usage(e.to_string()),
-        other => Failure::Failed(other.to_string()),
-    })?;
+    ublk::delete_orphan(&record)?;
     let _ = std::fs::remove_file(&record_path);
     disk.close()?;
     if json {
@@ -650,10 +685,7 @@ fn image(store: &Store, cmd: ImageCmd, json: bool) -> Result<(), Failure> {
         ImageCmd::Import { name, file } => {
             let pb = progress_bar(json, &format!("importing {name}"));
             let started = std::time::Instant::now();
-            let rec = store.import_image(&name, &file, &|done, total| {
-                pb.set_length(total);
-                pb.set_position(done);
-            })?;
+            let rec = store.import_image(&name, &file, &|done, total| pb.report(done, total))?;
             pb.finish_and_clear();
             let secs = started.elapsed().as_secs_f64();
             if json {
@@ -741,10 +773,8 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
         }
         DiskCmd::Fork { new, from } => {
             let pb = progress_bar(json, &format!("folding {from}"));
-            let rec = store.fork_with_progress(&new, &from, &|done, total| {
-                pb.set_length(total);
-                pb.set_position(done);
-            })?;
+            let rec =
+                store.fork_with_progress(&new, &from, &|done, total| pb.report(done, total))?;
             pb.finish_and_clear();
             if json {
                 print_json(&json!(rec));
@@ -759,10 +789,7 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
         }
         DiskCmd::Compact { disk } => {
             let pb = progress_bar(json, &format!("folding {disk}"));
-            let rec = store.compact_with_progress(&disk, &|done, total| {
-                pb.set_length(total);
-                pb.set_position(done);
-            })?;
+            let rec = store.compact_with_progress(&disk, &|done, total| pb.report(done, total))?;
             pb.finish_and_clear();
             if json {
                 print_json(&json!(rec));
@@ -903,10 +930,8 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
         DiskCmd::Hydrate { disk } => hydrate(store, &disk, json)?,
         DiskCmd::Write { disk, file, offset } => {
             let pb = progress_bar(json, &format!("writing {disk}"));
-            let (bytes, changed) = store.write_file(&disk, &file, offset, &|done, total| {
-                pb.set_length(total);
-                pb.set_position(done);
-            })?;
+            let (bytes, changed) =
+                store.write_file(&disk, &file, offset, &|done, total| pb.report(done, total))?;
             pb.finish_and_clear();
             if json {
                 print_json(
@@ -927,10 +952,7 @@ fn disk(store: &Store, cmd: DiskCmd, json: bool) -> Result<(), Failure> {
 fn export(store: &Store, disk: &str, file: &Path, json: bool) -> Result<(), Failure> {
     let pb = progress_bar(json, &format!("exporting {disk}"));
     let started = std::time::Instant::now();
-    let size = store.export(disk, file, &|done, total| {
-        pb.set_length(total);
-        pb.set_position(done);
-    })?;
+    let size = store.export(disk, file, &|done, total| pb.report(done, total))?;
     pb.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     if json {
@@ -1040,8 +1062,8 @@ fn hydrate(store: &Store, name: &str, json: bool) -> Result<(), Failure> {
     let pb = progress_bar(json, &format!("hydrating {name}"));
     let stop = std::sync::atomic::AtomicBool::new(false);
     let result = crate::swap::hydrate(&disk, &stop, &|done, total| {
-        pb.set_length(total * crate::store::CHUNK_SIZE as u64);
-        pb.set_position(done * crate::store::CHUNK_SIZE as u64);
+        let chunk = crate::store::CHUNK_SIZE as u64;
+        pb.report(done * chunk, total * chunk);
     });
     pb.finish_and_clear();
     result?;
@@ -1175,10 +1197,7 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
         RepoCmd::Verify { repo } => {
             let repo = open_repo(store, &repo, false)?;
             let pb = progress_bar(json, "verifying repository");
-            let r = repo.verify(&|done, total| {
-                pb.set_length(total);
-                pb.set_position(done);
-            });
+            let r = repo.verify(&|done, total| pb.report(done, total));
             pb.finish_and_clear();
             let r = r?;
             if json {

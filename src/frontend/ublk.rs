@@ -235,16 +235,14 @@ pub fn check_recoverable(
         dev_id: record.dev_id,
         why: why.to_string(),
     };
+    // Only LIVE or QUIESCED devices are returned: a DEAD one cannot be recovered.
     let info = recorded_device(record).ok_or_else(|| {
         not("the device is gone (deleted, or the machine rebooted), or its id was reused")
     })?;
     if info.flags & RECOVERABLE != RECOVERABLE {
         return Err(not("the device was created without user recovery"));
     }
-    match info.state as u32 {
-        sys::UBLK_S_DEV_QUIESCED | sys::UBLK_S_DEV_LIVE => Ok(info),
-        _ => Err(not("the device is being deleted")),
-    }
+    Ok(info)
 }
 
 /// Takes over a device whose server died: START_USER_RECOVERY (which must succeed: any
