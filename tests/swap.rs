@@ -263,3 +263,34 @@ fn a_swapped_in_disk_serves_a_real_client_at_once_while_it_hydrates() {
     assert_eq!(h["chunks_present"], h["chunks"], "{info}");
     assert!(export(&n.b, "d", &n.work.join("b.raw")) == before);
 }
+
+#[test]
+fn a_failed_swapout_keeps_the_disk_and_the_repository_and_can_be_run_again() {
+    let n = nodes();
+    let before = export(&n.a, "d", &n.work.join("a.raw"));
+    // Every chunk upload fails: each brick fan-out directory is taken by a plain file.
+    let root = PathBuf::from(n.repo.trim_start_matches("file://"));
+    let brick = root.join("brick0");
+    std::fs::create_dir_all(&brick).unwrap();
+    for i in 0..=255u8 {
+        std::fs::write(brick.join(format!("{i:02x}")), b"").unwrap();
+    }
+    let err = fails(
+        &n.a,
+        &["swapout", "d", "--repo", &n.repo, "--name", "d1"],
+        1,
+    );
+    assert!(err.contains("brick0"), "{err}");
+    // The disk is still here, intact; the repository holds no manifest and verifies.
+    assert!(export(&n.a, "d", &n.work.join("a2.raw")) == before);
+    let ls = ok_json(&n.a, &["repo", "ls", "--repo", &n.repo]);
+    assert_eq!(ls, serde_json::json!([]), "{ls}");
+    ok(&n.a, &["repo", "verify", "--repo", &n.repo]);
+    // Repaired, the same command completes.
+    for i in 0..=255u8 {
+        std::fs::remove_file(brick.join(format!("{i:02x}"))).unwrap();
+    }
+    ok(&n.a, &["swapout", "d", "--repo", &n.repo, "--name", "d1"]);
+    ok(&n.b, &["swapin", "d1", "--as", "d", "--repo", &n.repo]);
+    assert!(export(&n.b, "d", &n.work.join("b.raw")) == before);
+}

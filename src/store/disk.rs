@@ -471,23 +471,47 @@ mod tests {
 }
 
 impl Disk {
-    /// The chunks (64 KiB, by index) in which the disk may differ from its golden: those the
-    /// write layer touched, and those the delta holds. Sorted, no duplicates.
-    pub fn changed_chunks(&self) -> (std::collections::BTreeSet<u64>, Vec<u64>) {
-        let per_chunk = (super::CHUNK_SIZE / BLOCK_SIZE) as u64;
+    /// The chunks (64 KiB clusters, by index) in which the disk may differ from its golden:
+    /// those the write layer touched and those the delta holds, ascending. Each comes with
+    /// its BLAKE3 hash when that is known without reading it: a cluster the write layer left
+    /// alone whose hash swapin recorded in the chunk map, or that the delta holds as zeros.
+    pub fn changed_chunks(&self) -> Vec<(u64, Option<[u8; 32]>)> {
         let touched: std::collections::BTreeSet<u64> = self
             .wlog
             .entries()
             .into_iter()
-            .map(|(block, _)| block / per_chunk)
+            .map(|(block, _)| block / CLUSTER as u64)
             .collect();
-        let mut in_delta: Vec<u64> = self
-            .delta
-            .as_ref()
-            .map(|d| d.blocks().into_iter().map(|(b, _)| b / per_chunk).collect())
+        let Some(delta) = &self.delta else {
+            return touched.into_iter().map(|c| (c, None)).collect();
+        };
+        let recorded: std::collections::HashMap<u64, [u8; 32]> = delta
+            .hydration()
+            .map(|h| h.hashes().map(|(c, hash)| (c, *hash)).collect())
             .unwrap_or_default();
-        in_delta.dedup();
-        (touched, in_delta)
+        let mut clusters: Vec<u64> = delta
+            .blocks()
+            .into_iter()
+            .map(|(b, _)| b / CLUSTER as u64)
+            .chain(touched.iter().copied())
+            .collect();
+        clusters.sort_unstable();
+        clusters.dedup();
+        clusters
+            .into_iter()
+            .map(|c| {
+                if touched.contains(&c) {
+                    return (c, None);
+                }
+                if let Some(hash) = recorded.get(&c) {
+                    return (c, Some(*hash));
+                }
+                let mut blocks = [DeltaBlock::Absent; CLUSTER];
+                delta.lookup_cluster(c * CLUSTER as u64, &mut blocks);
+                let zeros = blocks.iter().all(|b| *b == DeltaBlock::Zero);
+                (c, zeros.then(|| *super::hydrate::zero_chunk_hash()))
+            })
+            .collect()
     }
 
     pub fn golden(&self) -> &Golden {

@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
+use super::delta::CLUSTER_BLOCKS;
 use super::format::{self, le_u64, HeaderReader, HeaderWriter, HEADER_LEN};
 use super::{StoreError, BLOCK_SIZE, CHUNK_SIZE};
 
@@ -127,10 +128,10 @@ impl Hydration {
         let hdr = format::read_header(&map, &map_path)?;
         let mut r = HeaderReader::parse(&hdr, MAGIC, VERSION, &map_path, "chunk map")?;
         let (count, entries_at, present_at) = (r.u64(), r.u64(), r.u64());
-        let clusters_in_delta = data_blocks / 16;
+        let clusters_in_delta = data_blocks / CLUSTER_BLOCKS;
         if entries_at != HEADER_LEN as u64
             || count != clusters_in_delta
-            || data_blocks % 16 != 0
+            || data_blocks % CLUSTER_BLOCKS != 0
             || count
                 .checked_mul(ENTRY_LEN as u64)
                 .and_then(|n| n.checked_add(entries_at))

@@ -47,6 +47,8 @@ pub const BLOCK_SIZE: usize = 4096;
 /// Granularity of content hashing (golden chunk hashes; repository chunks). 16 blocks, the
 /// delta's cluster. Provisional until the repository's dedup measurement settles it.
 pub const CHUNK_SIZE: usize = 64 * 1024;
+// Hydration fills whole delta clusters from whole repository chunks.
+const _: () = assert!(CHUNK_SIZE == delta::CLUSTER_BLOCKS as usize * BLOCK_SIZE);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -21,8 +21,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::blockdev::BlockDevice;
-use crate::repo::{ChunkHash, Kind, Manifest, ManifestInfo, Repo, RepoError};
-use crate::store::delta::DeltaBlock;
+use crate::repo::{ChunkHash, Kind, Manifest, ManifestInfo, Repo, RepoError, RepoLock};
 use crate::store::disk::Disk;
 use crate::store::golden::Golden;
 use crate::store::hydrate::ChunkSource;
@@ -91,36 +90,34 @@ pub struct SwapoutSummary {
 struct Item {
     index: u64,
     hash: ChunkHash,
+    /// The bytes, if this stage read them (a reused hash comes without).
     data: Option<Vec<u8>>,
 }
 
 /// Runs the hash -> negotiate -> upload pipeline over `items` (chunk index, hash if known)
-/// and returns the (index, hash) entries of every chunk that `keep` accepts.
+/// and returns the (index, hash) entries of every chunk that `keep` accepts. The caller holds
+/// the repository's upload lock (`_upload`) until it has committed what names these chunks.
+///
+/// Shutdown travels with the channels: a stage that fails returns its error and drops its
+/// end, which ends the stages next to it; the first error is returned.
 fn pipeline(
     items: Vec<(u64, Option<ChunkHash>)>,
     read: &(dyn Fn(u64) -> Result<Vec<u8>, SwapError> + Sync),
     keep: &(dyn Fn(u64, &ChunkHash) -> bool + Sync),
     repo: &Repo,
+    _upload: &RepoLock,
     counters: &Counters,
     progress: &dyn Fn(&Counters),
 ) -> Result<Vec<(u64, ChunkHash)>, SwapError> {
-    let failed: Mutex<Option<SwapError>> = Mutex::new(None);
-    let stop = AtomicBool::new(false);
-    let fail = |e: SwapError| {
-        stop.store(true, Ordering::Relaxed);
-        failed.lock().get_or_insert(e);
-    };
     let mut entries = Vec::new();
-    std::thread::scope(|s| {
+    // Tells the other uploaders to stop early once one has failed.
+    let upload_failed = AtomicBool::new(false);
+    let (hashed, negotiated, uploaded) = std::thread::scope(|s| {
         let (hashed_tx, hashed_rx) = sync_channel::<Item>(64);
-        let (upload_tx, upload_rx) = sync_channel::<Item>(64);
+        let (upload_tx, upload_rx) = sync_channel::<(ChunkHash, Vec<u8>)>(64);
         // Stage 1: read and hash what is not known.
-        s.spawn(|| {
-            let hashed_tx = hashed_tx;
+        let hasher = s.spawn(move || -> Result<(), SwapError> {
             for (index, known) in items {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
                 let item = match known {
                     Some(hash) => {
                         counters.hashes_reused.fetch_add(1, Ordering::Relaxed);
@@ -130,115 +127,112 @@ fn pipeline(
                             data: None,
                         }
                     }
-                    None => match read(index) {
-                        Ok(data) => {
-                            counters
-                                .bytes_hashed
-                                .fetch_add(data.len() as u64, Ordering::Relaxed);
-                            Item {
-                                index,
-                                hash: ChunkHash::of(&data),
-                                data: Some(data),
-                            }
+                    None => {
+                        let data = read(index)?;
+                        counters
+                            .bytes_hashed
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        Item {
+                            index,
+                            hash: ChunkHash::of(&data),
+                            data: Some(data),
                         }
-                        Err(e) => return fail(e),
-                    },
+                    }
                 };
                 counters
                     .bytes_scanned
                     .fetch_add(CHUNK_SIZE as u64, Ordering::Relaxed);
                 if keep(index, &item.hash) && hashed_tx.send(item).is_err() {
-                    return;
+                    return Ok(()); // the negotiator stopped; its error is the one to report
                 }
             }
+            Ok(())
         });
-        // Stage 3: upload, in batches, on several threads.
+        // Stage 3: upload, in batches, on several threads. Only they own the receiver, so
+        // when the last of them is gone the negotiator's sends fail instead of blocking.
         let upload_rx = Arc::new(Mutex::new(upload_rx));
-        for _ in 0..UPLOADERS {
-            let upload_rx = upload_rx.clone();
-            let (fail, stop) = (&fail, &stop);
-            s.spawn(move || {
-                let _lock = match repo.upload_lock() {
-                    Ok(l) => l,
-                    Err(e) => return fail(e.into()),
-                };
-                loop {
-                    let batch = take_batch(&upload_rx.lock(), UPLOAD_BATCH);
-                    if batch.is_empty() || stop.load(Ordering::Relaxed) {
-                        return;
+        let uploaders: Vec<_> = (0..UPLOADERS)
+            .map(|_| {
+                let (upload_rx, upload_failed) = (upload_rx.clone(), &upload_failed);
+                s.spawn(move || -> Result<(), SwapError> {
+                    loop {
+                        let batch = take_batch(&upload_rx.lock(), UPLOAD_BATCH);
+                        if batch.is_empty() || upload_failed.load(Ordering::Relaxed) {
+                            return Ok(());
+                        }
+                        let refs: Vec<(ChunkHash, &[u8])> =
+                            batch.iter().map(|(h, d)| (*h, d.as_slice())).collect();
+                        if let Err(e) = repo.put_chunks(&refs) {
+                            upload_failed.store(true, Ordering::Relaxed);
+                            return Err(e.into());
+                        }
+                        let bytes: u64 = refs.iter().map(|r| r.1.len() as u64).sum();
+                        counters
+                            .chunks_uploaded
+                            .fetch_add(refs.len() as u64, Ordering::Relaxed);
+                        counters.bytes_uploaded.fetch_add(bytes, Ordering::Relaxed);
                     }
-                    let refs: Vec<(ChunkHash, &[u8])> = batch
-                        .iter()
-                        .map(|i| (i.hash, i.data.as_deref().unwrap_or_default()))
-                        .collect();
-                    if let Err(e) = repo.put_chunks(&refs) {
-                        return fail(e.into());
-                    }
-                    let bytes: u64 = refs.iter().map(|r| r.1.len() as u64).sum();
-                    counters
-                        .chunks_uploaded
-                        .fetch_add(refs.len() as u64, Ordering::Relaxed);
-                    counters.bytes_uploaded.fetch_add(bytes, Ordering::Relaxed);
-                }
-            });
-        }
+                })
+            })
+            .collect();
+        drop(upload_rx);
         // Stage 2 (here): ask which chunks the repository lacks.
-        let mut queued: HashSet<ChunkHash> = HashSet::new();
-        loop {
-            let batch = take_batch(&hashed_rx, NEGOTIATE_BATCH);
-            if batch.is_empty() || stop.load(Ordering::Relaxed) {
-                break;
-            }
-            let hashes: Vec<ChunkHash> = batch.iter().map(|i| i.hash).collect();
-            let missing = match repo.missing(&hashes) {
-                Ok(m) => m,
-                Err(e) => {
-                    fail(e.into());
-                    break;
+        let negotiated = (|| -> Result<(), SwapError> {
+            let mut queued: HashSet<ChunkHash> = HashSet::new();
+            loop {
+                let batch = take_batch(&hashed_rx, NEGOTIATE_BATCH);
+                if batch.is_empty() {
+                    return Ok(());
                 }
-            };
-            for (mut item, missing) in batch.into_iter().zip(missing) {
-                entries.push((item.index, item.hash));
-                if !missing || !queued.insert(item.hash) {
-                    counters.chunks_present.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                }
-                if item.data.is_none() {
-                    // A reused hash the repository no longer holds: read the chunk now.
-                    match read(item.index) {
-                        Ok(d) if item.hash.matches(&d) => item.data = Some(d),
-                        Ok(_) => {
-                            fail(SwapError::Failed(format!(
-                                "chunk {} no longer matches the hash recorded at swapin",
-                                item.index
-                            )));
-                            break;
+                let hashes: Vec<ChunkHash> = batch.iter().map(|i| i.hash).collect();
+                let missing = repo.missing(&hashes)?;
+                for (item, missing) in batch.into_iter().zip(missing) {
+                    entries.push((item.index, item.hash));
+                    if !missing || !queued.insert(item.hash) {
+                        counters.chunks_present.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let data = match item.data {
+                        Some(d) => d,
+                        // A reused hash the repository no longer holds: read the chunk now.
+                        None => {
+                            let d = read(item.index)?;
+                            if !item.hash.matches(&d) {
+                                return Err(SwapError::Failed(format!(
+                                    "chunk {} no longer matches the hash recorded at swapin",
+                                    item.index
+                                )));
+                            }
+                            d
                         }
-                        Err(e) => {
-                            fail(e);
-                            break;
-                        }
+                    };
+                    if upload_tx.send((item.hash, data)).is_err() {
+                        return Ok(()); // every uploader stopped; their error is reported
                     }
                 }
-                if upload_tx.send(item).is_err() {
-                    break;
-                }
+                progress(counters);
             }
-            progress(counters);
-        }
+        })();
         drop(upload_tx);
         drop(hashed_rx);
+        let joined = |h: std::thread::ScopedJoinHandle<'_, Result<(), SwapError>>| {
+            h.join()
+                .unwrap_or_else(|_| Err(SwapError::Failed("a swap thread panicked".into())))
+        };
+        let hashed = joined(hasher);
+        let uploaded: Result<(), SwapError> = uploaders.into_iter().map(joined).collect();
+        (hashed, negotiated, uploaded)
     });
-    if let Some(e) = failed.into_inner() {
-        return Err(e);
-    }
+    negotiated?;
+    hashed?;
+    uploaded?;
     progress(counters);
     entries.sort_unstable_by_key(|e| e.0);
     Ok(entries)
 }
 
 /// Waits for one item, then takes what else is ready, up to `max`. Empty: the sender is gone.
-fn take_batch(rx: &Receiver<Item>, max: usize) -> Vec<Item> {
+fn take_batch<T>(rx: &Receiver<T>, max: usize) -> Vec<T> {
     let mut batch = Vec::new();
     let Ok(first) = rx.recv() else { return batch };
     batch.push(first);
@@ -253,33 +247,40 @@ fn take_batch(rx: &Receiver<Item>, max: usize) -> Vec<Item> {
 
 /// Puts the golden image `name` in the repository if it is not there yet (only the chunks
 /// the repository lacks are read and sent). An image of that name with other content is an
-/// error: names must mean one image everywhere.
-pub fn ensure_image(
-    store: &Store,
+/// error: names must mean one image everywhere. Returns the chunks uploaded and the image's
+/// chunk hashes (from import).
+fn ensure_image(
+    golden: &Golden,
     name: &str,
     repo: &Repo,
-    counters: &Counters,
+    upload: &RepoLock,
     progress: &dyn Fn(&Counters),
-) -> Result<u64, SwapError> {
-    let golden = store.open_golden(name)?;
+) -> Result<(u64, Vec<ChunkHash>), SwapError> {
     let hashes: Vec<ChunkHash> = golden.chunk_hashes()?.into_iter().map(ChunkHash).collect();
     if let Some(m) = repo.image(name)? {
-        let theirs: Vec<ChunkHash> = m.entries.iter().map(|e| e.1).collect();
-        if theirs != hashes || m.info.size != golden.size {
+        if m.info.size != golden.size || !m.entries.iter().map(|e| e.1).eq(hashes.iter().copied()) {
             return Err(SwapError::Usage(format!(
                 "the repository has a different image named {name:?}"
             )));
         }
-        return Ok(0);
+        return Ok((0, hashes));
     }
-    let before = counters.chunks_uploaded.load(Ordering::Relaxed);
+    let counters = Counters::default();
     let items = hashes
         .iter()
         .enumerate()
         .map(|(i, h)| (i as u64, Some(*h)))
         .collect();
-    let read = |index: u64| read_golden_chunk(&golden, index);
-    let entries = pipeline(items, &read, &|_, _| true, repo, counters, progress)?;
+    let read = |index: u64| read_golden_chunk(golden, index);
+    let entries = pipeline(
+        items,
+        &read,
+        &|_, _| true,
+        repo,
+        upload,
+        &counters,
+        progress,
+    )?;
     repo.commit(&Manifest {
         info: ManifestInfo {
             name: name.into(),
@@ -293,9 +294,10 @@ pub fn ensure_image(
         },
         entries,
     })?;
-    Ok(counters.chunks_uploaded.load(Ordering::Relaxed) - before)
+    Ok((counters.chunks_uploaded.load(Ordering::Relaxed), hashes))
 }
 
+/// The golden's chunks as import hashed them: the last one may be short.
 fn read_golden_chunk(golden: &Golden, index: u64) -> Result<Vec<u8>, SwapError> {
     let off = index * CHUNK_SIZE as u64;
     let len = golden.size.saturating_sub(off).min(CHUNK_SIZE as u64) as usize;
@@ -304,7 +306,8 @@ fn read_golden_chunk(golden: &Golden, index: u64) -> Result<Vec<u8>, SwapError> 
     Ok(buf)
 }
 
-/// One chunk of the disk as the guest sees it; past the end of the disk, zeros.
+/// One chunk of the disk as the guest sees it, always 64 KiB (past the end of the disk,
+/// zeros): hydration fills whole clusters.
 fn read_disk_chunk(disk: &Disk, index: u64) -> Result<Vec<u8>, SwapError> {
     let off = index * CHUNK_SIZE as u64;
     let len = disk.size().saturating_sub(off).min(CHUNK_SIZE as u64) as usize;
@@ -328,49 +331,15 @@ pub fn swapout(
     let rec = store.disk(disk_name)?;
     // Held until the manifest is committed: a garbage collection waits for us, so it never
     // marks before our commit and sweeps the chunks we counted on after it.
-    let _upload = repo.upload_lock()?;
-    let image_counters = Counters::default();
-    let image_chunks_uploaded = ensure_image(store, &rec.image, repo, &image_counters, &|_| {})?;
+    let upload = repo.upload_lock()?;
+    let (image_chunks_uploaded, golden_hashes) =
+        ensure_image(disk.golden(), &rec.image, repo, &upload, progress)?;
     let counters = Counters::default();
-    let golden_hashes: Vec<ChunkHash> = disk
-        .golden()
-        .chunk_hashes()?
-        .into_iter()
-        .map(ChunkHash)
-        .collect();
     let zero = ChunkHash(*crate::store::hydrate::zero_chunk_hash());
-    let (touched, in_delta) = disk.changed_chunks();
-    // Hashes known from the swapin that made the delta, for chunks the write layer left alone.
-    let known: std::collections::HashMap<u64, ChunkHash> = disk
-        .delta()
-        .and_then(|d| d.hydration())
-        .map(|h| h.hashes().map(|(c, hash)| (c, ChunkHash(*hash))).collect())
-        .unwrap_or_default();
-    let mut candidates: Vec<u64> = touched.iter().copied().chain(in_delta).collect();
-    candidates.sort_unstable();
-    candidates.dedup();
-    // A cluster the delta holds as zeros needs no reading either.
-    let all_zero_in_delta = |i: u64| {
-        disk.delta().is_some_and(|d| {
-            let mut blocks = [DeltaBlock::Absent; 16];
-            d.lookup_cluster(i * 16, &mut blocks);
-            blocks.iter().all(|b| *b == DeltaBlock::Zero)
-        })
-    };
-    let items = candidates
+    let items = disk
+        .changed_chunks()
         .into_iter()
-        .map(|i| {
-            let reuse = if touched.contains(&i) {
-                None
-            } else if let Some(h) = known.get(&i) {
-                Some(*h)
-            } else if all_zero_in_delta(i) {
-                Some(zero)
-            } else {
-                None
-            };
-            (i, reuse)
-        })
+        .map(|(i, known)| (i, known.map(ChunkHash)))
         .collect();
     // A chunk equal to the golden's (or zeros past its end) needs no entry.
     let keep = |index: u64, hash: &ChunkHash| match golden_hashes.get(index as usize) {
@@ -378,7 +347,7 @@ pub fn swapout(
         None => *hash != zero,
     };
     let read = |index: u64| read_disk_chunk(disk, index);
-    let entries = pipeline(items, &read, &keep, repo, &counters, progress)?;
+    let entries = pipeline(items, &read, &keep, repo, &upload, &counters, progress)?;
     let parent = store
         .delta_origin(disk_name)?
         .and_then(|o| o.split_once('#').map(|(_, m)| m.to_string()));
