@@ -450,7 +450,7 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     let disk = store.open_disk(name)?;
     refuse_if_orphaned_ublk(store, name)?;
     let served = std::sync::Arc::new(Served::new(disk));
-    let prefetch = start_prefetch(store, name, &served)?;
+    let prefetch = crate::swap::Prefetcher::start(name, served.clone());
     let mut nbd = NbdServer::start(listen, name, served.clone())
         .map_err(|e| Failure::Failed(e.to_string()))?;
     let control_path = store.control_socket(name);
@@ -474,7 +474,7 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     // requests; finish what is in flight; then the common end.
     served.thaw();
     nbd.stop();
-    stop_prefetch(prefetch);
+    drop(prefetch);
     finish_serving(&served, control)?;
     if !json {
         println!(
@@ -540,7 +540,7 @@ fn serve_ublk(
         refuse_if_orphaned_ublk(store, name)?;
     }
     let served = std::sync::Arc::new(Served::new(disk));
-    let prefetch = start_prefetch(store, name, &served)?;
+    let prefetch = crate::swap::Prefetcher::start(name, served.clone());
     let ctrl = if recover {
         let record = ublk::DeviceRecord::load(&record_path).ok_or_else(|| {
             Failure::Usage(format!(
@@ -622,7 +622,7 @@ fn serve_ublk(
     })?;
     let _ = stopper.join();
     let _ = std::fs::remove_file(&record_path);
-    stop_prefetch(prefetch);
+    drop(prefetch);
     finish_serving(&served, control)?;
     if !json {
         println!("stopped: /dev/ublkb{dev_id} deleted; disk {name} flushed and closed");
@@ -1078,56 +1078,6 @@ fn hydrate(store: &Store, name: &str, json: bool) -> Result<(), Failure> {
         println!("disk {name}: {done}/{total} chunks local");
     }
     Ok(())
-}
-
-/// Starts fetching what a swapped-in disk still lacks, in the background, while it is
-/// served; `stop` ends it.
-fn start_prefetch(
-    store: &Store,
-    name: &str,
-    served: &ServedDisk,
-) -> Result<
-    Option<(
-        std::sync::Arc<std::sync::atomic::AtomicBool>,
-        std::thread::JoinHandle<()>,
-    )>,
-    Failure,
-> {
-    let _ = store;
-    if !crate::swap::is_hydrating(served.device()) {
-        return Ok(None);
-    }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (served, stop2, name) = (served.clone(), stop.clone(), name.to_string());
-    let handle = std::thread::spawn(move || {
-        let mut backoff = 1;
-        while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-            match crate::swap::hydrate(served.device(), &stop2, &|_, _| {}) {
-                Ok(()) => {
-                    tracing::info!(disk = %name, "hydration complete");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(disk = %name, "prefetch: {e} (retrying in {backoff}s)");
-                    std::thread::sleep(std::time::Duration::from_secs(backoff));
-                    backoff = (backoff * 2).min(30);
-                }
-            }
-        }
-    });
-    Ok(Some((stop, handle)))
-}
-
-fn stop_prefetch(
-    prefetch: Option<(
-        std::sync::Arc<std::sync::atomic::AtomicBool>,
-        std::thread::JoinHandle<()>,
-    )>,
-) {
-    if let Some((stop, handle)) = prefetch {
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = handle.join();
-    }
 }
 
 fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {

@@ -126,7 +126,15 @@ impl<D: BlockDevice> Served<D> {
     pub fn device(&self) -> &D {
         &self.dev
     }
+}
 
+impl<D: BlockDevice> AsRef<D> for Served<D> {
+    fn as_ref(&self) -> &D {
+        &self.dev
+    }
+}
+
+impl<D: BlockDevice> Served<D> {
     fn done<T>(
         &self,
         counter: &Counter,

@@ -467,21 +467,83 @@ pub fn source_factory() -> crate::store::SourceFactory {
     })
 }
 
-/// True if the disk is a swapped-in disk whose data is not all local yet.
-pub fn is_hydrating(disk: &Disk) -> bool {
-    disk.delta()
-        .and_then(|d| d.hydration())
-        .is_some_and(|h| !h.is_complete())
+/// Fetches what a swapped-in disk still lacks, in the background, while it is served:
+/// chunks after the last one a read waited for first, then the rest. Stopped (and joined)
+/// when dropped; a repository it cannot reach is retried with backoff.
+pub struct Prefetcher {
+    stop: Arc<Stop>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
-/// Fetches every chunk a swapped-in disk still lacks; `progress(present, total)`.
+#[derive(Default)]
+struct Stop {
+    flag: AtomicBool,
+    lock: Mutex<()>,
+    wake: parking_lot::Condvar,
+}
+
+impl Prefetcher {
+    /// None when the disk has nothing left to fetch.
+    pub fn start(name: &str, disk: Arc<dyn AsRef<Disk> + Send + Sync>) -> Option<Prefetcher> {
+        let pending = (*disk)
+            .as_ref()
+            .delta()
+            .and_then(|d| d.hydration())
+            .is_some_and(|h| !h.is_complete());
+        if !pending {
+            return None;
+        }
+        let stop = Arc::new(Stop::default());
+        let (stop2, name) = (stop.clone(), name.to_string());
+        let thread = std::thread::spawn(move || {
+            let mut backoff = std::time::Duration::from_secs(1);
+            while !stop2.flag.load(Ordering::Relaxed) {
+                match hydrate((*disk).as_ref(), &stop2.flag, &|_, _| {}) {
+                    Ok(true) => {
+                        tracing::info!(disk = %name, "hydration complete");
+                        return;
+                    }
+                    Ok(false) => return, // stopped
+                    Err(e) => {
+                        tracing::warn!(disk = %name, "prefetch: {e} (retrying in {backoff:?})");
+                        let mut g = stop2.lock.lock();
+                        if !stop2.flag.load(Ordering::Relaxed) {
+                            stop2.wake.wait_for(&mut g, backoff);
+                        }
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(30));
+                    }
+                }
+            }
+        });
+        Some(Prefetcher {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Prefetcher {
+    fn drop(&mut self) {
+        {
+            let _g = self.stop.lock.lock();
+            self.stop.flag.store(true, Ordering::Relaxed);
+            self.stop.wake.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Fetches every chunk a swapped-in disk still lacks, until done or `stop`;
+/// `progress(present, total)`. Returns whether the disk is complete.
 pub fn hydrate(
     disk: &Disk,
     stop: &AtomicBool,
     progress: &dyn Fn(u64, u64),
-) -> Result<(), SwapError> {
+) -> Result<bool, SwapError> {
     let Some(h) = disk.delta().and_then(|d| d.hydration()) else {
-        return Ok(());
+        return Ok(true);
     };
     while !h.is_complete() && !stop.load(Ordering::Relaxed) {
         h.hydrate_some(64)?;
@@ -490,5 +552,5 @@ pub fn hydrate(
         progress(done, total);
     }
     h.persist()?;
-    Ok(())
+    Ok(h.is_complete())
 }
