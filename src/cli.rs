@@ -353,6 +353,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
     let json = cli.json;
     let mut store = Store::open(&root)?;
     store.set_source_factory(crate::swap::source_factory());
+    store.set_disk_guard(std::sync::Arc::new(crate::frontend::ublk::orphan_guard));
     match cli.command {
         Command::Image(cmd) => image(&store, cmd, json),
         Command::Disk(cmd) => disk(&store, cmd, json),
@@ -448,7 +449,6 @@ fn finish_serving(served: &ServedDisk, control: ControlServer) -> Result<(), Fai
 fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), Failure> {
     let signals = block_stop_signals();
     let disk = store.open_disk(name)?;
-    refuse_if_orphaned_ublk(store, name)?;
     let served = std::sync::Arc::new(Served::new(disk));
     let prefetch = crate::swap::Prefetcher::start(name, served.clone());
     let mut nbd = NbdServer::start(listen, name, served.clone())
@@ -486,24 +486,6 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     Ok(())
 }
 
-/// A disk whose ublk server died may still have its device, quiesced, with a filesystem
-/// mounted on it and writes cached above it: serving the disk anew would fork its history.
-/// Call with the disk open (its lock proves no server runs it).
-fn refuse_if_orphaned_ublk(store: &Store, name: &str) -> Result<(), Failure> {
-    use crate::frontend::ublk;
-    let Some(record) = ublk::DeviceRecord::load(&store.frontend_record(name, "ublk")) else {
-        return Ok(());
-    };
-    if ublk::recorded_device(&record).is_some() {
-        return Err(Failure::Usage(format!(
-            "disk {name}'s ublk server died and left /dev/ublkb{} waiting: take it over with \
-             `stasis serve {name} --ublk --recover`, or give it up with `stasis ublk delete {name}`",
-            record.dev_id
-        )));
-    }
-    Ok(())
-}
-
 fn serve_ublk(
     store: &Store,
     name: &str,
@@ -535,10 +517,13 @@ fn serve_ublk(
     // Opening the disk takes its lock: for --recover, that proves the old server is dead,
     // and it replays the journal up to the last write the dead server completed.
     let record_path = store.frontend_record(name, "ublk");
-    let disk = store.open_disk(name)?;
-    if !recover {
-        refuse_if_orphaned_ublk(store, name)?;
-    }
+    // Only --recover may open a disk whose device is waiting for its server: the store's
+    // guard (ublk::orphan_guard) refuses everyone else.
+    let disk = if recover {
+        store.open_disk_taking_over(name)?
+    } else {
+        store.open_disk(name)?
+    };
     let served = std::sync::Arc::new(Served::new(disk));
     let prefetch = crate::swap::Prefetcher::start(name, served.clone());
     let ctrl = if recover {
@@ -633,8 +618,9 @@ fn serve_ublk(
 fn ublk_delete(store: &Store, name: &str, json: bool) -> Result<(), Failure> {
     use crate::frontend::ublk;
     let record_path = store.frontend_record(name, "ublk");
-    // The lock proves no server is running the disk.
-    let disk = store.open_disk(name)?;
+    // The lock proves no server is running the disk; the guard would refuse: this is the
+    // command it points to.
+    let disk = store.open_disk_taking_over(name)?;
     let record = ublk::DeviceRecord::load(&record_path)
         .ok_or_else(|| Failure::Usage(format!("disk {name} has no recorded ublk device")))?;
     ublk::delete_orphan(&record)?;

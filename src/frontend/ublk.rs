@@ -224,6 +224,25 @@ fn recorded_device_any_state(record: &DeviceRecord) -> Option<sys::ublksrv_ctrl_
     (info.ublksrv_flags == record.tag).then_some(info)
 }
 
+/// The store's disk guard (`Store::set_disk_guard`): a disk whose ublk server died may
+/// still have its device, quiesced, with a filesystem mounted on it and writes cached above
+/// it. Serving, changing or removing the disk then would fork its history under that
+/// filesystem; only `serve --ublk --recover` and `ublk delete` may touch it. Asked with the
+/// disk's lock held, which proves no server runs it.
+pub fn orphan_guard(store: &crate::store::Store, disk: &str) -> Result<(), String> {
+    let Some(record) = DeviceRecord::load(&store.frontend_record(disk, "ublk")) else {
+        return Ok(());
+    };
+    match recorded_device(&record) {
+        Some(_) => Err(format!(
+            "disk {disk}'s ublk server died and left /dev/ublkb{} waiting: take it over with \
+             `stasis serve {disk} --ublk --recover`, or give it up with `stasis ublk delete {disk}`",
+            record.dev_id
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Checks, without changing anything, that the recorded device can be taken over. The
 /// caller must hold the disk's lock: that proves the server that ran the device has exited
 /// or is exiting, so a device still LIVE is only on its way to QUIESCED (the driver gets

@@ -84,6 +84,9 @@ pub enum StoreError {
     /// Data not local and its source unreachable (a swapped-in disk still hydrating).
     #[error("{0}")]
     Unavailable(String),
+    /// The disk guard refused: something outside the store still holds the disk's state.
+    #[error("{0}")]
+    Held(String),
 }
 
 impl StoreError {
@@ -112,6 +115,7 @@ impl StoreError {
                 | StoreError::DiskExists(_)
                 | StoreError::InvalidName(_)
                 | StoreError::DiskInUse(_)
+                | StoreError::Held(_)
                 | StoreError::ImageInUse { .. }
                 | StoreError::InvalidSize(_)
                 | StoreError::Import { .. }
@@ -273,10 +277,17 @@ fn detect_format(path: &Path) -> Result<&'static str, StoreError> {
 pub type SourceFactory =
     Arc<dyn Fn(&str) -> Result<Arc<dyn hydrate::ChunkSource>, String> + Send + Sync>;
 
+/// Asked, with the disk's lock held, before a disk is opened, folded or removed: an error
+/// (its message) refuses. The store knows nothing of frontends; the CLI installs this so a
+/// disk whose ublk device outlived its server (and may hold a mounted filesystem's unwritten
+/// state) is not changed behind that device's back.
+pub type DiskGuard = Arc<dyn Fn(&Store, &str) -> Result<(), String> + Send + Sync>;
+
 pub struct Store {
     root: PathBuf,
     registry: Registry,
     sources: Option<SourceFactory>,
+    guard: Option<DiskGuard>,
 }
 
 impl Store {
@@ -291,6 +302,7 @@ impl Store {
             root: root.to_path_buf(),
             registry,
             sources: None,
+            guard: None,
         })
     }
 
@@ -351,6 +363,19 @@ impl Store {
     fn lock_disk(&self, name: &str) -> Result<DiskLock, StoreError> {
         DiskLock::try_acquire(&self.root.join("locks").join(format!("disk-{name}.lock")))?
             .ok_or_else(|| StoreError::DiskInUse(name.to_string()))
+    }
+
+    /// Locks a disk that is about to be used or changed, and asks the disk guard.
+    fn lock_disk_guarded(&self, name: &str) -> Result<DiskLock, StoreError> {
+        let lock = self.lock_disk(name)?;
+        if let Some(guard) = &self.guard {
+            guard(self, name).map_err(StoreError::Held)?;
+        }
+        Ok(lock)
+    }
+
+    pub fn set_disk_guard(&mut self, guard: DiskGuard) {
+        self.guard = Some(guard);
     }
 
     fn new_id() -> String {
@@ -597,7 +622,18 @@ impl Store {
 
     /// Opens a disk for I/O. It stays locked against other openers until the `Disk` is dropped.
     pub fn open_disk(&self, name: &str) -> Result<Disk, StoreError> {
+        let lock = self.lock_disk_guarded(name)?;
+        self.open_locked(name, lock)
+    }
+
+    /// Opens a disk without asking the disk guard: for the caller that takes over, or gives
+    /// up, exactly what the guard protects (`serve --ublk --recover`, `ublk delete`).
+    pub fn open_disk_taking_over(&self, name: &str) -> Result<Disk, StoreError> {
         let lock = self.lock_disk(name)?;
+        self.open_locked(name, lock)
+    }
+
+    fn open_locked(&self, name: &str, lock: DiskLock) -> Result<Disk, StoreError> {
         let rec = self.disk(name)?;
         let golden = Arc::new(self.open_golden(&rec.image)?);
         let delta = match &rec.delta {
@@ -677,7 +713,7 @@ impl Store {
         progress: &dyn Fn(u64, u64),
     ) -> Result<DiskRecord, StoreError> {
         let _structure = self.structure_lock()?;
-        let _lock = self.lock_disk(name)?;
+        let _lock = self.lock_disk_guarded(name)?;
         let rec = self.disk(name)?;
         if let Some(c) = child {
             if self.registry.read(|t| t.disk(c))?.is_some() {
@@ -745,7 +781,7 @@ impl Store {
     /// Removes a disk. Layers it shares with other branches stay.
     pub fn remove_disk(&self, name: &str) -> Result<(), StoreError> {
         let _structure = self.structure_lock()?;
-        let _lock = self.lock_disk(name)?;
+        let _lock = self.lock_disk_guarded(name)?;
         self.registry.update(|t| {
             t.disk(name)?
                 .ok_or_else(|| StoreError::DiskNotFound(name.into()))?;

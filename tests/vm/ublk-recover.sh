@@ -2,9 +2,9 @@
 # Runs inside the test VM (tools/vm/run) after tests/vm/ublk.sh, as root. ARG: the stasis binary.
 # Checks ublk user recovery (`stasis serve DISK --ublk --recover`): a server killed with -9
 # while a filesystem on its device is mounted and a writer runs; the device stays, a plain
-# serve and a recover while the old server lives are refused, --recover takes the same
-# /dev/ublkbN over, the writer continues, every file whose fsync returned is intact, twice in
-# a row; then umount, e2fsck -fn clean, SIGTERM; `stasis ublk delete` of an orphan; then
+# serve (and compact, rm, swapout) and a recover while the old server lives are refused,
+# --recover takes the same /dev/ublkbN over, the writer continues, every file whose fsync
+# returned is intact, twice in a row; then umount, e2fsck -fn clean, SIGTERM; `stasis ublk delete` of an orphan; then
 # swapout of the disk and swapin on another store, served as ublk at once (e2fsck, files).
 set -eu
 STASIS="$1"
@@ -85,6 +85,11 @@ for round in 1 2; do
     # A plain serve would fork the disk's history under the mounted filesystem: refused.
     refused serve r --ublk
     refused serve r --nbd unix:"$W/nbd.sock"
+    # So is anything else that would change the disk behind the waiting device.
+    refused disk compact r
+    refused disk rm r
+    refused swapout r --repo /dev/shm/repo
+    "$STASIS" disk info r > /dev/null || fail "disk info of a disk with an orphaned device"
     serve --recover
     [ "$DEV" = "$FIRST" ] || fail "round $round: recovered as $DEV, expected $FIRST"
     grep -q '"recovered":true' "$W/serve.out" || fail "round $round: $(cat "$W/serve.out")"
