@@ -194,6 +194,21 @@ impl Delta {
                 file_bytes: file_len,
             },
         };
+        // A chunk map must describe this very table: its k-th cluster is a whole data cluster
+        // whose data is the k-th 64 KiB (its hashes are trusted by swapout).
+        if let Some(h) = &delta.hydration {
+            for (k, &cluster) in h.clusters().iter().enumerate() {
+                let whole = delta.find(cluster).is_some_and(|e| {
+                    e.first == k as u64 * CLUSTER_BLOCKS && e.present == u16::MAX && e.zero == 0
+                });
+                if !whole {
+                    return Err(StoreError::corrupt(
+                        &hydrate::chunks_path(path),
+                        format!("chunk map: cluster {cluster} does not match the delta's table"),
+                    ));
+                }
+            }
+        }
         for e in delta.table.iter().filter(|e| e.cluster != EMPTY) {
             // The probe must stop at this very entry (not an equal-looking earlier one).
             if !delta
@@ -291,7 +306,7 @@ impl Delta {
         for e in clusters {
             for i in 0..CLUSTER_BLOCKS {
                 let block = e.cluster * CLUSTER_BLOCKS + i;
-                match self.lookup(block) {
+                match self.block_in(Some(e), block) {
                     DeltaBlock::Absent => {}
                     found => out.push((block, found)),
                 }

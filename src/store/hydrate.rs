@@ -194,6 +194,11 @@ impl Hydration {
         self.remaining.load(Ordering::Relaxed) == 0
     }
 
+    /// The data clusters, in data order (cluster k's data is the k-th 64 KiB).
+    pub(super) fn clusters(&self) -> &[u64] {
+        &self.clusters
+    }
+
     /// The hash of each data cluster: (cluster, BLAKE3).
     pub fn hashes(&self) -> impl Iterator<Item = (u64, &[u8; 32])> {
         self.clusters.iter().copied().zip(self.hashes.iter())
@@ -292,9 +297,16 @@ impl Hydration {
         if pending.is_empty() {
             return Ok(());
         }
-        self.data
-            .sync_data()
-            .map_err(|e| StoreError::io(&self.data_path, e))?;
+        if let Err(e) = self.data.sync_data() {
+            // After a failed writeback the kernel may drop those pages, and the holes under
+            // them read as zeros: count the chunks as absent again, to be fetched anew.
+            for &k in &pending {
+                if self.present[k as usize].swap(false, Ordering::AcqRel) {
+                    self.remaining.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return Err(StoreError::io(&self.data_path, e));
+        }
         for k in &pending {
             self.map
                 .write_all_at(&[1], self.present_at + *k as u64)
@@ -311,5 +323,50 @@ impl Drop for Hydration {
         if let Err(e) = self.persist() {
             tracing::warn!("hydration state not saved (chunks will be fetched again): {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::delta::Delta;
+    use super::*;
+
+    fn hash(n: u8) -> [u8; 32] {
+        *blake3::hash(&[n]).as_bytes()
+    }
+
+    #[test]
+    fn a_chunk_map_that_names_other_clusters_than_the_delta_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.delta");
+        Delta::create_hydrating(&p, &[(2, hash(1)), (9, hash(2)), (11, *zero_chunk_hash())])
+            .unwrap();
+        let d = Delta::open(&p).unwrap();
+        let h = d.hydration().unwrap();
+        assert_eq!(h.progress(), (0, 2), "the zero chunk is not in the map");
+        assert_eq!(h.clusters(), &[2, 9]);
+        drop(d);
+        // Cluster 9 renamed 10 in the map (header re-sealed: only the cross-check can tell).
+        let map = chunks_path(&p);
+        let mut bytes = std::fs::read(&map).unwrap();
+        let at = HEADER_LEN + ENTRY_LEN;
+        bytes[at..at + 8].copy_from_slice(&10u64.to_le_bytes());
+        std::fs::write(&map, &bytes).unwrap();
+        let err = Delta::open(&p).err().expect("refused").to_string();
+        assert!(err.contains("does not match the delta"), "{err}");
+    }
+
+    #[test]
+    fn without_a_source_an_absent_chunk_is_an_error_not_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("h.delta");
+        Delta::create_hydrating(&p, &[(0, hash(1))]).unwrap();
+        let d = Delta::open(&p).unwrap();
+        let mut buf = vec![0u8; BLOCK_SIZE];
+        let off = super::super::format::DATA_OFFSET;
+        assert!(matches!(
+            d.read_at(off, &mut buf),
+            Err(StoreError::Unavailable(_))
+        ));
     }
 }
