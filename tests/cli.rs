@@ -3,7 +3,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+
+mod common;
+
+use common::{ok, pattern, stasis};
 
 const MIB: usize = 1 << 20;
 
@@ -12,38 +15,6 @@ struct Env {
     root: PathBuf,
     work: PathBuf,
     golden: Vec<u8>,
-}
-
-fn stasis(root: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stasis"))
-        .arg("--store")
-        .arg(root)
-        .args(args)
-        .env_remove("STASIS_STORE")
-        .output()
-        .expect("run stasis")
-}
-
-fn ok(root: &Path, args: &[&str]) -> String {
-    let out = stasis(root, args);
-    assert!(
-        out.status.success(),
-        "stasis {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 output")
-}
-
-fn pattern(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
 }
 
 /// A store with image `base`, disk `d` (its own writes in a delta shared with its fork `e`,

@@ -8,30 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+mod common;
+
+use common::{ok, stasis};
+
 const MIB: u64 = 1 << 20;
 const DISK_SIZE: u64 = 64 * MIB;
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_stasis")
-}
-
-fn stasis(root: &Path, args: &[&str]) -> Output {
-    Command::new(bin())
-        .arg("--store")
-        .arg(root)
-        .args(args)
-        .output()
-        .expect("run stasis")
-}
-
-fn ok(root: &Path, args: &[&str]) -> String {
-    let out = stasis(root, args);
-    assert!(
-        out.status.success(),
-        "stasis {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 fn tool(name: &str, args: &[&str]) -> Output {

@@ -300,7 +300,7 @@ impl Meta {
         bytes.map(|b| Manifest::decode(&b)).transpose()
     }
 
-    fn all_manifests(&self) -> Result<Vec<Manifest>, RepoError> {
+    pub fn all_manifests(&self) -> Result<Vec<Manifest>, RepoError> {
         let raw = self.read(|txn| {
             let mut out = Vec::new();
             for def in [DISKS, IMAGES] {

@@ -378,11 +378,8 @@ impl Repo {
             progress(report.bytes_checked, total);
         }
         let indexed: std::collections::HashSet<ChunkHash> = chunks.iter().map(|c| c.0).collect();
-        for (info, _) in self.meta.list()? {
-            let m = self
-                .meta
-                .manifest(info.kind.clone(), &info.name)?
-                .ok_or_else(|| RepoError::NotFound(info.name.clone()))?;
+        for m in self.meta.all_manifests()? {
+            let info = &m.info;
             let mut broken = false;
             for (_, h) in &m.entries {
                 if !indexed.contains(h) {
