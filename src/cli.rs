@@ -440,7 +440,7 @@ fn start_control(
 fn finish_serving(served: &ServedDisk, control: ControlServer) -> Result<(), Failure> {
     drop(control);
     served
-        .freeze()
+        .freeze_for_close()
         .map_err(|e| Failure::Failed(format!("final flush failed: {e}")))?;
     served.device().close_shared()?;
     Ok(())
@@ -472,7 +472,7 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     tracing::info!(signal = sig, "stopping: draining I/O, flushing, closing");
     // Release anything a freeze holds (else it could never finish); no new connections or
     // requests; finish what is in flight; then the common end.
-    served.thaw();
+    served.begin_stop();
     nbd.stop();
     drop(prefetch);
     finish_serving(&served, control)?;
@@ -573,7 +573,7 @@ fn serve_ublk(
                 signal = sig,
                 "stopping: deleting the device, flushing, closing"
             );
-            served.thaw();
+            served.begin_stop();
             if let Err(e) = ublk::init_control_ring()
                 .map_err(|e| e.to_string())
                 .and_then(|_| ctrl.kill_dev().map(|_| ()).map_err(|e| e.to_string()))

@@ -161,7 +161,7 @@ fn handle<D: BlockDevice>(line: &[u8], dev: &Served<D>, info: &ServeInfo) -> Val
         "freeze" => match dev.freeze() {
             Ok(true) => json!({"ok": true, "frozen": true}),
             Ok(false) => {
-                json!({"ok": false, "error": "a thaw arrived while the freeze waited for I/O to drain; not frozen"})
+                json!({"ok": false, "error": "not frozen: a thaw arrived while the freeze waited for I/O to drain, or the server is stopping"})
             }
             Err(e) => {
                 dev.thaw();

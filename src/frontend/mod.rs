@@ -26,6 +26,9 @@ struct Gate {
 struct GateState {
     frozen: bool,
     in_flight: u64,
+    /// The server is stopping: freeze and thaw from the control socket no longer apply (a
+    /// freeze then could hold the requests the frontend is waiting to finish).
+    stopping: bool,
 }
 
 struct InFlight<'a>(&'a Gate);
@@ -155,9 +158,22 @@ impl<D: BlockDevice> Served<D> {
     /// Finishes the I/O in flight, holds new I/O, and flushes. Returns when the device is
     /// quiescent and durable; it stays frozen until `thaw`. Returns false if a `thaw` came
     /// while it waited for I/O to drain (the device is then not frozen).
+    /// Returns false at once, without freezing, once the server is stopping.
     pub fn freeze(&self) -> Result<bool, BlockError> {
+        self.freeze_inner(false)
+    }
+
+    /// The last freeze before the disk is closed: holds whatever might still come.
+    pub fn freeze_for_close(&self) -> Result<(), BlockError> {
+        self.freeze_inner(true).map(|_| ())
+    }
+
+    fn freeze_inner(&self, closing: bool) -> Result<bool, BlockError> {
         let still_frozen = {
             let mut s = self.gate.state.lock();
+            if s.stopping && !closing {
+                return Ok(false);
+            }
             s.frozen = true;
             while s.in_flight > 0 && s.frozen {
                 self.gate.changed.wait(&mut s);
@@ -168,8 +184,21 @@ impl<D: BlockDevice> Served<D> {
         Ok(still_frozen)
     }
 
+    /// Releases what a freeze holds (no effect once the server is stopping).
     pub fn thaw(&self) {
-        self.gate.state.lock().frozen = false;
+        let mut s = self.gate.state.lock();
+        if !s.stopping {
+            s.frozen = false;
+            self.gate.changed.notify_all();
+        }
+    }
+
+    /// The server is stopping: releases what a freeze holds, so the frontend can finish its
+    /// requests, and ignores freeze and thaw from now on.
+    pub fn begin_stop(&self) {
+        let mut s = self.gate.state.lock();
+        s.stopping = true;
+        s.frozen = false;
         self.gate.changed.notify_all();
     }
 
@@ -344,6 +373,22 @@ mod tests {
         };
         wait_until(|| dev.is_frozen());
         (release, dev, reader, freezer)
+    }
+
+    #[test]
+    fn once_stopping_a_control_freeze_holds_nothing_but_the_closing_freeze_does() {
+        let (release, dev, reader, freezer) = read_in_flight_then_freeze();
+        // Stopping releases the freeze a control client made...
+        dev.begin_stop();
+        assert!(!dev.is_frozen());
+        // ...and a late one (a control client still connected) neither freezes nor thaws.
+        assert!(!dev.freeze().unwrap());
+        release.send(()).unwrap();
+        assert!(reader.join().unwrap().is_ok());
+        let _ = freezer.join().unwrap();
+        dev.freeze_for_close().unwrap();
+        dev.thaw();
+        assert!(dev.is_frozen(), "a thaw undid the closing freeze");
     }
 
     #[test]
