@@ -424,6 +424,7 @@ fn start_control(
     frontend: &str,
     address: String,
     served: &ServedDisk,
+    swapped_out: &SwappedOut,
 ) -> Result<ControlServer, Failure> {
     let info = ServeInfo {
         disk: name.to_string(),
@@ -431,19 +432,62 @@ fn start_control(
         address,
         started_at: crate::frontend::unix_now(),
     };
-    ControlServer::start(&store.control_socket(name), served.clone(), info)
-        .map_err(|e| Failure::Failed(e.to_string()))
+    let hook = crate::swap::control_hook(
+        store.root().to_path_buf(),
+        name.to_string(),
+        std::sync::Arc::downgrade(served),
+        swapped_out.clone(),
+    );
+    ControlServer::start(
+        &store.control_socket(name),
+        served.clone(),
+        info,
+        Some(hook),
+    )
+    .map_err(|e| Failure::Failed(e.to_string()))
 }
 
+/// Set by a swapout through the control socket: the server then stops, and releases the
+/// disk once it is closed (unless the swapout said keep).
+type SwappedOut = std::sync::Arc<parking_lot::Mutex<Option<crate::swap::ServedSwapout>>>;
+
 /// The end of serving, once the frontend has stopped taking and finished its requests: no
-/// more control requests, hold anything left (the gate stays frozen), flush, close cleanly.
-fn finish_serving(served: &ServedDisk, control: ControlServer) -> Result<(), Failure> {
+/// more control requests, hold anything left (the gate stays frozen), flush, close cleanly;
+/// then, after a swapout through the control socket, release the disk's local layers.
+/// Returns whether the disk was swapped out.
+fn finish_serving(
+    store: &Store,
+    name: &str,
+    served: ServedDisk,
+    control: ControlServer,
+    swapped_out: &SwappedOut,
+) -> Result<bool, Failure> {
     drop(control);
     served
         .freeze_for_close()
         .map_err(|e| Failure::Failed(format!("final flush failed: {e}")))?;
     served.device().close_shared()?;
-    Ok(())
+    let Some(done) = *swapped_out.lock() else {
+        return Ok(false);
+    };
+    if !done.keep {
+        // The disk's lock goes with its last reference; the frontend's threads have ended,
+        // a control connection may take a moment to let go.
+        let mut served = served;
+        for _ in 0..500 {
+            match std::sync::Arc::try_unwrap(served) {
+                Ok(last) => {
+                    drop(last);
+                    break;
+                }
+                Err(shared) => served = shared,
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        store.remove_disk(name)?;
+    }
+    tracing::info!(disk = %name, released = !done.keep, "swapped out");
+    Ok(true)
 }
 
 fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), Failure> {
@@ -454,7 +498,8 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     let mut nbd = NbdServer::start(listen, name, served.clone())
         .map_err(|e| Failure::Failed(e.to_string()))?;
     let control_path = store.control_socket(name);
-    let control = start_control(store, name, "nbd", nbd.uri.clone(), &served)?;
+    let swapped_out = SwappedOut::default();
+    let control = start_control(store, name, "nbd", nbd.uri.clone(), &served, &swapped_out)?;
     if json {
         println!(
             "{}",
@@ -475,8 +520,11 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     served.begin_stop();
     nbd.stop();
     drop(prefetch);
-    finish_serving(&served, control)?;
+    let swapped = finish_serving(store, name, served, control, &swapped_out)?;
     if !json {
+        if swapped {
+            println!("disk {name} swapped out: server stopped");
+        }
         println!(
             "stopped: disk {name} flushed and closed ({} connection(s) served)",
             nbd.connections_served
@@ -558,7 +606,15 @@ fn serve_ublk(
     };
     let dev_id = ctrl.dev_info().dev_id;
     let control_path = store.control_socket(name);
-    let control = start_control(store, name, "ublk", format!("/dev/ublkb{dev_id}"), &served)?;
+    let swapped_out = SwappedOut::default();
+    let control = start_control(
+        store,
+        name,
+        "ublk",
+        format!("/dev/ublkb{dev_id}"),
+        &served,
+        &swapped_out,
+    )?;
     // The stop signal arrives on its own thread, which stops the device; a signal that comes
     // while the device is still starting waits for the start (a stop before it would be lost).
     let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
@@ -608,8 +664,11 @@ fn serve_ublk(
     let _ = stopper.join();
     let _ = std::fs::remove_file(&record_path);
     drop(prefetch);
-    finish_serving(&served, control)?;
+    let swapped = finish_serving(store, name, served, control, &swapped_out)?;
     if !json {
+        if swapped {
+            println!("disk {name} swapped out: server stopped");
+        }
         println!("stopped: /dev/ublkb{dev_id} deleted; disk {name} flushed and closed");
     }
     Ok(())
@@ -953,13 +1012,27 @@ fn export(store: &Store, disk: &str, file: &Path, json: bool) -> Result<(), Fail
     Ok(())
 }
 
-/// The repository named by --repo / STASIS_REPO, or the store's own. Only a swapout may
-/// create it; everything else needs an existing one.
-fn open_repo(store: &Store, arg: &RepoArg, create: bool) -> Result<crate::repo::Repo, Failure> {
+/// The repository's URL, a relative path made absolute: it is recorded in swapped-in disks
+/// and sent to servers, which do not share our working directory.
+fn repo_url(store: &Store, arg: &RepoArg) -> String {
     let url = arg
         .url
         .clone()
         .unwrap_or_else(|| store.root().join("repo").display().to_string());
+    let path = url.strip_prefix("file://").unwrap_or(&url);
+    if url.contains("://") && !url.starts_with("file://") || Path::new(path).is_absolute() {
+        return url;
+    }
+    match std::env::current_dir() {
+        Ok(cwd) => cwd.join(path).display().to_string(),
+        Err(_) => url,
+    }
+}
+
+/// The repository named by --repo / STASIS_REPO, or the store's own. Only a swapout may
+/// create it; everything else needs an existing one.
+fn open_repo(store: &Store, arg: &RepoArg, create: bool) -> Result<crate::repo::Repo, Failure> {
+    let url = repo_url(store, arg);
     Ok(if create {
         crate::repo::Repo::open(&url)?
     } else {
@@ -976,14 +1049,11 @@ fn swapout(
     json: bool,
 ) -> Result<(), Failure> {
     store.disk(name)?;
+    let manifest = manifest.unwrap_or_else(|| format!("{name}@{}", crate::repo::now_secs()));
     if crate::control::request(&store.control_socket(name), name, "status").is_ok() {
-        return Err(Failure::Usage(format!(
-            "disk {name} is being served: stop the server first (swapout through the control \
-             socket is not implemented yet)"
-        )));
+        return swapout_served(store, name, &repo_url(store, repo), &manifest, keep, json);
     }
     let repo = open_repo(store, repo, true)?;
-    let manifest = manifest.unwrap_or_else(|| format!("{name}@{}", crate::repo::now_secs()));
     let disk = store.open_disk(name)?;
     let pb = progress_bar(json, &format!("swapout {name}"));
     let show = |c: &crate::swap::Counters| {
@@ -1002,21 +1072,110 @@ fn swapout(
     if !keep {
         store.remove_disk(name)?;
     }
-    if json {
-        print_json(&json!({"swapout": summary, "released": !keep}));
-    } else {
-        println!(
-            "swapped out disk {name} as manifest {manifest} in {:.2}s: {} chunks, {} uploaded ({} chunks), {} chunks already held, {} hashes reused{}",
-            summary.seconds,
-            summary.chunks,
-            human(summary.bytes_uploaded),
-            summary.chunks_uploaded,
-            summary.chunks_reused,
-            summary.hashes_reused,
-            if keep { "" } else { "; local layers released" }
-        );
-        println!("bring it back with: stasis swapin {manifest} --as {name}");
+    print_swapout(&summary, keep, false, json);
+    Ok(())
+}
+
+/// Whether process `pid` still runs. A zombie does not: it has closed its files and
+/// released its locks, and only waits for its parent to reap it.
+fn process_running(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
     }
+}
+
+fn print_swapout(summary: &crate::swap::SwapoutSummary, keep: bool, served: bool, json: bool) {
+    let (name, manifest) = (&summary.disk, &summary.manifest);
+    if json {
+        print_json(&json!({"swapout": summary, "released": !keep, "server_stopped": served}));
+        return;
+    }
+    println!(
+        "swapped out disk {name} as manifest {manifest} in {:.2}s: {} chunks, {} uploaded ({} chunks), {} chunks already held, {} hashes reused{}{}",
+        summary.seconds,
+        summary.chunks,
+        human(summary.bytes_uploaded),
+        summary.chunks_uploaded,
+        summary.chunks_reused,
+        summary.hashes_reused,
+        if served { "; its server stopped" } else { "" },
+        if keep { "" } else { "; local layers released" }
+    );
+    println!("bring it back with: stasis swapin {manifest} --as {name}");
+}
+
+/// Swapout of a disk being served: the server does it (freeze, swapout, stop, release)
+/// through its control socket; this waits for the server to be gone.
+fn swapout_served(
+    store: &Store,
+    name: &str,
+    url: &str,
+    manifest: &str,
+    keep: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let pb = progress_bar(json, &format!("swapout {name} (served)"));
+    let request = json!({"cmd": "swapout", "repo": url, "manifest": manifest, "keep": keep, "progress": true});
+    let reply = crate::control::request_with(
+        &store.control_socket(name),
+        name,
+        &request,
+        None,
+        &mut |event| {
+            let get = |k: &str| {
+                event
+                    .get(k)
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0)
+            };
+            pb.set_position(get("bytes_scanned"));
+            pb.set_message(format!(
+                "swapout {name}: {} uploaded, {} chunks already held",
+                human(get("bytes_uploaded")),
+                get("chunks_present")
+            ));
+        },
+    )
+    .map_err(|e| Failure::Failed(e.to_string()))?;
+    if reply.get("ok").and_then(serde_json::Value::as_bool) != Some(true) {
+        return Err(Failure::Failed(format!(
+            "swapout of served disk {name}: {}",
+            reply
+                .get("error")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or("failed")
+        )));
+    }
+    let summary: crate::swap::SwapoutSummary =
+        serde_json::from_value(reply.get("swapout").cloned().unwrap_or_default())
+            .map_err(|e| Failure::Failed(format!("bad swapout reply: {e}")))?;
+    // The manifest is committed; now the server stops and releases the disk.
+    pb.set_message(format!("swapout {name}: stopping its server"));
+    let pid = reply.get("pid").and_then(serde_json::Value::as_u64);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while pid.is_some_and(process_running) {
+        if std::time::Instant::now() > deadline {
+            return Err(Failure::Failed(format!(
+                "disk {name} is swapped out as {manifest}, but its server (pid {}) has not \
+                 stopped after 120 s",
+                pid.unwrap_or_default()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    pb.finish_and_clear();
+    if !keep && store.disk(name).is_ok() {
+        return Err(Failure::Failed(format!(
+            "disk {name} is swapped out as {manifest}, but its server did not release it \
+             (see its log; `stasis disk rm {name}` releases it)"
+        )));
+    }
+    print_swapout(&summary, keep, true, json);
     Ok(())
 }
 

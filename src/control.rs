@@ -2,7 +2,7 @@
 //!
 //! A Unix socket (mode 0600) at `<store>/run/<disk>.sock`; one JSON object per line each way
 //! (kernel-notes/control.md). Requests: `{"cmd": "status" | "stats" | "flush" | "freeze" |
-//! "thaw"}`. Replies: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. A bad request
+//! "thaw" | "swapout"}`. Replies: `{"ok": true, ...}` or `{"ok": false, "error": "..."}`. A bad request
 //! gets an error reply; the device keeps serving.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -37,6 +37,21 @@ pub enum ControlError {
     Protocol(String),
 }
 
+/// A `swapout` request: `{"cmd":"swapout", "repo": URL?, "manifest": NAME?, "keep": bool?,
+/// "progress": bool?}` (kernel-notes/control.md section 3.6).
+#[derive(Clone, Debug, Default)]
+pub struct SwapoutRequest {
+    pub repo: Option<String>,
+    pub manifest: Option<String>,
+    pub keep: bool,
+}
+
+/// Carries out a swapout of the served disk for the control socket. It gets the request
+/// and a sink for progress events, and returns the reply's fields (or the error's text).
+/// The serving side installs it: the control socket knows nothing of repositories.
+pub type SwapoutHook =
+    Arc<dyn Fn(&SwapoutRequest, &mut dyn FnMut(Value)) -> Result<Value, String> + Send + Sync>;
+
 /// What `status` reports besides the live state.
 #[derive(Clone, Debug)]
 pub struct ServeInfo {
@@ -57,6 +72,7 @@ impl ControlServer {
         path: &Path,
         dev: Arc<Served<D>>,
         info: ServeInfo,
+        swapout: Option<SwapoutHook>,
     ) -> Result<ControlServer, ControlError> {
         let io_err = |e| ControlError::Io {
             path: path.to_path_buf(),
@@ -76,11 +92,11 @@ impl ControlServer {
                     let Ok((stream, _)) = listener.accept() else {
                         continue;
                     };
-                    let (dev, info) = (dev.clone(), info.clone());
+                    let (dev, info, swapout) = (dev.clone(), info.clone(), swapout.clone());
                     let _ = std::thread::Builder::new()
                         .name("control-conn".into())
                         .spawn(move || {
-                            if let Err(e) = serve_client(stream, &dev, &info) {
+                            if let Err(e) = serve_client(stream, &dev, &info, swapout.as_ref()) {
                                 tracing::debug!("control: client: {e}");
                             }
                         });
@@ -109,6 +125,7 @@ fn serve_client<D: BlockDevice>(
     stream: UnixStream,
     dev: &Served<D>,
     info: &ServeInfo,
+    swapout: Option<&SwapoutHook>,
 ) -> io::Result<()> {
     let mut out = stream.try_clone()?;
     let mut reader = BufReader::new(stream);
@@ -120,21 +137,36 @@ fn serve_client<D: BlockDevice>(
         if n == 0 {
             return Ok(());
         }
+        // Progress events of a long request go out as they come; a client that went away
+        // does not stop the request (a swapout runs to its end either way).
+        let mut event_sink = |event: Value| {
+            let _ = write_line(&mut out, &event);
+        };
         let reply = if line.len() > MAX_LINE {
             json!({"ok": false, "error": format!("request longer than {MAX_LINE} bytes")})
         } else {
-            handle(&line, dev, info)
+            handle(&line, dev, info, swapout, &mut event_sink)
         };
-        let mut text = serde_json::to_vec(&reply).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
-        text.push(b'\n');
-        out.write_all(&text)?;
+        write_line(&mut out, &reply)?;
         if line.len() > MAX_LINE {
             return Ok(());
         }
     }
 }
 
-fn handle<D: BlockDevice>(line: &[u8], dev: &Served<D>, info: &ServeInfo) -> Value {
+fn write_line(out: &mut UnixStream, v: &Value) -> io::Result<()> {
+    let mut text = serde_json::to_vec(v).unwrap_or_else(|_| b"{\"ok\":false}".to_vec());
+    text.push(b'\n');
+    out.write_all(&text)
+}
+
+fn handle<D: BlockDevice>(
+    line: &[u8],
+    dev: &Served<D>,
+    info: &ServeInfo,
+    swapout: Option<&SwapoutHook>,
+    events: &mut dyn FnMut(Value),
+) -> Value {
     let request: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => return json!({"ok": false, "error": format!("not JSON: {e}")}),
@@ -172,14 +204,75 @@ fn handle<D: BlockDevice>(line: &[u8], dev: &Served<D>, info: &ServeInfo) -> Val
             dev.thaw();
             json!({"ok": true, "frozen": false})
         }
+        "swapout" => {
+            let Some(hook) = swapout else {
+                return json!({"ok": false, "error": "this server cannot swap its disk out"});
+            };
+            let req = match parse_swapout(&request) {
+                Ok(r) => r,
+                Err(e) => return json!({"ok": false, "error": e}),
+            };
+            let wants_progress = request.get("progress").and_then(Value::as_bool) == Some(true);
+            let mut sink = |e: Value| {
+                if wants_progress {
+                    events(e)
+                }
+            };
+            match hook(&req, &mut sink) {
+                Ok(mut fields) => {
+                    fields["ok"] = json!(true);
+                    fields
+                }
+                Err(e) => json!({"ok": false, "error": e}),
+            }
+        }
         other => {
-            json!({"ok": false, "error": format!("unknown command '{other}' (status, stats, flush, freeze, thaw)")})
+            json!({"ok": false, "error": format!("unknown command '{other}' (status, stats, flush, freeze, thaw, swapout)")})
         }
     }
 }
 
+fn parse_swapout(request: &Value) -> Result<SwapoutRequest, String> {
+    let text = |key: &str| -> Result<Option<String>, String> {
+        match request.get(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::String(s)) if !s.is_empty() => Ok(Some(s.clone())),
+            Some(_) => Err(format!("\"{key}\" must be a non-empty string")),
+        }
+    };
+    let keep = match request.get("keep") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err("\"keep\" must be true or false".into()),
+    };
+    Ok(SwapoutRequest {
+        repo: text("repo")?,
+        manifest: text("manifest")?,
+        keep,
+    })
+}
+
 /// Sends one command to the server of `disk` and returns its reply.
 pub fn request(path: &Path, disk: &str, cmd: &str) -> Result<Value, ControlError> {
+    request_with(
+        path,
+        disk,
+        &json!({"cmd": cmd}),
+        Some(Duration::from_secs(120)),
+        &mut |_| {},
+    )
+}
+
+/// Sends `request` to the server of `disk`; lines carrying an `"event"` member before the
+/// reply go to `on_event`. `timeout` bounds each wait for a line (None: wait as long as the
+/// server works, for a swapout).
+pub fn request_with(
+    path: &Path,
+    disk: &str,
+    request: &Value,
+    timeout: Option<Duration>,
+    on_event: &mut dyn FnMut(&Value),
+) -> Result<Value, ControlError> {
     let stream = UnixStream::connect(path).map_err(|e| match e.kind() {
         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => ControlError::NotServed {
             disk: disk.into(),
@@ -196,18 +289,26 @@ pub fn request(path: &Path, disk: &str, cmd: &str) -> Result<Value, ControlError
         source: e,
     };
     // A freeze waits for I/O in flight; give it time, but not forever.
-    stream
-        .set_read_timeout(Some(Duration::from_secs(120)))
-        .map_err(io_err)?;
+    stream.set_read_timeout(timeout).map_err(io_err)?;
     let mut out = stream.try_clone().map_err(io_err)?;
-    let mut line = serde_json::to_vec(&json!({"cmd": cmd}))
-        .map_err(|e| ControlError::Protocol(e.to_string()))?;
+    let mut line =
+        serde_json::to_vec(request).map_err(|e| ControlError::Protocol(e.to_string()))?;
     line.push(b'\n');
     out.write_all(&line).map_err(io_err)?;
-    let mut reply = String::new();
-    BufReader::new(stream)
-        .read_line(&mut reply)
-        .map_err(io_err)?;
-    serde_json::from_str(&reply)
-        .map_err(|e| ControlError::Protocol(format!("bad reply {reply:?}: {e}")))
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut text = String::new();
+        if reader.read_line(&mut text).map_err(io_err)? == 0 {
+            return Err(ControlError::Protocol(
+                "the server closed the connection without a reply".into(),
+            ));
+        }
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| ControlError::Protocol(format!("bad reply {text:?}: {e}")))?;
+        if v.get("event").is_some() {
+            on_event(&v);
+            continue;
+        }
+        return Ok(v);
+    }
 }

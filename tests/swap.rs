@@ -294,3 +294,96 @@ fn a_failed_swapout_keeps_the_disk_and_the_repository_and_can_be_run_again() {
     ok(&n.b, &["swapin", "d1", "--as", "d", "--repo", &n.repo]);
     assert!(export(&n.b, "d", &n.work.join("b.raw")) == before);
 }
+
+/// `stasis serve DISK --nbd unix:SOCK --json` on `root`; returns the child and its NBD URI.
+fn serve_nbd(root: &Path, disk: &str, sock: &Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_stasis"))
+        .args(["--json", "--store", s(root), "serve", disk, "--nbd"])
+        .arg(format!("unix:{}", sock.display()))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let line = lines.next().expect("server output").unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    (server, v["nbd"].as_str().expect("nbd uri").to_string())
+}
+
+fn qemu_io(uri: &str, cmd: &str) -> std::process::Output {
+    std::process::Command::new("qemu-io")
+        .args(["-f", "raw", "-c", cmd, uri])
+        .output()
+        .expect("qemu-io (qemu-utils) is installed")
+}
+
+#[test]
+fn a_served_disk_swaps_out_through_its_control_socket_and_its_server_stops() {
+    let n = nodes();
+    let (mut server, uri) = serve_nbd(&n.a, "d", &n.work.join("nbd.sock"));
+    let out = qemu_io(&uri, "write -P 0x5a 1M 192k");
+    assert!(out.status.success(), "{out:?}");
+    // A swapout that fails (every brick directory taken by a file) leaves the disk served,
+    // thawed and writable, and the repository empty.
+    let root = PathBuf::from(n.repo.trim_start_matches("file://"));
+    let brick = root.join("brick0");
+    std::fs::create_dir_all(&brick).unwrap();
+    for i in 0..=255u8 {
+        std::fs::write(brick.join(format!("{i:02x}")), b"").unwrap();
+    }
+    let err = fails(
+        &n.a,
+        &["swapout", "d", "--repo", &n.repo, "--name", "d1"],
+        1,
+    );
+    assert!(err.contains("brick0"), "{err}");
+    assert!(server.try_wait().unwrap().is_none(), "the server stopped");
+    let out = qemu_io(&uri, "write -P 0x6b 3M 64k");
+    assert!(
+        out.status.success(),
+        "written after the failed swapout: {out:?}"
+    );
+    assert_eq!(ok_json(&n.a, &["ctl", "d", "status"])["frozen"], false);
+    assert_eq!(
+        ok_json(&n.a, &["repo", "ls", "--repo", &n.repo]),
+        serde_json::json!([])
+    );
+    for i in 0..=255u8 {
+        std::fs::remove_file(brick.join(format!("{i:02x}"))).unwrap();
+    }
+    // The served disk's content, every acknowledged write included.
+    let mut expected = vec![0u8; 16 * MIB];
+    let out = std::process::Command::new("nbdcopy")
+        .args([&uri, "-"])
+        .output()
+        .expect("nbdcopy (libnbd-bin) is installed");
+    assert!(out.status.success());
+    expected.copy_from_slice(&out.stdout);
+    assert!(expected[MIB..MIB + 192 * 1024].iter().all(|&b| b == 0x5a));
+    // The swapout: manifest committed, server stopped by itself, disk released.
+    let summary = ok_json(&n.a, &["swapout", "d", "--repo", &n.repo, "--name", "d1"]);
+    assert_eq!(summary["server_stopped"], true, "{summary}");
+    assert_eq!(summary["released"], true, "{summary}");
+    let status = server.wait().unwrap();
+    assert!(status.success(), "server exit: {status:?}");
+    fails(&n.a, &["disk", "info", "d"], 2);
+    ok(&n.b, &["swapin", "d1", "--as", "d", "--repo", &n.repo]);
+    assert!(export(&n.b, "d", &n.work.join("b.raw")) == expected);
+    ok(&n.b, &["repo", "verify", "--repo", &n.repo]);
+}
+
+#[test]
+fn a_served_swapout_with_keep_stops_the_server_and_keeps_the_disk() {
+    let n = nodes();
+    let before = export(&n.a, "d", &n.work.join("a.raw"));
+    let (mut server, _uri) = serve_nbd(&n.a, "d", &n.work.join("nbd.sock"));
+    let out = ok(
+        &n.a,
+        &["swapout", "d", "--repo", &n.repo, "--name", "d1", "--keep"],
+    );
+    assert!(out.contains("its server stopped"), "{out}");
+    assert!(server.wait().unwrap().success());
+    assert!(export(&n.a, "d", &n.work.join("a2.raw")) == before);
+    ok(&n.b, &["swapin", "d1", "--as", "d", "--repo", &n.repo]);
+    assert!(export(&n.b, "d", &n.work.join("b.raw")) == before);
+}

@@ -29,6 +29,11 @@ struct GateState {
     /// The server is stopping: freeze and thaw from the control socket no longer apply (a
     /// freeze then could hold the requests the frontend is waiting to finish).
     stopping: bool,
+    /// The disk was swapped out: every request, held or new, fails. Data written now would
+    /// be acknowledged and then lost with the released layers.
+    retired: bool,
+    /// Frozen for a swapout: a control `thaw` must not let writes in under it.
+    pinned: bool,
 }
 
 struct InFlight<'a>(&'a Gate);
@@ -44,13 +49,18 @@ impl Drop for InFlight<'_> {
 }
 
 impl Gate {
-    fn enter(&self) -> InFlight<'_> {
+    fn enter(&self) -> Result<InFlight<'_>, BlockError> {
         let mut s = self.state.lock();
-        while s.frozen {
+        while s.frozen && !s.retired {
             self.changed.wait(&mut s);
         }
+        if s.retired {
+            return Err(BlockError::Storage(
+                "the disk was swapped out: this server no longer serves it".into(),
+            ));
+        }
         s.in_flight += 1;
-        InFlight(self)
+        Ok(InFlight(self))
     }
 }
 
@@ -129,6 +139,10 @@ impl<D: BlockDevice> Served<D> {
     pub fn device(&self) -> &D {
         &self.dev
     }
+
+    fn count_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl<D: BlockDevice> AsRef<D> for Served<D> {
@@ -184,10 +198,43 @@ impl<D: BlockDevice> Served<D> {
         Ok(still_frozen)
     }
 
-    /// Releases what a freeze holds (no effect once the server is stopping).
+    /// Freezes for an operation that must see the disk still while it reads it (swapout):
+    /// like `freeze`, but a control `thaw` cannot release it, until `unpin` or `retire`.
+    /// Refused while another holds the pin or the server is stopping.
+    pub fn freeze_pinned(&self) -> Result<(), String> {
+        {
+            let mut s = self.gate.state.lock();
+            if s.pinned {
+                return Err("a swapout of this disk is already running".into());
+            }
+            if s.stopping {
+                return Err("the server is stopping".into());
+            }
+            s.pinned = true;
+            s.frozen = true;
+            while s.in_flight > 0 {
+                self.gate.changed.wait(&mut s);
+            }
+        }
+        self.dev.flush().map_err(|e| {
+            self.unpin();
+            format!("flush before swapout failed: {e}")
+        })
+    }
+
+    /// Ends a pinned freeze without retiring: I/O flows again.
+    pub fn unpin(&self) {
+        let mut s = self.gate.state.lock();
+        s.pinned = false;
+        s.frozen = false;
+        self.gate.changed.notify_all();
+    }
+
+    /// Releases what a freeze holds (no effect once the server is stopping, or while a
+    /// swapout holds the disk).
     pub fn thaw(&self) {
         let mut s = self.gate.state.lock();
-        if !s.stopping {
+        if !s.stopping && !s.pinned {
             s.frozen = false;
             self.gate.changed.notify_all();
         }
@@ -200,6 +247,22 @@ impl<D: BlockDevice> Served<D> {
         s.stopping = true;
         s.frozen = false;
         self.gate.changed.notify_all();
+    }
+
+    /// The disk has been swapped out (the caller froze it first, so nothing is in flight):
+    /// every request held by the freeze, and every later one, fails instead of reaching
+    /// layers that are about to be released. Implies `begin_stop`.
+    pub fn retire(&self) {
+        let mut s = self.gate.state.lock();
+        s.retired = true;
+        s.pinned = false;
+        s.stopping = true;
+        s.frozen = false;
+        self.gate.changed.notify_all();
+    }
+
+    pub fn is_retired(&self) -> bool {
+        self.gate.state.lock().retired
     }
 
     pub fn is_frozen(&self) -> bool {
@@ -233,31 +296,31 @@ impl<D: BlockDevice> BlockDevice for Served<D> {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
-        let _io = self.gate.enter();
+        let _io = self.gate.enter().inspect_err(|_| self.count_error())?;
         let r = self.dev.read_at(offset, buf);
         self.done(&self.read, buf.len() as u64, r)
     }
 
     fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), BlockError> {
-        let _io = self.gate.enter();
+        let _io = self.gate.enter().inspect_err(|_| self.count_error())?;
         let r = self.dev.write_at(offset, data, fua);
         self.done(&self.write, data.len() as u64, r)
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
-        let _io = self.gate.enter();
+        let _io = self.gate.enter().inspect_err(|_| self.count_error())?;
         let r = self.dev.write_zeroes(offset, len, fua);
         self.done(&self.zeroes, len, r)
     }
 
     fn discard(&self, offset: u64, len: u64, fua: bool) -> Result<(), BlockError> {
-        let _io = self.gate.enter();
+        let _io = self.gate.enter().inspect_err(|_| self.count_error())?;
         let r = self.dev.discard(offset, len, fua);
         self.done(&self.discard, len, r)
     }
 
     fn flush(&self) -> Result<(), BlockError> {
-        let _io = self.gate.enter();
+        let _io = self.gate.enter().inspect_err(|_| self.count_error())?;
         let r = self.dev.flush();
         self.done(&self.flush, 0, r)
     }

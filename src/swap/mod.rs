@@ -27,6 +27,9 @@ use crate::store::golden::Golden;
 use crate::store::hydrate::ChunkSource;
 use crate::store::{Store, StoreError, CHUNK_SIZE};
 
+mod served;
+pub use served::{control_hook, swapout_served, ServedSwapout};
+
 /// Hashes sent to the repository per question.
 const NEGOTIATE_BATCH: usize = 256;
 /// Chunks per upload call (one directory sync and one index transaction each).
@@ -67,7 +70,7 @@ pub struct Counters {
     pub bytes_uploaded: AtomicU64,
 }
 
-#[derive(Serialize, Debug, Clone)]
+#[derive(Serialize, serde::Deserialize, Debug, Clone)]
 pub struct SwapoutSummary {
     pub disk: String,
     pub manifest: String,

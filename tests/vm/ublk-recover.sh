@@ -145,8 +145,35 @@ done
 e2fsck -fn "$DEV" > "$W/fsck2.txt" 2>&1 || fail "e2fsck after swapin: $(cat "$W/fsck2.txt")"
 mount -t ext4 "$DEV" "$M"
 (cd "$M" && sha256sum -c --quiet "$W/synced") || fail "files differ after swapout/swapin"
+say "swapout, swapin on another store served as ublk at once: e2fsck clean, all files intact"
+
+# Swapout of the disk while it is served (through its control socket): a new file written on
+# node B, unmounted, then swapped out; the server stops by itself, its device goes, and the
+# disk is released. Back on node A, swapped in and served as ublk again: all files there.
+head -c 3000000 /dev/urandom > "$M/after-swapin"
+(cd "$M" && sha256sum after-swapin >> "$W/synced")
+umount "$M"
+"$STASIS" --json swapout r --repo /dev/shm/repo --name r2 > "$W/swapout2.out" 2>&1 || fail "served swapout: $(cat "$W/swapout2.out")"
+grep -Eq '"server_stopped": ?true' "$W/swapout2.out" || fail "served swapout: $(cat "$W/swapout2.out")"
+wait "$PID" || fail "the server of the swapped-out disk exited with $?: $(cat "$W/serve.err")"
+[ -b "$DEV" ] && fail "$DEV still exists after the served swapout"
+"$STASIS" disk info r > /dev/null 2>&1 && fail "disk r still in store B after the served swapout"
+export STASIS_STORE=/dev/shm/store-recover
+"$STASIS" --json swapin r2 --as r --repo /dev/shm/repo --ublk > "$W/serve.out" 2>"$W/serve.err" &
+PID=$!
+DEV=
+for _ in $(seq 600); do
+    DEV=$(sed -n 's/.*"ublk":"\([^"]*\)".*/\1/p' "$W/serve.out")
+    [ -n "$DEV" ] && [ -b "$DEV" ] && break
+    kill -0 "$PID" 2>/dev/null || fail "second swapin --ublk died: $(cat "$W/serve.err")"
+    sleep 0.1
+done
+[ -b "$DEV" ] || fail "second swapin --ublk: no device"
+e2fsck -fn "$DEV" > "$W/fsck3.txt" 2>&1 || fail "e2fsck after the served swapout: $(cat "$W/fsck3.txt")"
+mount -t ext4 "$DEV" "$M"
+(cd "$M" && sha256sum -c --quiet "$W/synced") || fail "files differ after the served swapout"
 umount "$M"
 kill -TERM "$PID"
 wait "$PID" || fail "swapped-in server exited with $?: $(cat "$W/serve.err")"
-say "swapout, swapin on another store served as ublk at once: e2fsck clean, all files intact"
+say "swapout of a served ublk disk through its control socket: server stopped, device gone, swapped in on node A intact"
 say "PASS"
