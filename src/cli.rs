@@ -108,7 +108,8 @@ enum Command {
 
 #[derive(clap::Args, Debug, Clone)]
 struct RepoArg {
-    /// Repository: file:///PATH or PATH [default: STORE/repo]
+    /// Repository: http://HOST:PORT (a served one; STASIS_REPO_KEY holds its access key),
+    /// file:///PATH or PATH [default: STORE/repo]
     #[arg(long = "repo", env = "STASIS_REPO", value_name = "URL")]
     url: Option<String>,
 }
@@ -137,6 +138,19 @@ enum RepoCmd {
     Verify {
         #[command(flatten)]
         repo: RepoArg,
+    },
+    /// Serve a repository over HTTP to other nodes until SIGTERM/SIGINT (clients: --repo
+    /// http://ADDR with STASIS_REPO_KEY set to the key in DIR/access.key)
+    Serve {
+        /// Address to listen on, HOST:PORT (port 0: any free port, printed at start)
+        #[arg(long, value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// The repository's directory (created if new) [default: STORE/repo]
+        #[arg(long, value_name = "DIR")]
+        data: Option<PathBuf>,
+        /// Lifetime of session tokens, in seconds
+        #[arg(long, default_value_t = crate::repo::server::DEFAULT_TOKEN_TTL_SECS)]
+        token_ttl: u64,
     },
 }
 
@@ -1031,13 +1045,15 @@ fn repo_url(store: &Store, arg: &RepoArg) -> String {
 
 /// The repository named by --repo / STASIS_REPO, or the store's own. Only a swapout may
 /// create it; everything else needs an existing one.
-fn open_repo(store: &Store, arg: &RepoArg, create: bool) -> Result<crate::repo::Repo, Failure> {
-    let url = repo_url(store, arg);
-    Ok(if create {
-        crate::repo::Repo::open(&url)?
-    } else {
-        crate::repo::Repo::open_existing(&url)?
-    })
+fn open_repo(
+    store: &Store,
+    arg: &RepoArg,
+    create: bool,
+) -> Result<crate::repo::RepoHandle, Failure> {
+    Ok(crate::repo::RepoHandle::open(
+        &repo_url(store, arg),
+        create,
+    )?)
 }
 
 fn swapout(
@@ -1225,6 +1241,53 @@ fn hydrate(store: &Store, name: &str, json: bool) -> Result<(), Failure> {
     Ok(())
 }
 
+fn repo_serve(
+    store: &Store,
+    listen: std::net::SocketAddr,
+    data: Option<PathBuf>,
+    token_ttl_secs: u64,
+    json: bool,
+) -> Result<(), Failure> {
+    let signals = block_stop_signals();
+    let data = data.unwrap_or_else(|| store.root().join("repo"));
+    let data = std::path::absolute(&data).unwrap_or(data);
+    let opts = crate::repo::server::ServeOptions {
+        data: data.clone(),
+        listen,
+        token_ttl_secs,
+    };
+    // The stop signal arrives on its own thread and ends the server gracefully.
+    let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+    let stop = async move {
+        let _ = tokio::task::spawn_blocking(move || stop_rx.recv()).await;
+    };
+    std::thread::spawn(move || {
+        let sig = wait_for_stop_signal(&signals);
+        tracing::info!(signal = sig, "repo serve: stopping");
+        let _ = stop_tx.send(());
+    });
+    crate::repo::server::serve(
+        &opts,
+        |addr, key_file| {
+            if json {
+                println!(
+                    "{}",
+                    json!({"url": format!("http://{addr}"), "data": data, "access_key_file": key_file, "pid": std::process::id()})
+                );
+            } else {
+                println!("serving repository {} at http://{addr}", data.display());
+                println!(
+                    "clients: STASIS_REPO_KEY=$(cat {}) stasis swapout DISK --repo http://{addr}",
+                    key_file.display()
+                );
+            }
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        },
+        stop,
+    )?;
+    Ok(())
+}
+
 fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
     match cmd {
         RepoCmd::Ls { repo } => {
@@ -1274,7 +1337,8 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
             }
         }
         RepoCmd::Gc { repo, grace } => {
-            let repo = open_repo(store, &repo, false)?;
+            let handle = open_repo(store, &repo, false)?;
+            let repo = handle.local("repo gc")?;
             let r = repo.gc(grace)?;
             if json {
                 print_json(&json!(r));
@@ -1289,8 +1353,14 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
                 );
             }
         }
+        RepoCmd::Serve {
+            listen,
+            data,
+            token_ttl,
+        } => repo_serve(store, listen, data, token_ttl, json)?,
         RepoCmd::Verify { repo } => {
-            let repo = open_repo(store, &repo, false)?;
+            let handle = open_repo(store, &repo, false)?;
+            let repo = handle.local("repo verify")?;
             let pb = progress_bar(json, "verifying repository");
             let r = repo.verify(&|done, total| pb.report(done, total));
             pb.finish_and_clear();

@@ -17,6 +17,10 @@ pub mod brick;
 pub mod chunk;
 pub mod manifest;
 mod meta;
+pub mod remote;
+pub mod server;
+pub mod token;
+pub mod wire;
 
 use std::fs;
 use std::os::fd::AsRawFd;
@@ -64,6 +68,12 @@ pub enum RepoError {
     Meta { path: PathBuf, why: String },
     #[error("{0}")]
     Usage(String),
+    /// A served repository refused our key or token.
+    #[error("repository refused access: {0}")]
+    Denied(String),
+    /// A served repository could not be reached or failed.
+    #[error("repository server: {0}")]
+    Remote(String),
 }
 
 impl RepoError {
@@ -78,7 +88,10 @@ impl RepoError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            RepoError::NotFound(_) | RepoError::Exists(_) | RepoError::Usage(_)
+            RepoError::NotFound(_)
+                | RepoError::Exists(_)
+                | RepoError::Usage(_)
+                | RepoError::Denied(_)
         )
     }
 }
@@ -92,7 +105,7 @@ pub struct Config {
 }
 
 /// What `stat` reports.
-#[derive(Serialize, Debug, Default, Clone)]
+#[derive(Serialize, Deserialize, Debug, Default, Clone)]
 pub struct RepoStat {
     pub chunks: u64,
     pub stored_bytes: u64,
@@ -402,12 +415,125 @@ impl Repo {
     }
 }
 
+/// A repository as the swap engine uses it: local (`file://` or a path: this process opens
+/// its metadata and bricks) or served (`http://`: another node's `stasis repo serve`).
+/// Static dispatch over the two.
+pub enum RepoHandle {
+    Local(Repo),
+    Remote(remote::RemoteRepo),
+}
+
+/// Held by a swapout from its first upload to its commit: for a local repository, the
+/// repository lock (shared; gc waits); a served one takes it per request, and its upload
+/// session's token scopes what the swapout may do.
+pub enum UploadSession {
+    Local(RepoLock),
+    Remote,
+}
+
+impl RepoHandle {
+    /// `create`: a local repository that does not exist yet is made (only a swapout may).
+    pub fn open(spec: &str, create: bool) -> Result<RepoHandle, RepoError> {
+        if spec.starts_with("http://") || spec.starts_with("https://") {
+            return Ok(RepoHandle::Remote(remote::RemoteRepo::open(spec)?));
+        }
+        Ok(RepoHandle::Local(if create {
+            Repo::open(spec)?
+        } else {
+            Repo::open_existing(spec)?
+        }))
+    }
+
+    pub fn url(&self) -> String {
+        match self {
+            RepoHandle::Local(r) => r.url(),
+            RepoHandle::Remote(r) => r.url().to_string(),
+        }
+    }
+
+    /// The local repository, for what only runs where the data is (gc, verify).
+    pub fn local(&self, what: &str) -> Result<&Repo, RepoError> {
+        match self {
+            RepoHandle::Local(r) => Ok(r),
+            RepoHandle::Remote(r) => Err(RepoError::Usage(format!(
+                "{what} runs where the repository's data is: on the server of {}, with                  --repo set to its data directory",
+                r.url()
+            ))),
+        }
+    }
+
+    pub fn begin_upload(&self) -> Result<UploadSession, RepoError> {
+        match self {
+            RepoHandle::Local(r) => r.upload_lock().map(UploadSession::Local),
+            RepoHandle::Remote(r) => r.begin_upload().map(|_| UploadSession::Remote),
+        }
+    }
+
+    pub fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<bool>, RepoError> {
+        match self {
+            RepoHandle::Local(r) => r.missing(hashes),
+            RepoHandle::Remote(r) => r.missing(hashes),
+        }
+    }
+
+    pub fn put_chunks(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
+        match self {
+            RepoHandle::Local(r) => r.put_chunks(chunks),
+            RepoHandle::Remote(r) => r.put_chunks(chunks),
+        }
+    }
+
+    pub fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
+        match self {
+            RepoHandle::Local(r) => r.get_chunk(hash),
+            RepoHandle::Remote(r) => r.get_chunk(hash),
+        }
+    }
+
+    pub fn commit(&self, m: &Manifest) -> Result<(), RepoError> {
+        match self {
+            RepoHandle::Local(r) => r.commit(m),
+            RepoHandle::Remote(r) => r.commit(m),
+        }
+    }
+
+    pub fn manifest(&self, name: &str) -> Result<Manifest, RepoError> {
+        match self {
+            RepoHandle::Local(r) => r.manifest(name),
+            RepoHandle::Remote(r) => r.manifest(Kind::Disk, name)?.ok_or_else(|| {
+                RepoError::NotFound(format!("no manifest {name:?} in {}", r.url()))
+            }),
+        }
+    }
+
+    pub fn image(&self, name: &str) -> Result<Option<Manifest>, RepoError> {
+        match self {
+            RepoHandle::Local(r) => r.image(name),
+            RepoHandle::Remote(r) => r.manifest(Kind::Image, name),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<(ManifestInfo, u64)>, RepoError> {
+        match self {
+            RepoHandle::Local(r) => r.list(),
+            RepoHandle::Remote(r) => r.list(),
+        }
+    }
+
+    pub fn stat(&self) -> Result<RepoStat, RepoError> {
+        match self {
+            RepoHandle::Local(r) => r.stat(),
+            RepoHandle::Remote(r) => r.stat(),
+        }
+    }
+}
+
 fn parse_spec(spec: &str) -> Result<PathBuf, RepoError> {
     let path = match spec.strip_prefix("file://") {
         Some(p) => p,
         None if spec.contains("://") => {
             return Err(RepoError::Usage(format!(
-                "repository {spec:?}: only file:// URLs and paths are supported by this build"
+                "repository {spec:?}: use http://HOST:PORT (a served repository), file:///PATH or a path"
             )))
         }
         None => spec,

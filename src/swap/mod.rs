@@ -21,7 +21,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use crate::blockdev::BlockDevice;
-use crate::repo::{ChunkHash, Kind, Manifest, ManifestInfo, Repo, RepoError, RepoLock};
+use crate::repo::{ChunkHash, Kind, Manifest, ManifestInfo, RepoError, RepoHandle, UploadSession};
 use crate::store::disk::Disk;
 use crate::store::golden::Golden;
 use crate::store::hydrate::ChunkSource;
@@ -107,8 +107,8 @@ fn pipeline(
     items: Vec<(u64, Option<ChunkHash>)>,
     read: &(dyn Fn(u64) -> Result<Vec<u8>, SwapError> + Sync),
     keep: &(dyn Fn(u64, &ChunkHash) -> bool + Sync),
-    repo: &Repo,
-    _upload: &RepoLock,
+    repo: &RepoHandle,
+    _upload: &UploadSession,
     counters: &Counters,
     progress: &dyn Fn(&Counters),
 ) -> Result<Vec<(u64, ChunkHash)>, SwapError> {
@@ -255,8 +255,8 @@ fn take_batch<T>(rx: &Receiver<T>, max: usize) -> Vec<T> {
 fn ensure_image(
     golden: &Golden,
     name: &str,
-    repo: &Repo,
-    upload: &RepoLock,
+    repo: &RepoHandle,
+    upload: &UploadSession,
     progress: &dyn Fn(&Counters),
 ) -> Result<(u64, Vec<ChunkHash>), SwapError> {
     let hashes: Vec<ChunkHash> = golden.chunk_hashes()?.into_iter().map(ChunkHash).collect();
@@ -326,7 +326,7 @@ pub fn swapout(
     store: &Store,
     disk_name: &str,
     disk: &Disk,
-    repo: &Repo,
+    repo: &RepoHandle,
     manifest: &str,
     progress: &dyn Fn(&Counters),
 ) -> Result<SwapoutSummary, SwapError> {
@@ -334,7 +334,7 @@ pub fn swapout(
     let rec = store.disk(disk_name)?;
     // Held until the manifest is committed: a garbage collection waits for us, so it never
     // marks before our commit and sweeps the chunks we counted on after it.
-    let upload = repo.upload_lock()?;
+    let upload = repo.begin_upload()?;
     let (image_chunks_uploaded, golden_hashes) =
         ensure_image(disk.golden(), &rec.image, repo, &upload, progress)?;
     let counters = Counters::default();
@@ -386,7 +386,7 @@ pub fn swapout(
 }
 
 /// Fetches chunks for a hydrating delta from a repository.
-pub struct RepoSource(pub Repo);
+pub struct RepoSource(pub RepoHandle);
 
 impl ChunkSource for RepoSource {
     fn fetch(&self, hash: &[u8; 32]) -> Result<Vec<u8>, String> {
@@ -398,7 +398,7 @@ impl ChunkSource for RepoSource {
 
 /// Brings golden image `name` from the repository into the store (verified chunk by chunk),
 /// or checks that the store's image of that name is the repository's.
-fn ensure_local_image(store: &Store, repo: &Repo, name: &str) -> Result<(), SwapError> {
+fn ensure_local_image(store: &Store, repo: &RepoHandle, name: &str) -> Result<(), SwapError> {
     let m = repo
         .image(name)?
         .ok_or_else(|| SwapError::Failed(format!("the repository lacks image {name:?}")))?;
@@ -441,7 +441,7 @@ fn ensure_local_image(store: &Store, repo: &Repo, name: &str) -> Result<(), Swap
 /// when served (on demand and in the background) or by `hydrate`.
 pub fn swapin(
     store: &Store,
-    repo: &Repo,
+    repo: &RepoHandle,
     manifest: &str,
     as_disk: &str,
 ) -> Result<crate::store::registry::DiskRecord, SwapError> {
@@ -465,7 +465,7 @@ pub fn swapin(
 pub fn source_factory() -> crate::store::SourceFactory {
     Arc::new(|origin: &str| {
         let url = origin.split_once('#').map_or(origin, |(u, _)| u);
-        let repo = Repo::open_existing(url).map_err(|e| e.to_string())?;
+        let repo = RepoHandle::open(url, false).map_err(|e| e.to_string())?;
         Ok(Arc::new(RepoSource(repo)) as Arc<dyn ChunkSource>)
     })
 }

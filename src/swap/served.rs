@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use super::{swapout, Counters, SwapError, SwapoutSummary};
 use crate::control::{SwapoutHook, SwapoutRequest};
 use crate::frontend::Served;
-use crate::repo::Repo;
+use crate::repo::RepoHandle;
 use crate::store::disk::Disk;
 use crate::store::Store;
 
@@ -24,7 +24,7 @@ pub fn swapout_served(
     store: &Store,
     disk_name: &str,
     served: &Served<Disk>,
-    repo: &Repo,
+    repo: &RepoHandle,
     manifest: &str,
     progress: &dyn Fn(&Counters),
 ) -> Result<SwapoutSummary, SwapError> {
@@ -66,7 +66,7 @@ pub fn control_hook(
             .repo
             .clone()
             .unwrap_or_else(|| store.root().join("repo").display().to_string());
-        let repo = Repo::open(&url).map_err(|e| e.to_string())?;
+        let repo = RepoHandle::open(&url, true).map_err(|e| e.to_string())?;
         let manifest = req
             .manifest
             .clone()

