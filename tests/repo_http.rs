@@ -37,7 +37,15 @@ impl Drop for Server {
 fn serve(data: &Path, listen: &str, extra: &[&str]) -> Server {
     std::fs::create_dir_all(data).unwrap();
     std::fs::write(data.join("access.key"), format!("{KEY}\n")).unwrap();
-    let mut args = vec!["--json", "repo", "serve", "--listen", listen, "--data", s(data)];
+    let mut args = vec![
+        "--json",
+        "repo",
+        "serve",
+        "--listen",
+        listen,
+        "--data",
+        s(data),
+    ];
     args.extend_from_slice(extra);
     let mut child = command(&data.join("unused-store"), &args, &[])
         .stdout(Stdio::piped())
@@ -81,11 +89,21 @@ fn node(root: &Path, work: &Path, written: usize) {
     std::fs::create_dir_all(work).unwrap();
     std::fs::write(work.join("g.raw"), pattern(4 * MIB, 1)).unwrap();
     ok(root, &["image", "import", "g", s(&work.join("g.raw"))]);
-    ok(root, &["disk", "create", "d", "--from", "g", "--size", "32M"]);
+    ok(
+        root,
+        &["disk", "create", "d", "--from", "g", "--size", "32M"],
+    );
     std::fs::write(work.join("w.raw"), pattern(written, 2)).unwrap();
     ok(
         root,
-        &["disk", "write", "d", s(&work.join("w.raw")), "--offset", "1M"],
+        &[
+            "disk",
+            "write",
+            "d",
+            s(&work.join("w.raw")),
+            "--offset",
+            "1M",
+        ],
     );
 }
 
@@ -97,12 +115,31 @@ fn export(root: &Path, disk: &str, to: &Path) -> Vec<u8> {
 #[test]
 fn a_served_repository_carries_a_disk_between_nodes() {
     let dir = tempfile::tempdir().unwrap();
-    let (a, b, w) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("w"));
+    let (a, b, w) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("w"),
+    );
     let server = serve(&dir.path().join("repo"), "127.0.0.1:0", &[]);
     node(&a, &w, 8 * MIB);
     let before = export(&a, "d", &w.join("a.raw"));
-    let first = ok_json(&a, &["swapout", "d", "--repo", &server.url, "--name", "d1", "--keep"]);
-    assert_eq!(first["swapout"]["bytes_uploaded"], 8 * MIB as u64, "{first}");
+    let first = ok_json(
+        &a,
+        &[
+            "swapout",
+            "d",
+            "--repo",
+            &server.url,
+            "--name",
+            "d1",
+            "--keep",
+        ],
+    );
+    assert_eq!(
+        first["swapout"]["bytes_uploaded"],
+        8 * MIB as u64,
+        "{first}"
+    );
     // Unchanged: nothing new goes up.
     let again = ok_json(&a, &["swapout", "d", "--repo", &server.url, "--name", "d2"]);
     assert_eq!(again["swapout"]["chunks_uploaded"], 0, "{again}");
@@ -117,7 +154,11 @@ fn a_served_repository_carries_a_disk_between_nodes() {
     let out = run(&b, &["repo", "gc", "--repo", &server.url]);
     assert_eq!(out.status.code(), Some(2));
     let out = run(&b, &["repo", "verify", "--repo", &s(&server.data)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // Without the key, or with a wrong one: refused, exit 2.
     let out = stasis_with(&b, &["repo", "ls", "--repo", &server.url], &[]);
     assert_eq!(out.status.code(), Some(2));
@@ -171,7 +212,11 @@ fn session(url: &str, scope: &str) -> (String, String) {
 #[test]
 fn tokens_are_checked_and_chunks_verified_before_they_are_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let server = serve(&dir.path().join("repo"), "127.0.0.1:0", &["--token-ttl", "2"]);
+    let server = serve(
+        &dir.path().join("repo"),
+        "127.0.0.1:0",
+        &["--token-ttl", "2"],
+    );
     let url = &server.url;
     let data = pattern(65536, 9);
     let hash = blake3::hash(&data);
@@ -181,7 +226,13 @@ fn tokens_are_checked_and_chunks_verified_before_they_are_stored() {
     let (id, token) = session(url, "upload");
     let chunk_path = format!("/v1/sessions/{id}/chunks/{}", hash.to_hex());
     let missing = |auth: Option<&str>, sid: &str| {
-        http(url, "POST", &format!("/v1/sessions/{sid}/missing"), auth, hash.as_bytes())
+        http(
+            url,
+            "POST",
+            &format!("/v1/sessions/{sid}/missing"),
+            auth,
+            hash.as_bytes(),
+        )
     };
     assert_eq!(missing(Some(&token), &id), (200, vec![1]));
     // No token, a forged one (signature changed), a widened one (claims changed under the
@@ -198,30 +249,233 @@ fn tokens_are_checked_and_chunks_verified_before_they_are_stored() {
     // Another session's token.
     assert_eq!(missing(Some(&down), &id).0, 401);
     // A download token cannot upload.
-    let (status, _) = http(url, "POST", &format!("/v1/sessions/{down_id}/chunks"), Some(&down), &batch);
+    let (status, _) = http(
+        url,
+        "POST",
+        &format!("/v1/sessions/{down_id}/chunks"),
+        Some(&down),
+        &batch,
+    );
     assert_eq!(status, 403);
     // A chunk whose bytes do not match its hash is refused and not stored.
     let mut bad = batch.clone();
     *bad.last_mut().unwrap() ^= 1;
-    let (status, body) = http(url, "POST", &format!("/v1/sessions/{id}/chunks"), Some(&token), &bad);
+    let (status, body) = http(
+        url,
+        "POST",
+        &format!("/v1/sessions/{id}/chunks"),
+        Some(&token),
+        &bad,
+    );
     assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
     assert_eq!(http(url, "GET", &chunk_path, Some(&token), b"").0, 404);
     // Malformed batches: 400.
-    let (status, _) = http(url, "POST", &format!("/v1/sessions/{id}/chunks"), Some(&token), &batch[..40]);
+    let (status, _) = http(
+        url,
+        "POST",
+        &format!("/v1/sessions/{id}/chunks"),
+        Some(&token),
+        &batch[..40],
+    );
     assert_eq!(status, 400);
     // The right chunk with the right token is stored and read back.
-    let (status, _) = http(url, "POST", &format!("/v1/sessions/{id}/chunks"), Some(&token), &batch);
+    let (status, _) = http(
+        url,
+        "POST",
+        &format!("/v1/sessions/{id}/chunks"),
+        Some(&token),
+        &batch,
+    );
     assert_eq!(status, 204);
-    assert_eq!(http(url, "GET", &chunk_path, Some(&token), b""), (200, data.clone()));
+    assert_eq!(
+        http(url, "GET", &chunk_path, Some(&token), b""),
+        (200, data.clone())
+    );
     // An ended session's token is refused.
-    assert_eq!(http(url, "DELETE", &format!("/v1/sessions/{id}"), Some(&token), b"").0, 204);
+    assert_eq!(
+        http(
+            url,
+            "DELETE",
+            &format!("/v1/sessions/{id}"),
+            Some(&token),
+            b""
+        )
+        .0,
+        204
+    );
     assert_eq!(http(url, "GET", &chunk_path, Some(&token), b"").0, 401);
     // Expired (the server hands out 2-second tokens here).
     std::thread::sleep(std::time::Duration::from_millis(2500));
-    let (status, body) = http(url, "GET", &format!("/v1/sessions/{down_id}/stat"), Some(&down), b"");
+    let (status, body) = http(
+        url,
+        "GET",
+        &format!("/v1/sessions/{down_id}/stat"),
+        Some(&down),
+        b"",
+    );
     assert_eq!(status, 401);
     assert!(String::from_utf8_lossy(&body).contains("expired"));
     // A wrong access key opens no session.
-    let (status, _) = http(url, "POST", "/v1/sessions", Some("wrong"), b"{\"scope\":\"upload\"}");
+    let (status, _) = http(
+        url,
+        "POST",
+        "/v1/sessions",
+        Some("wrong"),
+        b"{\"scope\":\"upload\"}",
+    );
     assert_eq!(status, 401);
+}
+
+/// kill -9 of the swapout client, or of the repository server, at spread-out points of a
+/// swapout, many times. After each: `repo verify` is clean, the last committed manifest
+/// still swaps in with the content it had, and the swapout run again completes and swaps in
+/// as the disk.
+#[test]
+fn kill_9_of_client_or_server_mid_swapout_leaves_a_consistent_repository() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, w) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("w"),
+    );
+    let data = dir.path().join("repo");
+    let mut server = serve(&data, "127.0.0.1:0", &[]);
+    let addr = server.url.trim_start_matches("http://").to_string();
+    node(&a, &w, 16 * MIB);
+    let started = std::time::Instant::now();
+    ok(
+        &a,
+        &[
+            "swapout",
+            "d",
+            "--repo",
+            &server.url,
+            "--name",
+            "t0",
+            "--keep",
+        ],
+    );
+    let full = started.elapsed();
+    let mut committed = ("t0".to_string(), export(&a, "d", &w.join("t0.raw")));
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let trials = 12;
+    let (mut killed_mid, mut finished_first) = (0, 0);
+    for trial in 1..=trials {
+        // New data to upload: 8 MiB at a random place.
+        std::fs::write(w.join("new.raw"), pattern(8 * MIB, 100 + trial)).unwrap();
+        let offset = (next() % 20) * MIB as u64;
+        ok(
+            &a,
+            &[
+                "disk",
+                "write",
+                "d",
+                s(&w.join("new.raw")),
+                "--offset",
+                &offset.to_string(),
+            ],
+        );
+        let name = format!("t{trial}");
+        let mut client = command(
+            &a,
+            &[
+                "swapout",
+                "d",
+                "--repo",
+                &server.url,
+                "--name",
+                &name,
+                "--keep",
+            ],
+            &[("STASIS_REPO_KEY", KEY)],
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+        // Anywhere in the first 60% of the time the first (larger) swapout took.
+        let delay = full.mul_f64((next() % 1000) as f64 / 1600.0);
+        std::thread::sleep(delay);
+        let kill_server = trial % 2 == 0;
+        if kill_server {
+            let _ = server.child.kill(); // SIGKILL
+            let _ = server.child.wait();
+        } else {
+            let _ = client.kill();
+        }
+        let status = client.wait().unwrap();
+        if kill_server {
+            server = serve(&data, &addr, &[]);
+        }
+        if status.success() {
+            finished_first += 1;
+        } else {
+            killed_mid += 1;
+        }
+        // The repository is consistent.
+        let out = run(&b, &["--json", "repo", "verify", "--repo", s(&data)]);
+        assert!(
+            out.status.success(),
+            "trial {trial}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let report = &report["report"];
+        assert_eq!(
+            report["damaged"],
+            serde_json::json!([]),
+            "trial {trial}: {report}"
+        );
+        assert_eq!(
+            report["broken_manifests"],
+            serde_json::json!([]),
+            "trial {trial}"
+        );
+        // The last committed manifest still swaps in as it was.
+        ok(
+            &b,
+            &["swapin", &committed.0, "--as", "x", "--repo", &server.url],
+        );
+        ok(&b, &["disk", "hydrate", "x"]);
+        assert!(
+            export(&b, "x", &w.join("x.raw")) == committed.1,
+            "trial {trial}"
+        );
+        ok(&b, &["disk", "rm", "x"]);
+        // Run again, the swapout completes and is the disk.
+        ok(
+            &a,
+            &[
+                "swapout",
+                "d",
+                "--repo",
+                &server.url,
+                "--name",
+                &name,
+                "--keep",
+            ],
+        );
+        committed = (name, export(&a, "d", &w.join("a.raw")));
+        ok(
+            &b,
+            &["swapin", &committed.0, "--as", "y", "--repo", &server.url],
+        );
+        ok(&b, &["disk", "hydrate", "y"]);
+        assert!(
+            export(&b, "y", &w.join("y.raw")) == committed.1,
+            "trial {trial}"
+        );
+        ok(&b, &["disk", "rm", "y"]);
+    }
+    eprintln!("{trials} trials: {killed_mid} killed mid-swapout, {finished_first} finished before the kill");
+    assert!(
+        killed_mid >= trials / 3,
+        "too few kills landed mid-swapout: {killed_mid}"
+    );
 }

@@ -500,9 +500,9 @@ impl RepoHandle {
     pub fn manifest(&self, name: &str) -> Result<Manifest, RepoError> {
         match self {
             RepoHandle::Local(r) => r.manifest(name),
-            RepoHandle::Remote(r) => r.manifest(Kind::Disk, name)?.ok_or_else(|| {
-                RepoError::NotFound(format!("no manifest {name:?} in {}", r.url()))
-            }),
+            RepoHandle::Remote(r) => r
+                .manifest(Kind::Disk, name)?
+                .ok_or_else(|| RepoError::NotFound(format!("no manifest {name:?} in {}", r.url()))),
         }
     }
 

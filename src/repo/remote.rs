@@ -80,7 +80,11 @@ impl RemoteRepo {
         let v: serde_json::Value = serde_json::from_slice(&read_ok(resp)?)
             .map_err(|e| RepoError::Remote(format!("bad session reply: {e}")))?;
         let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
-        match (text("session"), text("token"), v.get("expires_at").and_then(|x| x.as_u64())) {
+        match (
+            text("session"),
+            text("token"),
+            v.get("expires_at").and_then(|x| x.as_u64()),
+        ) {
             (Some(id), Some(token), Some(expires_at)) => Ok(Session {
                 id,
                 token,

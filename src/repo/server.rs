@@ -191,7 +191,11 @@ async fn missing(
     st.authorize(&headers, &id, Scope::Upload)?;
     let hashes = wire::decode_hashes(&body).map_err(bad_request)?;
     let missing = blocking(&st, move |r| r.missing(&hashes)).await?;
-    Ok(missing.into_iter().map(u8::from).collect::<Vec<u8>>().into_response())
+    Ok(missing
+        .into_iter()
+        .map(u8::from)
+        .collect::<Vec<u8>>()
+        .into_response())
 }
 
 async fn put_chunks(
@@ -337,7 +341,9 @@ pub fn serve(
             access_path.display()
         )));
     }
-    let token_key = key_file(&opts.data.join(TOKEN_KEY_FILE), || rand_bytes::<32>().to_vec())?;
+    let token_key = key_file(&opts.data.join(TOKEN_KEY_FILE), || {
+        rand_bytes::<32>().to_vec()
+    })?;
     let token_key: [u8; 32] = token_key.try_into().map_err(|_| RepoError::Meta {
         path: opts.data.join(TOKEN_KEY_FILE),
         why: "not 32 bytes".into(),
@@ -355,7 +361,10 @@ pub fn serve(
         .route("/v1/sessions/{id}/missing", post(missing))
         .route("/v1/sessions/{id}/chunks", post(put_chunks))
         .route("/v1/sessions/{id}/chunks/{hash}", get(get_chunk))
-        .route("/v1/sessions/{id}/manifests/{kind}/{name}", get(get_manifest))
+        .route(
+            "/v1/sessions/{id}/manifests/{kind}/{name}",
+            get(get_manifest),
+        )
         .route("/v1/sessions/{id}/commit", post(commit))
         .route("/v1/sessions/{id}/list", get(list))
         .route("/v1/sessions/{id}/stat", get(stat))

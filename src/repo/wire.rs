@@ -48,7 +48,10 @@ pub fn decode_chunks(body: &[u8]) -> Result<Vec<(ChunkHash, &[u8])>, String> {
     let mut rest = body;
     while !rest.is_empty() {
         if rest.len() < 36 {
-            return Err(format!("truncated chunk record header ({} bytes)", rest.len()));
+            return Err(format!(
+                "truncated chunk record header ({} bytes)",
+                rest.len()
+            ));
         }
         let hash = ChunkHash(rest[..32].try_into().expect("32 bytes"));
         let len = u32::from_le_bytes(rest[32..36].try_into().expect("4 bytes")) as usize;
