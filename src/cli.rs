@@ -116,6 +116,23 @@ struct RepoArg {
 
 #[derive(Subcommand, Debug)]
 enum RepoCmd {
+    /// Create a repository with chosen bricks (a swapout otherwise creates one with one
+    /// brick directory)
+    Init {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// A brick: a directory (relative to the repository or absolute) or
+        /// s3://BUCKET[/PREFIX] (credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY);
+        /// repeat for several [default: brick0]
+        #[arg(long = "brick", value_name = "SPEC")]
+        bricks: Vec<String>,
+        /// Endpoint of an S3-compatible server (MinIO, Ceph RGW, Garage), for s3:// bricks
+        #[arg(long, value_name = "URL")]
+        s3_endpoint: Option<String>,
+        /// Region of s3:// bricks
+        #[arg(long)]
+        s3_region: Option<String>,
+    },
     /// List manifests (disks and images)
     Ls {
         #[command(flatten)]
@@ -1350,6 +1367,47 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
                     human(r.bytes_removed),
                     r.chunks_in_grace,
                     r.orphan_files_removed
+                );
+            }
+        }
+        RepoCmd::Init {
+            repo,
+            bricks,
+            s3_endpoint,
+            s3_region,
+        } => {
+            let url = repo_url(store, &repo);
+            if url.contains("://") && !url.starts_with("file://") {
+                return Err(Failure::Usage(format!(
+                    "repo init makes a local repository; {url} is not one"
+                )));
+            }
+            let root = PathBuf::from(url.strip_prefix("file://").unwrap_or(&url));
+            let bricks = if bricks.is_empty() {
+                vec!["brick0".to_string()]
+            } else {
+                bricks
+            };
+            let specs = bricks
+                .iter()
+                .map(|b| {
+                    crate::repo::BrickSpec::parse(b, s3_endpoint.as_deref(), s3_region.as_deref())
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            crate::repo::Repo::init(&root, &specs)?;
+            // Opening it checks that every brick can be reached.
+            let opened = crate::repo::Repo::open_existing(&url).and_then(|r| r.probe_bricks());
+            if let Err(e) = opened {
+                let _ = std::fs::remove_file(root.join("repo.json"));
+                return Err(e.into());
+            }
+            if json {
+                print_json(&json!({"repo": format!("file://{}", root.display()), "bricks": specs}));
+            } else {
+                println!(
+                    "created repository file://{} with {} brick(s)",
+                    root.display(),
+                    specs.len()
                 );
             }
         }

@@ -1,7 +1,13 @@
-//! A data brick: a directory of chunk files, `<dir>/<first two hex digits>/<hash hex>`.
-//! A chunk file holds exactly the chunk's bytes; it is written to a temporary file, synced,
-//! and renamed into place, so a chunk file is whole or absent. A brick checks every chunk's
-//! hash before it stores it, and the repository checks it again on every read.
+//! Data bricks: where chunk bytes live. A brick checks every chunk's hash before it stores
+//! it, and again on every read.
+//!
+//! - [`DirBrick`]: a directory of chunk files, `<dir>/<first two hex digits>/<hash hex>`. A
+//!   chunk file holds exactly the chunk's bytes; it is written to a temporary file, synced,
+//!   and renamed into place, so a chunk file is whole or absent.
+//! - [`S3Brick`]: objects `<prefix>/<first two hex digits>/<hash hex>` in an S3-compatible
+//!   bucket (object_store): MinIO, Ceph RGW, Garage, AWS S3. A PUT is atomic and durable
+//!   when it returns. Credentials come from the environment (`AWS_ACCESS_KEY_ID`,
+//!   `AWS_SECRET_ACCESS_KEY`, ...); where the bucket is, from the repository's configuration.
 
 use std::fs;
 use std::io::Write;
@@ -11,15 +17,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::chunk::ChunkHash;
 use super::RepoError;
 
-pub struct Brick {
+pub struct DirBrick {
     dir: PathBuf,
     tmp_counter: AtomicU64,
 }
 
-impl Brick {
-    pub fn open(dir: &Path) -> Result<Brick, RepoError> {
+impl DirBrick {
+    pub fn open(dir: &Path) -> Result<DirBrick, RepoError> {
         fs::create_dir_all(dir.join("tmp")).map_err(|e| RepoError::io(dir, e))?;
-        Ok(Brick {
+        Ok(DirBrick {
             dir: dir.to_path_buf(),
             tmp_counter: AtomicU64::new(0),
         })
@@ -35,7 +41,7 @@ impl Brick {
     }
 
     /// Stores a chunk durably (file synced; the caller syncs the directory, see
-    /// [`Brick::sync_dirs`]) after checking that `data` is what `hash` names.
+    /// [`DirBrick::sync_dirs`]) after checking that `data` is what `hash` names.
     pub fn put(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), RepoError> {
         if !hash.matches(data) {
             return Err(RepoError::BadChunk {
@@ -63,7 +69,7 @@ impl Brick {
         })
     }
 
-    /// Makes the renames of chunks stored so far durable.
+    /// Makes the renames of chunks stored so far durable (see [`Brick::sync`]).
     pub fn sync_dirs<'a>(
         &self,
         hashes: impl Iterator<Item = &'a ChunkHash>,
@@ -135,5 +141,206 @@ impl Brick {
             }
         }
         Ok(out)
+    }
+}
+
+/// Where an S3 brick is (repository configuration; no credentials in it).
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct S3Spec {
+    pub bucket: String,
+    /// Key prefix inside the bucket ("" for none).
+    #[serde(default)]
+    pub prefix: String,
+    /// Endpoint URL for S3-compatible servers (MinIO, Ceph RGW, ...); AWS when absent.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+}
+
+pub struct S3Brick {
+    spec: S3Spec,
+    store: object_store::aws::AmazonS3,
+    /// object_store is async; bricks are called from plain threads, which block on this.
+    rt: tokio::runtime::Runtime,
+}
+
+impl S3Brick {
+    pub fn open(spec: &S3Spec) -> Result<S3Brick, RepoError> {
+        let fail = |why: String| RepoError::Meta {
+            path: PathBuf::from(format!("s3://{}/{}", spec.bucket, spec.prefix)),
+            why,
+        };
+        let mut b = object_store::aws::AmazonS3Builder::from_env().with_bucket_name(&spec.bucket);
+        if let Some(e) = &spec.endpoint {
+            b = b
+                .with_endpoint(e)
+                .with_allow_http(e.starts_with("http://"))
+                .with_virtual_hosted_style_request(false);
+        }
+        if let Some(r) = &spec.region {
+            b = b.with_region(r);
+        }
+        let store = b.build().map_err(|e| fail(e.to_string()))?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("s3-brick")
+            .enable_all()
+            .build()
+            .map_err(|e| fail(e.to_string()))?;
+        Ok(S3Brick {
+            spec: spec.clone(),
+            store,
+            rt,
+        })
+    }
+
+    fn key(&self, hash: &ChunkHash) -> object_store::path::Path {
+        let hex = hash.to_hex();
+        let prefix = self.spec.prefix.trim_matches('/');
+        if prefix.is_empty() {
+            object_store::path::Path::from(format!("{}/{hex}", &hex[..2]))
+        } else {
+            object_store::path::Path::from(format!("{prefix}/{}/{hex}", &hex[..2]))
+        }
+    }
+
+    fn err(&self, hash: Option<&ChunkHash>, e: object_store::Error) -> RepoError {
+        let at = match hash {
+            Some(h) => self.key(h).to_string(),
+            None => self.spec.prefix.clone(),
+        };
+        let kind = match e {
+            object_store::Error::NotFound { .. } => std::io::ErrorKind::NotFound,
+            _ => std::io::ErrorKind::Other,
+        };
+        RepoError::Io {
+            path: PathBuf::from(format!("s3://{}/{at}", self.spec.bucket)),
+            source: std::io::Error::new(kind, e.to_string()),
+        }
+    }
+
+    pub fn put(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), RepoError> {
+        use object_store::ObjectStoreExt;
+        if !hash.matches(data) {
+            return Err(RepoError::BadChunk {
+                hash: *hash,
+                why: "its bytes do not match its hash (refused)".into(),
+            });
+        }
+        let payload = object_store::PutPayload::from(data.to_vec());
+        self.rt
+            .block_on(self.store.put(&self.key(hash), payload))
+            .map(|_| ())
+            .map_err(|e| self.err(Some(hash), e))
+    }
+
+    pub fn get(&self, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
+        use object_store::ObjectStoreExt;
+        let data = self
+            .rt
+            .block_on(async { self.store.get(&self.key(hash)).await?.bytes().await })
+            .map_err(|e| self.err(Some(hash), e))?;
+        if !hash.matches(&data) {
+            return Err(RepoError::BadChunk {
+                hash: *hash,
+                why: format!(
+                    "s3://{}/{} does not match its hash (damaged)",
+                    self.spec.bucket,
+                    self.key(hash)
+                ),
+            });
+        }
+        Ok(data.to_vec())
+    }
+
+    pub fn remove(&self, hash: &ChunkHash) -> Result<(), RepoError> {
+        use object_store::ObjectStoreExt;
+        match self.rt.block_on(self.store.delete(&self.key(hash))) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.err(Some(hash), e)),
+        }
+    }
+
+    /// One listing of the fan-out level: fails if the bucket is missing or refuses us.
+    fn probe(&self) -> Result<(), RepoError> {
+        use object_store::ObjectStore;
+        let prefix = self.spec.prefix.trim_matches('/');
+        let prefix = (!prefix.is_empty()).then(|| object_store::path::Path::from(prefix));
+        self.rt
+            .block_on(self.store.list_with_delimiter(prefix.as_ref()))
+            .map(|_| ())
+            .map_err(|e| self.err(None, e))
+    }
+
+    pub fn list(&self) -> Result<Vec<(ChunkHash, u64)>, RepoError> {
+        use futures_util::TryStreamExt;
+        use object_store::ObjectStore;
+        let prefix = self.spec.prefix.trim_matches('/');
+        let prefix = (!prefix.is_empty()).then(|| object_store::path::Path::from(prefix));
+        let metas: Vec<object_store::ObjectMeta> = self
+            .rt
+            .block_on(self.store.list(prefix.as_ref()).try_collect())
+            .map_err(|e| self.err(None, e))?;
+        Ok(metas
+            .into_iter()
+            .filter_map(|m| {
+                let hash = ChunkHash::from_hex(m.location.filename()?)?;
+                Some((hash, m.last_modified.timestamp().max(0) as u64))
+            })
+            .collect())
+    }
+}
+
+/// A brick of either kind (static dispatch).
+pub enum Brick {
+    Dir(DirBrick),
+    S3(S3Brick),
+}
+
+impl Brick {
+    pub fn put(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), RepoError> {
+        match self {
+            Brick::Dir(b) => b.put(hash, data),
+            Brick::S3(b) => b.put(hash, data),
+        }
+    }
+
+    /// Makes the chunks stored so far durable (directory bricks sync their directories;
+    /// an S3 PUT is durable when it returns).
+    pub fn sync<'a>(&self, hashes: impl Iterator<Item = &'a ChunkHash>) -> Result<(), RepoError> {
+        match self {
+            Brick::Dir(b) => b.sync_dirs(hashes),
+            Brick::S3(_) => Ok(()),
+        }
+    }
+
+    pub fn get(&self, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
+        match self {
+            Brick::Dir(b) => b.get(hash),
+            Brick::S3(b) => b.get(hash),
+        }
+    }
+
+    pub fn remove(&self, hash: &ChunkHash) -> Result<(), RepoError> {
+        match self {
+            Brick::Dir(b) => b.remove(hash),
+            Brick::S3(b) => b.remove(hash),
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<(ChunkHash, u64)>, RepoError> {
+        match self {
+            Brick::Dir(b) => b.list(),
+            Brick::S3(b) => b.list(),
+        }
+    }
+
+    /// Checks the brick can be reached (an S3 bucket that exists, credentials it accepts).
+    pub fn probe(&self) -> Result<(), RepoError> {
+        match self {
+            Brick::Dir(_) => Ok(()),
+            Brick::S3(b) => b.probe(),
+        }
     }
 }

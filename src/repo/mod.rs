@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 pub use chunk::ChunkHash;
 pub use manifest::{Kind, Manifest, ManifestInfo};
 
-use brick::Brick;
+use brick::{Brick, DirBrick};
 use meta::Meta;
 
 const CONFIG_FILE: &str = "repo.json";
@@ -100,8 +100,41 @@ impl RepoError {
 pub struct Config {
     format: String,
     version: u32,
-    /// Brick directories, relative to the repository or absolute.
-    bricks: Vec<PathBuf>,
+    bricks: Vec<BrickSpec>,
+}
+
+/// One brick in the configuration: a directory (relative to the repository or absolute), or
+/// `{"s3": {...}}`.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum BrickSpec {
+    Dir(PathBuf),
+    S3 { s3: brick::S3Spec },
+}
+
+impl BrickSpec {
+    /// `s3://BUCKET[/PREFIX]` (endpoint and region from the arguments), or a directory.
+    pub fn parse(
+        s: &str,
+        endpoint: Option<&str>,
+        region: Option<&str>,
+    ) -> Result<BrickSpec, RepoError> {
+        let Some(rest) = s.strip_prefix("s3://") else {
+            return Ok(BrickSpec::Dir(PathBuf::from(s)));
+        };
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(RepoError::Usage(format!("brick {s:?}: no bucket")));
+        }
+        Ok(BrickSpec::S3 {
+            s3: brick::S3Spec {
+                bucket: bucket.into(),
+                prefix: prefix.trim_matches('/').into(),
+                endpoint: endpoint.map(str::to_string),
+                region: region.map(str::to_string),
+            },
+        })
+    }
 }
 
 /// What `stat` reports.
@@ -188,21 +221,24 @@ impl Repo {
                 c
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Self::init(&root, &[PathBuf::from("brick0")])?
+                Self::init(&root, &[BrickSpec::Dir(PathBuf::from("brick0"))])?
             }
             Err(e) => return Err(RepoError::io(&config_path, e)),
         };
         let bricks = config
             .bricks
             .iter()
-            .map(|b| Brick::open(&root.join(b)))
+            .map(|b| match b {
+                BrickSpec::Dir(dir) => DirBrick::open(&root.join(dir)).map(Brick::Dir),
+                BrickSpec::S3 { s3 } => brick::S3Brick::open(s3).map(Brick::S3),
+            })
             .collect::<Result<Vec<_>, _>>()?;
         let meta = Meta::open(&root.join("meta.redb"))?;
         Ok(Repo { root, meta, bricks })
     }
 
     /// Writes a new repository's configuration (`repo init`).
-    pub fn init(root: &Path, bricks: &[PathBuf]) -> Result<Config, RepoError> {
+    pub fn init(root: &Path, bricks: &[BrickSpec]) -> Result<Config, RepoError> {
         fs::create_dir_all(root).map_err(|e| RepoError::io(root, e))?;
         let path = root.join(CONFIG_FILE);
         if path.exists() {
@@ -224,6 +260,11 @@ impl Repo {
         .and_then(|_| fs::rename(&tmp, &path))
         .map_err(|e| RepoError::io(&path, e))?;
         Ok(config)
+    }
+
+    /// Checks that every brick can be reached.
+    pub fn probe_bricks(&self) -> Result<(), RepoError> {
+        self.bricks.iter().try_for_each(Brick::probe)
     }
 
     pub fn root(&self) -> &Path {
@@ -276,7 +317,7 @@ impl Repo {
             self.bricks[self.brick_for(hash) as usize].put(hash, data)?;
         }
         for (i, brick) in self.bricks.iter().enumerate() {
-            brick.sync_dirs(
+            brick.sync(
                 chunks
                     .iter()
                     .filter(|(h, _)| self.brick_for(h) as usize == i)

@@ -38,10 +38,29 @@ install_deps() {
         step "installing Rust from Debian (cargo, rustc)"
         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cargo rustc >/dev/null
     fi
+    install_moto
     local need="1.85"
     local have
     have="$(rustc --version | awk '{print $2}')"
     if [ "$(printf '%s\n%s\n' "$need" "$have" | sort -V | head -1)" != "$need" ]; then
         die "Stasis needs Rust >= $need (found $have); install it with rustup"
     fi
+}
+
+# moto_server (PyPI moto[server]): the local S3 server the S3-brick test runs against. Debian
+# ships no recent moto; a virtualenv under the target directory keeps it off the system.
+install_moto() {
+    local venv="$STASIS_TARGET/moto-venv"
+    if ! command -v moto_server >/dev/null && [ ! -x "$venv/bin/moto_server" ]; then
+        step "installing moto_server (PyPI moto[server]) into $venv"
+        if ! python3 -m venv --help >/dev/null 2>&1 || ! python3 -c 'import ensurepip' 2>/dev/null; then
+            $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+            $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-venv python3-pip >/dev/null
+        fi
+        mkdir -p "$STASIS_TARGET"
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install -q 'moto[server]>=5,<6'
+    fi
+    [ -x "$venv/bin/moto_server" ] && export PATH="$PATH:$venv/bin"
+    return 0
 }

@@ -1,0 +1,217 @@
+//! A repository whose brick is an S3 bucket (object_store), against a local S3 server on
+//! loopback (moto_server, from PyPI `moto[server]`; tools/test installs it): the swapout /
+//! swapin roundtrip between two nodes, and a bit flipped in a stored object caught at swapin
+//! and by `repo verify`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{pattern, stasis_with};
+
+const MIB: usize = 1 << 20;
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+struct Moto(Child, String);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts moto_server on a free loopback port; returns it and its endpoint.
+fn moto() -> Moto {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("moto_server")
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("moto_server (PyPI moto[server]) is installed: tools/test installs it");
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "moto_server did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Moto(child, format!("http://{addr}"))
+}
+
+/// A raw, unsigned HTTP request to the S3 server (moto accepts those); returns the status
+/// and body.
+fn http(endpoint: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let addr = endpoint.trim_start_matches("http://");
+    let mut c = TcpStream::connect(addr).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    c.write_all(head.as_bytes()).unwrap();
+    c.write_all(body).unwrap();
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).unwrap();
+    let status = String::from_utf8_lossy(&out[9..12]).parse().unwrap();
+    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    (status, out[split..].to_vec())
+}
+
+/// Reads object `key` of the test bucket, flips one bit, writes it back (signed requests,
+/// through object_store: moto refuses unsigned reads of objects).
+fn flip_bit(endpoint: &str, key: &str) {
+    use object_store::ObjectStoreExt;
+    let store = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("stasis-test")
+        .with_endpoint(endpoint)
+        .with_allow_http(true)
+        .with_access_key_id("test")
+        .with_secret_access_key("test")
+        .with_region("us-east-1")
+        .build()
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let path = object_store::path::Path::from(key);
+    rt.block_on(async {
+        let mut data = store
+            .get(&path)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+            .to_vec();
+        data[100] ^= 0x10;
+        store.put(&path, data.into()).await.unwrap();
+    });
+}
+
+const AWS: [(&str, &str); 3] = [
+    ("AWS_ACCESS_KEY_ID", "test"),
+    ("AWS_SECRET_ACCESS_KEY", "test"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+fn run(root: &Path, args: &[&str]) -> std::process::Output {
+    stasis_with(root, args, &AWS)
+}
+
+fn ok(root: &Path, args: &[&str]) -> String {
+    let out = run(root, args);
+    assert!(
+        out.status.success(),
+        "stasis {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn export(root: &Path, disk: &str, to: &Path) -> Vec<u8> {
+    ok(root, &["disk", "export", disk, s(to)]);
+    std::fs::read(to).unwrap()
+}
+
+#[test]
+fn an_s3_brick_carries_a_disk_between_nodes_and_damage_is_caught() {
+    let moto = moto();
+    let endpoint = &moto.1;
+    assert_eq!(http(endpoint, "PUT", "/stasis-test", b"").0, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c, w) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+        dir.path().join("w"),
+    );
+    let repo = dir.path().join("repo");
+    std::fs::create_dir_all(&w).unwrap();
+    // A bucket that does not exist is refused at init, and no repository is left.
+    let out = run(
+        &a,
+        &[
+            "repo",
+            "init",
+            "--repo",
+            s(&dir.path().join("r2")),
+            "--brick",
+            "s3://absent/x",
+            "--s3-endpoint",
+            endpoint,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(!dir.path().join("r2/repo.json").exists());
+    ok(
+        &a,
+        &[
+            "repo",
+            "init",
+            "--repo",
+            s(&repo),
+            "--brick",
+            "s3://stasis-test/chunks",
+            "--s3-endpoint",
+            endpoint,
+        ],
+    );
+    std::fs::write(w.join("g.raw"), pattern(4 * MIB, 1)).unwrap();
+    ok(&a, &["image", "import", "g", s(&w.join("g.raw"))]);
+    ok(&a, &["disk", "create", "d", "--from", "g", "--size", "16M"]);
+    std::fs::write(w.join("x.raw"), pattern(3 * MIB, 2)).unwrap();
+    ok(
+        &a,
+        &["disk", "write", "d", s(&w.join("x.raw")), "--offset", "5M"],
+    );
+    let before = export(&a, "d", &w.join("a.raw"));
+    ok(&a, &["swapout", "d", "--repo", s(&repo), "--name", "d1"]);
+    // The chunks are objects in the bucket, not files in the repository.
+    let (status, listing) = http(
+        endpoint,
+        "GET",
+        "/stasis-test?list-type=2&prefix=chunks/",
+        b"",
+    );
+    assert_eq!(status, 200);
+    let listing = String::from_utf8_lossy(&listing).to_string();
+    assert!(listing.matches("<Key>").count() >= 48, "{listing}");
+    ok(&b, &["swapin", "d1", "--as", "d", "--repo", s(&repo)]);
+    ok(&b, &["disk", "hydrate", "d"]);
+    assert!(export(&b, "d", &w.join("b.raw")) == before);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&b, &["--json", "repo", "verify", "--repo", s(&repo)])).unwrap();
+    assert_eq!(v["report"]["damaged"], serde_json::json!([]), "{v}");
+    // One bit flipped in the object that holds the disk's first written chunk.
+    let chunk = &pattern(3 * MIB, 2)[..65536];
+    let hex = blake3::hash(chunk).to_hex();
+    let key = format!("chunks/{}/{hex}", &hex[..2]);
+    assert!(listing.contains(&key), "{key} not in {listing}");
+    flip_bit(endpoint, &key);
+    // Swapin on another node: the damaged chunk is never data; hydration fails on it.
+    ok(&c, &["swapin", "d1", "--as", "d", "--repo", s(&repo)]);
+    let out = run(&c, &["disk", "hydrate", "d"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("damaged") || err.contains("hash"), "{err}");
+    let out = run(&c, &["--json", "repo", "verify", "--repo", s(&repo)]);
+    assert!(!out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v["report"]["broken_manifests"],
+        serde_json::json!(["d1"]),
+        "{v}"
+    );
+}
