@@ -241,11 +241,13 @@ impl<D: BlockDevice> Served<D> {
     }
 
     /// The server is stopping: releases what a freeze holds, so the frontend can finish its
-    /// requests, and ignores freeze and thaw from now on.
+    /// requests, and ignores freeze and thaw from now on. A swapout's freeze stays: the held
+    /// requests wait for its end (they fail if it retires the disk, and go on if it fails),
+    /// so none lands while the swapout reads the disk.
     pub fn begin_stop(&self) {
         let mut s = self.gate.state.lock();
         s.stopping = true;
-        s.frozen = false;
+        s.frozen = s.pinned;
         self.gate.changed.notify_all();
     }
 

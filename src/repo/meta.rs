@@ -84,6 +84,10 @@ fn decode_chunk(v: &[u8]) -> Option<(u16, u32, u64)> {
     })
 }
 
+/// A chunk's last use is written again only when older than this (a quarter of the default
+/// gc grace period), so it always has most of a grace period ahead of it after `missing`.
+pub const MARK_REFRESH_SECS: u64 = super::DEFAULT_GC_GRACE_SECS / 4;
+
 fn hash_of(k: &[u8]) -> Option<ChunkHash> {
     k.try_into().ok().map(ChunkHash)
 }
@@ -188,22 +192,41 @@ impl Meta {
         f(&txn).map_err(|e| self.tx_err(e))
     }
 
+    /// Which of `hashes` are not indexed; those that are get their last use set to `now`,
+    /// unless it is already recent (within [`MARK_REFRESH_SECS`]): a read transaction then
+    /// answers, and no commit (an fsync) is paid for chunks a swapout just counted on.
     pub fn missing(&self, hashes: &[ChunkHash], now: u64) -> Result<Vec<bool>, RepoError> {
-        self.write(|txn| {
-            let mut t = txn.open_table(CHUNKS)?;
+        let (out, stale) = self.read(|txn| {
+            let t = txn.open_table(CHUNKS)?;
             let mut out = Vec::with_capacity(hashes.len());
+            let mut stale = Vec::new();
             for h in hashes {
-                let found = t.get(&h.0[..])?.and_then(|v| decode_chunk(v.value()));
-                match found {
-                    Some((brick, size, _)) => {
-                        t.insert(&h.0[..], &encode_chunk(brick, size, now)[..])?;
+                match t.get(&h.0[..])?.and_then(|v| decode_chunk(v.value())) {
+                    Some((brick, size, used)) => {
+                        if used + MARK_REFRESH_SECS < now {
+                            stale.push((*h, brick, size));
+                        }
                         out.push(false);
                     }
                     None => out.push(true),
                 }
             }
-            Ok(out)
-        })
+            Ok((out, stale))
+        })?;
+        if !stale.is_empty() {
+            // Indexing again only sets the time: a chunk gc removed in between would come
+            // back into the index without its file, so only those still indexed are marked.
+            self.write(|txn| {
+                let mut t = txn.open_table(CHUNKS)?;
+                for (h, brick, size) in &stale {
+                    if t.get(&h.0[..])?.is_some() {
+                        t.insert(&h.0[..], &encode_chunk(*brick, *size, now)[..])?;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(out)
     }
 
     pub fn index(&self, entries: &[(ChunkHash, u16, u32)], now: u64) -> Result<(), RepoError> {

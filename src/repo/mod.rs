@@ -313,8 +313,15 @@ impl Repo {
     /// Stores chunks (each checked against its hash first), makes them durable, then indexes
     /// them. Chunks already held are skipped.
     pub fn put_chunks(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
-        for (hash, data) in chunks {
-            self.bricks[self.brick_for(hash) as usize].put(hash, data)?;
+        for (i, brick) in self.bricks.iter().enumerate() {
+            let mine: Vec<(ChunkHash, &[u8])> = chunks
+                .iter()
+                .filter(|(h, _)| self.brick_for(h) as usize == i)
+                .copied()
+                .collect();
+            if !mine.is_empty() {
+                brick.put_many(&mine)?;
+            }
         }
         for (i, brick) in self.bricks.iter().enumerate() {
             brick.sync(

@@ -147,7 +147,7 @@ async fn open_session(
         .ok_or_else(|| bad_request("\"scope\" must be \"upload\" or \"download\""))?;
     let now = now_secs();
     let claims = Claims {
-        session: rand_bytes(),
+        session: rand_bytes()?,
         scope,
         expires_at: now + st.ttl,
     };
@@ -284,16 +284,20 @@ async fn stat(
     Ok(json(serde_json::to_value(stat).unwrap_or_default()))
 }
 
-fn rand_bytes<const N: usize>() -> [u8; N] {
+/// Random bytes from the kernel (keys and session ids: never a fallback).
+fn rand_bytes<const N: usize>() -> Result<[u8; N], RepoError> {
     let mut b = [0u8; N];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        let _ = std::io::Read::read_exact(&mut f, &mut b);
-    }
-    b
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .map_err(|e| RepoError::io(Path::new("/dev/urandom"), e))?;
+    Ok(b)
 }
 
 /// Reads the key file, or creates it (mode 0600) with `make()`'s bytes.
-fn key_file(path: &Path, make: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, RepoError> {
+fn key_file(
+    path: &Path,
+    make: impl FnOnce() -> Result<Vec<u8>, RepoError>,
+) -> Result<Vec<u8>, RepoError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     match std::fs::read(path) {
@@ -301,7 +305,7 @@ fn key_file(path: &Path, make: impl FnOnce() -> Vec<u8>) -> Result<Vec<u8>, Repo
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(RepoError::io(path, e)),
         Err(_) => {}
     }
-    let bytes = make();
+    let bytes = make()?;
     let tmp = path.with_extension("tmp");
     std::fs::OpenOptions::new()
         .write(true)
@@ -332,7 +336,7 @@ pub fn serve(
     let repo = Repo::open(&opts.data.display().to_string())?;
     let access_path = opts.data.join(ACCESS_KEY_FILE);
     let access = key_file(&access_path, || {
-        format!("{}\n", hex::encode(rand_bytes::<32>())).into_bytes()
+        Ok(format!("{}\n", hex::encode(rand_bytes::<32>()?)).into_bytes())
     })?;
     let access = String::from_utf8_lossy(&access).trim().to_string();
     if access.len() < 16 {
@@ -342,7 +346,7 @@ pub fn serve(
         )));
     }
     let token_key = key_file(&opts.data.join(TOKEN_KEY_FILE), || {
-        rand_bytes::<32>().to_vec()
+        rand_bytes::<32>().map(|b| b.to_vec())
     })?;
     let token_key: [u8; 32] = token_key.try_into().map_err(|_| RepoError::Meta {
         path: opts.data.join(TOKEN_KEY_FILE),

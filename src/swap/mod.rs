@@ -31,7 +31,7 @@ mod served;
 pub use served::{control_hook, swapout_served, ServedSwapout};
 
 /// Hashes sent to the repository per question.
-const NEGOTIATE_BATCH: usize = 256;
+const NEGOTIATE_BATCH: usize = 1024;
 /// Chunks per upload call (one directory sync and one index transaction each).
 const UPLOAD_BATCH: usize = 32;
 const UPLOADERS: usize = 3;
