@@ -5,19 +5,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 
-use common::{command, pattern, stasis_with};
+use common::{command, http, pattern, s, stasis_with};
 
 const MIB: usize = 1 << 20;
 const KEY: &str = "test-access-key-0123456789abcdef";
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// A running `stasis repo serve`; killed when dropped.
 struct Server {
@@ -64,24 +59,22 @@ fn serve(data: &Path, listen: &str, extra: &[&str]) -> Server {
     }
 }
 
+const ENV: [(&str, &str); 1] = [("STASIS_REPO_KEY", KEY)];
+
 fn run(root: &Path, args: &[&str]) -> std::process::Output {
-    stasis_with(root, args, &[("STASIS_REPO_KEY", KEY)])
+    stasis_with(root, args, &ENV)
 }
 
 fn ok(root: &Path, args: &[&str]) -> String {
-    let out = run(root, args);
-    assert!(
-        out.status.success(),
-        "stasis {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::ok_with(root, args, &ENV)
 }
 
 fn ok_json(root: &Path, args: &[&str]) -> serde_json::Value {
-    let mut all = vec!["--json"];
-    all.extend_from_slice(args);
-    serde_json::from_str(&ok(root, &all)).unwrap()
+    common::ok_json_with(root, args, &ENV)
+}
+
+fn export(root: &Path, disk: &str, to: &Path) -> Vec<u8> {
+    common::export_with(root, disk, to, &ENV)
 }
 
 /// Node `root` with image `g` (4 MiB) and disk `d` (32 MiB) holding `written` random bytes.
@@ -105,11 +98,6 @@ fn node(root: &Path, work: &Path, written: usize) {
             "1M",
         ],
     );
-}
-
-fn export(root: &Path, disk: &str, to: &Path) -> Vec<u8> {
-    ok(root, &["disk", "export", disk, s(to)]);
-    std::fs::read(to).unwrap()
 }
 
 #[test]
@@ -171,28 +159,6 @@ fn a_served_repository_carries_a_disk_between_nodes() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("wrong access key"));
 }
 
-/// One raw HTTP/1.1 request; returns (status, body).
-fn http(url: &str, method: &str, path: &str, auth: Option<&str>, body: &[u8]) -> (u16, Vec<u8>) {
-    let addr = url.trim_start_matches("http://");
-    let mut c = TcpStream::connect(addr).unwrap();
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if let Some(a) = auth {
-        req.push_str(&format!("Authorization: Bearer {a}\r\n"));
-    }
-    req.push_str("\r\n");
-    c.write_all(req.as_bytes()).unwrap();
-    c.write_all(body).unwrap();
-    let mut out = Vec::new();
-    c.read_to_end(&mut out).unwrap();
-    let text = String::from_utf8_lossy(&out);
-    let status = text[9..12].parse().unwrap();
-    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    (status, out[split..].to_vec())
-}
-
 fn session(url: &str, scope: &str) -> (String, String) {
     let (status, body) = http(
         url,
@@ -220,9 +186,10 @@ fn tokens_are_checked_and_chunks_verified_before_they_are_stored() {
     let url = &server.url;
     let data = pattern(65536, 9);
     let hash = blake3::hash(&data);
-    let mut batch = hash.as_bytes().to_vec();
-    batch.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    batch.extend_from_slice(&data);
+    let batch = stasis::repo::wire::encode_chunks(&[(
+        stasis::repo::ChunkHash(*hash.as_bytes()),
+        &data[..],
+    )]);
     let (id, token) = session(url, "upload");
     let chunk_path = format!("/v1/sessions/{id}/chunks/{}", hash.to_hex());
     let missing = |auth: Option<&str>, sid: &str| {
@@ -357,6 +324,15 @@ fn kill_9_of_client_or_server_mid_swapout_leaves_a_consistent_repository() {
     );
     let full = started.elapsed();
     let mut committed = ("t0".to_string(), export(&a, "d", &w.join("t0.raw")));
+    // A manifest's content as node B gets it: swapped in, hydrated, exported, removed.
+    let url = server.url.clone();
+    let swapped_in = |manifest: &str| {
+        ok(&b, &["swapin", manifest, "--as", "x", "--repo", &url]);
+        ok(&b, &["disk", "hydrate", "x"]);
+        let content = export(&b, "x", &w.join("x.raw"));
+        ok(&b, &["disk", "rm", "x"]);
+        content
+    };
     let mut rng = 0x2545_F491_4F6C_DD1Du64;
     let mut next = || {
         rng ^= rng << 13;
@@ -438,16 +414,7 @@ fn kill_9_of_client_or_server_mid_swapout_leaves_a_consistent_repository() {
             "trial {trial}"
         );
         // The last committed manifest still swaps in as it was.
-        ok(
-            &b,
-            &["swapin", &committed.0, "--as", "x", "--repo", &server.url],
-        );
-        ok(&b, &["disk", "hydrate", "x"]);
-        assert!(
-            export(&b, "x", &w.join("x.raw")) == committed.1,
-            "trial {trial}"
-        );
-        ok(&b, &["disk", "rm", "x"]);
+        assert!(swapped_in(&committed.0) == committed.1, "trial {trial}");
         // Run again, the swapout completes and is the disk.
         ok(
             &a,
@@ -462,16 +429,7 @@ fn kill_9_of_client_or_server_mid_swapout_leaves_a_consistent_repository() {
             ],
         );
         committed = (name, export(&a, "d", &w.join("a.raw")));
-        ok(
-            &b,
-            &["swapin", &committed.0, "--as", "y", "--repo", &server.url],
-        );
-        ok(&b, &["disk", "hydrate", "y"]);
-        assert!(
-            export(&b, "y", &w.join("y.raw")) == committed.1,
-            "trial {trial}"
-        );
-        ok(&b, &["disk", "rm", "y"]);
+        assert!(swapped_in(&committed.0) == committed.1, "trial {trial}");
     }
     eprintln!("{trials} trials: {killed_mid} killed mid-swapout, {finished_first} finished before the kill");
     assert!(

@@ -5,19 +5,14 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{pattern, stasis_with};
+use common::{http, pattern, s, stasis_with};
 
 const MIB: usize = 1 << 20;
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 struct Moto(Child, String);
 
@@ -48,24 +43,6 @@ fn moto() -> Moto {
         std::thread::sleep(Duration::from_millis(100));
     }
     Moto(child, format!("http://{addr}"))
-}
-
-/// A raw, unsigned HTTP request to the S3 server (moto accepts those); returns the status
-/// and body.
-fn http(endpoint: &str, method: &str, path: &str, body: &[u8]) -> (u16, Vec<u8>) {
-    let addr = endpoint.trim_start_matches("http://");
-    let mut c = TcpStream::connect(addr).unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    c.write_all(head.as_bytes()).unwrap();
-    c.write_all(body).unwrap();
-    let mut out = Vec::new();
-    c.read_to_end(&mut out).unwrap();
-    let status = String::from_utf8_lossy(&out[9..12]).parse().unwrap();
-    let split = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
-    (status, out[split..].to_vec())
 }
 
 /// Reads object `key` of the test bucket, flips one bit, writes it back (signed requests,
@@ -111,25 +88,18 @@ fn run(root: &Path, args: &[&str]) -> std::process::Output {
 }
 
 fn ok(root: &Path, args: &[&str]) -> String {
-    let out = run(root, args);
-    assert!(
-        out.status.success(),
-        "stasis {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::ok_with(root, args, &AWS)
 }
 
 fn export(root: &Path, disk: &str, to: &Path) -> Vec<u8> {
-    ok(root, &["disk", "export", disk, s(to)]);
-    std::fs::read(to).unwrap()
+    common::export_with(root, disk, to, &AWS)
 }
 
 #[test]
 fn an_s3_brick_carries_a_disk_between_nodes_and_damage_is_caught() {
     let moto = moto();
     let endpoint = &moto.1;
-    assert_eq!(http(endpoint, "PUT", "/stasis-test", b"").0, 200);
+    assert_eq!(http(endpoint, "PUT", "/stasis-test", None, b"").0, 200);
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c, w) = (
         dir.path().join("a"),
@@ -183,6 +153,7 @@ fn an_s3_brick_carries_a_disk_between_nodes_and_damage_is_caught() {
         endpoint,
         "GET",
         "/stasis-test?list-type=2&prefix=chunks/",
+        None,
         b"",
     );
     assert_eq!(status, 200);

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::{fails, ok, ok_json, pattern};
+use common::{fails, ok, ok_json, pattern, s};
 
 const MIB: usize = 1 << 20;
 
@@ -16,10 +16,6 @@ struct Nodes {
     b: PathBuf,
     repo: String,
     work: PathBuf,
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Node A has image `g` (4 MiB, a zero region) and disk `d` (16 MiB) with writes: aligned,
@@ -74,8 +70,22 @@ fn write_same(root: &Path, disk: &str, work: &Path) {
 }
 
 fn export(root: &Path, disk: &str, to: &Path) -> Vec<u8> {
-    ok(root, &["disk", "export", disk, s(to)]);
-    std::fs::read(to).unwrap()
+    common::export_with(root, disk, to, &[])
+}
+
+/// Makes every chunk upload to the file:// repository `repo` fail (each brick fan-out
+/// directory taken by a plain file), or, with `blocked` false, repairs it.
+fn block_uploads(repo: &str, blocked: bool) {
+    let brick = PathBuf::from(repo.trim_start_matches("file://")).join("brick0");
+    std::fs::create_dir_all(&brick).unwrap();
+    for i in 0..=255u8 {
+        let fan = brick.join(format!("{i:02x}"));
+        if blocked {
+            std::fs::write(fan, b"").unwrap();
+        } else {
+            std::fs::remove_file(fan).unwrap();
+        }
+    }
 }
 
 #[test]
@@ -211,36 +221,15 @@ fn wrong_use_is_refused_and_changes_nothing() {
 
 #[test]
 fn a_swapped_in_disk_serves_a_real_client_at_once_while_it_hydrates() {
-    use std::io::{BufRead, BufReader};
     let n = nodes();
     let before = export(&n.a, "d", &n.work.join("a.raw"));
     ok(&n.a, &["swapout", "d", "--repo", &n.repo, "--name", "d1"]);
     let sock = n.work.join("nbd.sock");
-    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_stasis"))
-        .args([
-            "--json",
-            "--store",
-            s(&n.b),
-            "swapin",
-            "d1",
-            "--as",
-            "d",
-            "--repo",
-            &n.repo,
-        ])
-        .arg("--nbd")
-        .arg(format!("unix:{}", sock.display()))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    let uri = loop {
-        let line = lines.next().expect("server output").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-        if let Some(uri) = v["nbd"].as_str() {
-            break uri.to_string();
-        }
-    };
+    let (mut server, uri) = spawn_nbd(
+        &n.b,
+        &["swapin", "d1", "--as", "d", "--repo", &n.repo],
+        &sock,
+    );
     let copy = n.work.join("copy.raw");
     let out = std::process::Command::new("nbdcopy")
         .args([&uri, s(&copy)])
@@ -268,13 +257,7 @@ fn a_swapped_in_disk_serves_a_real_client_at_once_while_it_hydrates() {
 fn a_failed_swapout_keeps_the_disk_and_the_repository_and_can_be_run_again() {
     let n = nodes();
     let before = export(&n.a, "d", &n.work.join("a.raw"));
-    // Every chunk upload fails: each brick fan-out directory is taken by a plain file.
-    let root = PathBuf::from(n.repo.trim_start_matches("file://"));
-    let brick = root.join("brick0");
-    std::fs::create_dir_all(&brick).unwrap();
-    for i in 0..=255u8 {
-        std::fs::write(brick.join(format!("{i:02x}")), b"").unwrap();
-    }
+    block_uploads(&n.repo, true);
     let err = fails(
         &n.a,
         &["swapout", "d", "--repo", &n.repo, "--name", "d1"],
@@ -287,27 +270,32 @@ fn a_failed_swapout_keeps_the_disk_and_the_repository_and_can_be_run_again() {
     assert_eq!(ls, serde_json::json!([]), "{ls}");
     ok(&n.a, &["repo", "verify", "--repo", &n.repo]);
     // Repaired, the same command completes.
-    for i in 0..=255u8 {
-        std::fs::remove_file(brick.join(format!("{i:02x}"))).unwrap();
-    }
+    block_uploads(&n.repo, false);
     ok(&n.a, &["swapout", "d", "--repo", &n.repo, "--name", "d1"]);
     ok(&n.b, &["swapin", "d1", "--as", "d", "--repo", &n.repo]);
     assert!(export(&n.b, "d", &n.work.join("b.raw")) == before);
 }
 
-/// `stasis serve DISK --nbd unix:SOCK --json` on `root`; returns the child and its NBD URI.
-fn serve_nbd(root: &Path, disk: &str, sock: &Path) -> (std::process::Child, String) {
+/// `stasis --json ARGS --nbd unix:SOCK` on `root` (serve, or swapin that serves); returns
+/// the child and its NBD URI once it serves.
+fn spawn_nbd(root: &Path, args: &[&str], sock: &Path) -> (std::process::Child, String) {
     use std::io::{BufRead, BufReader};
-    let mut server = std::process::Command::new(env!("CARGO_BIN_EXE_stasis"))
-        .args(["--json", "--store", s(root), "serve", disk, "--nbd"])
-        .arg(format!("unix:{}", sock.display()))
+    let listen = format!("unix:{}", sock.display());
+    let mut all = vec!["--json"];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&["--nbd", &listen]);
+    let mut server = common::command(root, &all, &[])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
-    let line = lines.next().expect("server output").unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    (server, v["nbd"].as_str().expect("nbd uri").to_string())
+    loop {
+        let line = lines.next().expect("server output").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if let Some(uri) = v["nbd"].as_str() {
+            return (server, uri.to_string());
+        }
+    }
 }
 
 fn qemu_io(uri: &str, cmd: &str) -> std::process::Output {
@@ -320,17 +308,12 @@ fn qemu_io(uri: &str, cmd: &str) -> std::process::Output {
 #[test]
 fn a_served_disk_swaps_out_through_its_control_socket_and_its_server_stops() {
     let n = nodes();
-    let (mut server, uri) = serve_nbd(&n.a, "d", &n.work.join("nbd.sock"));
+    let (mut server, uri) = spawn_nbd(&n.a, &["serve", "d"], &n.work.join("nbd.sock"));
     let out = qemu_io(&uri, "write -P 0x5a 1M 192k");
     assert!(out.status.success(), "{out:?}");
-    // A swapout that fails (every brick directory taken by a file) leaves the disk served,
-    // thawed and writable, and the repository empty.
-    let root = PathBuf::from(n.repo.trim_start_matches("file://"));
-    let brick = root.join("brick0");
-    std::fs::create_dir_all(&brick).unwrap();
-    for i in 0..=255u8 {
-        std::fs::write(brick.join(format!("{i:02x}")), b"").unwrap();
-    }
+    // A swapout that fails leaves the disk served, thawed and writable, and the repository
+    // empty.
+    block_uploads(&n.repo, true);
     let err = fails(
         &n.a,
         &["swapout", "d", "--repo", &n.repo, "--name", "d1"],
@@ -348,9 +331,7 @@ fn a_served_disk_swaps_out_through_its_control_socket_and_its_server_stops() {
         ok_json(&n.a, &["repo", "ls", "--repo", &n.repo]),
         serde_json::json!([])
     );
-    for i in 0..=255u8 {
-        std::fs::remove_file(brick.join(format!("{i:02x}"))).unwrap();
-    }
+    block_uploads(&n.repo, false);
     // The served disk's content, every acknowledged write included.
     let mut expected = vec![0u8; 16 * MIB];
     let out = std::process::Command::new("nbdcopy")
@@ -376,7 +357,7 @@ fn a_served_disk_swaps_out_through_its_control_socket_and_its_server_stops() {
 fn a_served_swapout_with_keep_stops_the_server_and_keeps_the_disk() {
     let n = nodes();
     let before = export(&n.a, "d", &n.work.join("a.raw"));
-    let (mut server, _uri) = serve_nbd(&n.a, "d", &n.work.join("nbd.sock"));
+    let (mut server, _uri) = spawn_nbd(&n.a, &["serve", "d"], &n.work.join("nbd.sock"));
     let out = ok(
         &n.a,
         &["swapout", "d", "--repo", &n.repo, "--name", "d1", "--keep"],

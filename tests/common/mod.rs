@@ -31,7 +31,12 @@ pub fn command(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Command {
 
 /// Like [`stasis`], asserting success; returns stdout.
 pub fn ok(root: &Path, args: &[&str]) -> String {
-    let out = stasis(root, args);
+    ok_with(root, args, &[])
+}
+
+/// [`ok`] with these environment variables set.
+pub fn ok_with(root: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = stasis_with(root, args, env);
     assert!(
         out.status.success(),
         "stasis {args:?} failed: {}",
@@ -42,9 +47,59 @@ pub fn ok(root: &Path, args: &[&str]) -> String {
 
 /// Like [`ok`] with `--json`, parsed.
 pub fn ok_json(root: &Path, args: &[&str]) -> serde_json::Value {
+    ok_json_with(root, args, &[])
+}
+
+/// [`ok_json`] with these environment variables set.
+pub fn ok_json_with(root: &Path, args: &[&str], env: &[(&str, &str)]) -> serde_json::Value {
     let mut all = vec!["--json"];
     all.extend_from_slice(args);
-    serde_json::from_str(&ok(root, &all)).expect("JSON output")
+    serde_json::from_str(&ok_with(root, &all, env)).expect("JSON output")
+}
+
+/// `stasis disk export DISK TO`, then the exported bytes.
+pub fn export_with(root: &Path, disk: &str, to: &Path, env: &[(&str, &str)]) -> Vec<u8> {
+    ok_with(root, &["disk", "export", disk, s(to)], env);
+    std::fs::read(to).expect("exported file")
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("UTF-8 test path")
+}
+
+/// One raw HTTP/1.0 request (no chunked replies to decode) to `url` (`http://HOST:PORT`);
+/// returns the status and the body.
+pub fn http(
+    url: &str,
+    method: &str,
+    path: &str,
+    bearer: Option<&str>,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    use std::io::{Read, Write};
+    let addr = url.trim_start_matches("http://");
+    let mut c = std::net::TcpStream::connect(addr).expect("connect");
+    let mut head = format!(
+        "{method} {path} HTTP/1.0\r\nHost: {addr}\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    if let Some(token) = bearer {
+        head.push_str(&format!("Authorization: Bearer {token}\r\n"));
+    }
+    head.push_str("\r\n");
+    c.write_all(head.as_bytes()).expect("send");
+    c.write_all(body).expect("send");
+    let mut out = Vec::new();
+    c.read_to_end(&mut out).expect("reply");
+    let status = String::from_utf8_lossy(&out[9..12])
+        .parse()
+        .expect("status");
+    let split = out
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("end of headers")
+        + 4;
+    (status, out[split..].to_vec())
 }
 
 /// Runs stasis expecting exit status `code`; returns stderr.
