@@ -32,18 +32,22 @@ head -c 16M /dev/urandom > "$W/golden.raw"
 "$STASIS" disk create r --from g --size 256M >/dev/null
 
 # Starts `stasis serve r --ublk [--recover]` in the background; sets DEV and PID.
-serve() {
+# Runs `stasis --json ARGS` (a command that serves a ublk device) in the background; sets
+# PID, and DEV once the device exists.
+start_ublk() {
     : > "$W/serve.out"
-    "$STASIS" --json serve r --ublk "$@" > "$W/serve.out" 2>"$W/serve.err" &
+    "$STASIS" --json "$@" > "$W/serve.out" 2>"$W/serve.err" &
     PID=$!
     for _ in $(seq 600); do
         DEV=$(sed -n 's/.*"ublk":"\([^"]*\)".*/\1/p' "$W/serve.out")
         [ -n "$DEV" ] && [ -b "$DEV" ] && return 0
-        kill -0 "$PID" 2>/dev/null || fail "serve r $*: died: $(cat "$W/serve.err")"
+        kill -0 "$PID" 2>/dev/null || fail "$*: died: $(cat "$W/serve.err")"
         sleep 0.1
     done
-    fail "serve r $*: no device after 60 s: $(cat "$W/serve.err")"
+    fail "$*: no device after 60 s: $(cat "$W/serve.err")"
 }
+
+serve() { start_ublk serve r --ublk "$@"; }
 
 # Runs stasis expecting exit status 2 (refused, nothing changed).
 refused() {
@@ -133,15 +137,7 @@ say "stasis ublk delete removes an orphaned device; the disk verifies"
 # and every file is intact.
 "$STASIS" swapout r --repo /dev/shm/repo --name r1 > "$W/swapout.out" 2>&1 || fail "swapout: $(cat "$W/swapout.out")"
 export STASIS_STORE=/dev/shm/store-node-b
-"$STASIS" --json swapin r1 --as r --repo /dev/shm/repo --ublk > "$W/serve.out" 2>"$W/serve.err" &
-PID=$!
-for _ in $(seq 600); do
-    DEV=$(sed -n 's/.*"ublk":"\([^"]*\)".*/\1/p' "$W/serve.out")
-    [ -n "$DEV" ] && [ -b "$DEV" ] && break
-    kill -0 "$PID" 2>/dev/null || fail "swapin --ublk died: $(cat "$W/serve.err")"
-    sleep 0.1
-done
-[ -b "$DEV" ] || fail "swapin --ublk: no device"
+start_ublk swapin r1 --as r --repo /dev/shm/repo --ublk
 e2fsck -fn "$DEV" > "$W/fsck2.txt" 2>&1 || fail "e2fsck after swapin: $(cat "$W/fsck2.txt")"
 mount -t ext4 "$DEV" "$M"
 (cd "$M" && sha256sum -c --quiet "$W/synced") || fail "files differ after swapout/swapin"
@@ -159,16 +155,7 @@ wait "$PID" || fail "the server of the swapped-out disk exited with $?: $(cat "$
 [ -b "$DEV" ] && fail "$DEV still exists after the served swapout"
 "$STASIS" disk info r > /dev/null 2>&1 && fail "disk r still in store B after the served swapout"
 export STASIS_STORE=/dev/shm/store-recover
-"$STASIS" --json swapin r2 --as r --repo /dev/shm/repo --ublk > "$W/serve.out" 2>"$W/serve.err" &
-PID=$!
-DEV=
-for _ in $(seq 600); do
-    DEV=$(sed -n 's/.*"ublk":"\([^"]*\)".*/\1/p' "$W/serve.out")
-    [ -n "$DEV" ] && [ -b "$DEV" ] && break
-    kill -0 "$PID" 2>/dev/null || fail "second swapin --ublk died: $(cat "$W/serve.err")"
-    sleep 0.1
-done
-[ -b "$DEV" ] || fail "second swapin --ublk: no device"
+start_ublk swapin r2 --as r --repo /dev/shm/repo --ublk
 e2fsck -fn "$DEV" > "$W/fsck3.txt" 2>&1 || fail "e2fsck after the served swapout: $(cat "$W/fsck3.txt")"
 mount -t ext4 "$DEV" "$M"
 (cd "$M" && sha256sum -c --quiet "$W/synced") || fail "files differ after the served swapout"
