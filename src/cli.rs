@@ -455,7 +455,6 @@ fn start_control(
     frontend: &str,
     address: String,
     served: &ServedDisk,
-    swapped_out: &SwappedOut,
 ) -> Result<ControlServer, Failure> {
     let info = ServeInfo {
         disk: name.to_string(),
@@ -463,12 +462,8 @@ fn start_control(
         address,
         started_at: crate::frontend::unix_now(),
     };
-    let hook = crate::swap::control_hook(
-        store.root().to_path_buf(),
-        name.to_string(),
-        std::sync::Arc::downgrade(served),
-        swapped_out.clone(),
-    );
+    let hook =
+        crate::swap::control_hook(store.root().to_path_buf(), name.to_string(), served.clone());
     ControlServer::start(
         &store.control_socket(name),
         served.clone(),
@@ -477,10 +472,6 @@ fn start_control(
     )
     .map_err(|e| Failure::Failed(e.to_string()))
 }
-
-/// Set by a swapout through the control socket: the server then stops, and releases the
-/// disk once it is closed (unless the swapout said keep).
-type SwappedOut = std::sync::Arc<parking_lot::Mutex<Option<crate::swap::ServedSwapout>>>;
 
 /// The end of serving, once the frontend has stopped taking and finished its requests: no
 /// more control requests, hold anything left (the gate stays frozen), flush, close cleanly;
@@ -491,33 +482,26 @@ fn finish_serving(
     name: &str,
     served: ServedDisk,
     control: ControlServer,
-    swapped_out: &SwappedOut,
 ) -> Result<bool, Failure> {
     drop(control);
     served
         .freeze_for_close()
         .map_err(|e| Failure::Failed(format!("final flush failed: {e}")))?;
     served.device().close_shared()?;
-    let Some(done) = *swapped_out.lock() else {
+    let Some(release) = served.retired() else {
         return Ok(false);
     };
-    if !done.keep {
-        // The disk's lock goes with its last reference; the frontend's threads have ended,
-        // a control connection may take a moment to let go.
-        let mut served = served;
-        for _ in 0..500 {
-            match std::sync::Arc::try_unwrap(served) {
-                Ok(last) => {
-                    drop(last);
-                    break;
-                }
-                Err(shared) => served = shared,
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+    if release {
+        // The disk's lock goes with its last reference: the frontend, the prefetcher and
+        // the control socket (its clients included) have all let go by now.
+        drop(std::sync::Arc::into_inner(served).ok_or_else(|| {
+            Failure::Failed(format!(
+                "disk {name} is swapped out, but something still holds it open: not released"
+            ))
+        })?);
         store.remove_disk(name)?;
     }
-    tracing::info!(disk = %name, released = !done.keep, "swapped out");
+    tracing::info!(disk = %name, released = release, "swapped out");
     Ok(true)
 }
 
@@ -529,8 +513,7 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     let mut nbd = NbdServer::start(listen, name, served.clone())
         .map_err(|e| Failure::Failed(e.to_string()))?;
     let control_path = store.control_socket(name);
-    let swapped_out = SwappedOut::default();
-    let control = start_control(store, name, "nbd", nbd.uri.clone(), &served, &swapped_out)?;
+    let control = start_control(store, name, "nbd", nbd.uri.clone(), &served)?;
     if json {
         println!(
             "{}",
@@ -551,7 +534,7 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     served.begin_stop();
     nbd.stop();
     drop(prefetch);
-    let swapped = finish_serving(store, name, served, control, &swapped_out)?;
+    let swapped = finish_serving(store, name, served, control)?;
     if !json {
         if swapped {
             println!("disk {name} swapped out: server stopped");
@@ -637,15 +620,7 @@ fn serve_ublk(
     };
     let dev_id = ctrl.dev_info().dev_id;
     let control_path = store.control_socket(name);
-    let swapped_out = SwappedOut::default();
-    let control = start_control(
-        store,
-        name,
-        "ublk",
-        format!("/dev/ublkb{dev_id}"),
-        &served,
-        &swapped_out,
-    )?;
+    let control = start_control(store, name, "ublk", format!("/dev/ublkb{dev_id}"), &served)?;
     // The stop signal arrives on its own thread, which stops the device; a signal that comes
     // while the device is still starting waits for the start (a stop before it would be lost).
     let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
@@ -695,7 +670,7 @@ fn serve_ublk(
     let _ = stopper.join();
     let _ = std::fs::remove_file(&record_path);
     drop(prefetch);
-    let swapped = finish_serving(store, name, served, control, &swapped_out)?;
+    let swapped = finish_serving(store, name, served, control)?;
     if !json {
         if swapped {
             println!("disk {name} swapped out: server stopped");

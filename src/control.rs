@@ -85,21 +85,37 @@ impl ControlServer {
         let thread = std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                // The clients' streams, to end them at stop: a stopped server keeps no
+                // reference to the disk (it is closed, and maybe released, next).
+                let mut clients: Vec<(UnixStream, JoinHandle<()>)> = Vec::new();
                 while !stop.load(Ordering::SeqCst) {
+                    clients.retain(|(_, t)| !t.is_finished());
                     if !crate::frontend::wait_readable(listener.as_raw_fd(), 100) {
                         continue;
                     }
                     let Ok((stream, _)) = listener.accept() else {
                         continue;
                     };
+                    let Ok(handle) = stream.try_clone() else {
+                        continue;
+                    };
                     let (dev, info, swapout) = (dev.clone(), info.clone(), swapout.clone());
-                    let _ = std::thread::Builder::new()
+                    if let Ok(t) = std::thread::Builder::new()
                         .name("control-conn".into())
                         .spawn(move || {
                             if let Err(e) = serve_client(stream, &dev, &info, swapout.as_ref()) {
                                 tracing::debug!("control: client: {e}");
                             }
-                        });
+                        })
+                    {
+                        clients.push((handle, t));
+                    }
+                }
+                // Only the reading side: a request being handled (a swapout) still finishes
+                // and sends its reply; then the client's next read sees the end.
+                for (stream, t) in clients {
+                    let _ = stream.shutdown(std::net::Shutdown::Read);
+                    let _ = t.join();
                 }
             })
             .map_err(io_err)?;

@@ -24,16 +24,24 @@ struct Gate {
 
 #[derive(Default)]
 struct GateState {
+    /// Held by a freeze (control `freeze`, or the closing one).
     frozen: bool,
+    /// Held by a swapout, apart from `frozen`: a control `thaw` cannot let writes in under
+    /// it, and ending it leaves an operator's freeze as it was.
+    pinned: bool,
     in_flight: u64,
     /// The server is stopping: freeze and thaw from the control socket no longer apply (a
     /// freeze then could hold the requests the frontend is waiting to finish).
     stopping: bool,
-    /// The disk was swapped out: every request, held or new, fails. Data written now would
-    /// be acknowledged and then lost with the released layers.
-    retired: bool,
-    /// Frozen for a swapout: a control `thaw` must not let writes in under it.
-    pinned: bool,
+    /// The disk was swapped out (`Some(release)`: whether its local layers go): every
+    /// request, held or new, fails. Data written now would be acknowledged and then lost.
+    retired: Option<bool>,
+}
+
+impl GateState {
+    fn holds_io(&self) -> bool {
+        (self.frozen || self.pinned) && self.retired.is_none()
+    }
 }
 
 struct InFlight<'a>(&'a Gate);
@@ -51,10 +59,10 @@ impl Drop for InFlight<'_> {
 impl Gate {
     fn enter(&self) -> Result<InFlight<'_>, BlockError> {
         let mut s = self.state.lock();
-        while s.frozen && !s.retired {
+        while s.holds_io() {
             self.changed.wait(&mut s);
         }
-        if s.retired {
+        if s.retired.is_some() {
             return Err(BlockError::Storage(
                 "the disk was swapped out: this server no longer serves it".into(),
             ));
@@ -177,7 +185,8 @@ impl<D: BlockDevice> Served<D> {
         self.freeze_inner(false)
     }
 
-    /// The last freeze before the disk is closed: holds whatever might still come.
+    /// The last freeze before the disk is closed: holds whatever might still come. A swapout
+    /// still running is waited for (it reads the disk).
     pub fn freeze_for_close(&self) -> Result<(), BlockError> {
         self.freeze_inner(true).map(|_| ())
     }
@@ -189,7 +198,7 @@ impl<D: BlockDevice> Served<D> {
                 return Ok(false);
             }
             s.frozen = true;
-            while s.in_flight > 0 && s.frozen {
+            while s.frozen && (s.in_flight > 0 || closing && s.pinned) {
                 self.gate.changed.wait(&mut s);
             }
             s.frozen
@@ -198,9 +207,9 @@ impl<D: BlockDevice> Served<D> {
         Ok(still_frozen)
     }
 
-    /// Freezes for an operation that must see the disk still while it reads it (swapout):
-    /// like `freeze`, but a control `thaw` cannot release it, until `unpin` or `retire`.
-    /// Refused while another holds the pin or the server is stopping.
+    /// Holds I/O for an operation that must see the disk still while it reads it (swapout):
+    /// like `freeze`, but a control `thaw` cannot release it; it ends with `unpin` or
+    /// `retire`. Refused while another holds the pin or the server is stopping.
     pub fn freeze_pinned(&self) -> Result<(), String> {
         {
             let mut s = self.gate.state.lock();
@@ -211,7 +220,6 @@ impl<D: BlockDevice> Served<D> {
                 return Err("the server is stopping".into());
             }
             s.pinned = true;
-            s.frozen = true;
             while s.in_flight > 0 {
                 self.gate.changed.wait(&mut s);
             }
@@ -222,59 +230,60 @@ impl<D: BlockDevice> Served<D> {
         })
     }
 
-    /// Ends a pinned freeze without retiring: I/O flows again.
+    /// Ends a pinned freeze without retiring: I/O flows again, unless an operator's freeze
+    /// still holds it.
     pub fn unpin(&self) {
         let mut s = self.gate.state.lock();
         s.pinned = false;
-        s.frozen = false;
         self.gate.changed.notify_all();
     }
 
-    /// Releases what a freeze holds (no effect once the server is stopping, or while a
-    /// swapout holds the disk).
+    /// Releases what a control freeze holds (no effect once the server is stopping; a
+    /// swapout's pin stays).
     pub fn thaw(&self) {
         let mut s = self.gate.state.lock();
-        if !s.stopping && !s.pinned {
+        if !s.stopping {
             s.frozen = false;
             self.gate.changed.notify_all();
         }
     }
 
-    /// The server is stopping: releases what a freeze holds, so the frontend can finish its
-    /// requests, and ignores freeze and thaw from now on. A swapout's freeze stays: the held
-    /// requests wait for its end (they fail if it retires the disk, and go on if it fails),
-    /// so none lands while the swapout reads the disk.
+    /// The server is stopping: releases what a control freeze holds, so the frontend can
+    /// finish its requests, and ignores freeze and thaw from now on. A swapout's pin stays:
+    /// the held requests wait for its end (they fail if it retires the disk, and go on if
+    /// it fails), so none lands while the swapout reads the disk.
     pub fn begin_stop(&self) {
         let mut s = self.gate.state.lock();
-        s.stopping = true;
-        s.frozen = s.pinned;
-        self.gate.changed.notify_all();
-    }
-
-    /// The disk has been swapped out (the caller froze it first, so nothing is in flight):
-    /// every request held by the freeze, and every later one, fails instead of reaching
-    /// layers that are about to be released. Implies `begin_stop`.
-    pub fn retire(&self) {
-        let mut s = self.gate.state.lock();
-        s.retired = true;
-        s.pinned = false;
         s.stopping = true;
         s.frozen = false;
         self.gate.changed.notify_all();
     }
 
-    pub fn is_retired(&self) -> bool {
+    /// The disk has been swapped out (it was pinned, so nothing is in flight): every request
+    /// held, and every later one, fails instead of reaching layers about to be released.
+    /// `release`: whether the server removes the disk once closed. Implies `begin_stop`.
+    pub fn retire(&self, release: bool) {
+        let mut s = self.gate.state.lock();
+        s.retired = Some(release);
+        s.pinned = false;
+        s.stopping = true;
+        self.gate.changed.notify_all();
+    }
+
+    /// `Some(release)` once the disk was swapped out.
+    pub fn retired(&self) -> Option<bool> {
         self.gate.state.lock().retired
     }
 
+    /// Whether I/O is held (by a freeze or a swapout).
     pub fn is_frozen(&self) -> bool {
-        self.gate.state.lock().frozen
+        self.gate.state.lock().holds_io()
     }
 
     pub fn stats(&self) -> Stats {
         let (in_flight, frozen) = {
             let s = self.gate.state.lock();
-            (s.in_flight, s.frozen)
+            (s.in_flight, s.holds_io())
         };
         let now_ms = self.started.elapsed().as_millis() as u64;
         Stats {
@@ -492,5 +501,49 @@ mod tests {
         release.send(()).unwrap();
         assert!(reader.join().unwrap().is_ok());
         assert!(!dev.is_frozen());
+    }
+
+    #[test]
+    fn a_swapout_pin_survives_thaw_and_stop_keeps_an_operator_freeze_and_retires_held_io() {
+        let dev = Arc::new(Served::new(Held(Mutex::new(None))));
+        dev.freeze_pinned().unwrap();
+        assert!(dev.freeze_pinned().is_err(), "a second swapout got the pin");
+        // A control thaw does not let writes in under the pin.
+        dev.thaw();
+        let held = {
+            let d = dev.clone();
+            std::thread::spawn(move || d.write_at(0, &[1u8; 512], false))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!held.is_finished(), "a write passed a pinned gate");
+        // An operator's freeze made meanwhile outlives the pin.
+        assert!(dev.freeze().unwrap());
+        dev.unpin();
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!held.is_finished(), "unpin dropped the operator's freeze");
+        dev.thaw();
+        assert!(held.join().unwrap().is_ok());
+        // Stopping during a swapout: the closing freeze waits for it; a retired disk fails
+        // what was held and says whether to release it.
+        dev.freeze_pinned().unwrap();
+        dev.begin_stop();
+        let late = {
+            let d = dev.clone();
+            std::thread::spawn(move || d.write_at(0, &[2u8; 512], false))
+        };
+        let closer = {
+            let d = dev.clone();
+            std::thread::spawn(move || d.freeze_for_close())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(!late.is_finished() && !closer.is_finished());
+        dev.retire(true);
+        assert!(
+            late.join().unwrap().is_err(),
+            "a write landed on a retired disk"
+        );
+        assert!(closer.join().unwrap().is_ok());
+        assert_eq!(dev.retired(), Some(true));
+        assert_eq!(dev.stats().write.ops, 1);
     }
 }

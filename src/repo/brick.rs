@@ -17,6 +17,28 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::chunk::ChunkHash;
 use super::RepoError;
 
+/// A chunk offered for storing must be what its hash names.
+fn refuse_mismatch(hash: &ChunkHash, data: &[u8]) -> Result<(), RepoError> {
+    if hash.matches(data) {
+        return Ok(());
+    }
+    Err(RepoError::BadChunk {
+        hash: *hash,
+        why: "its bytes do not match its hash (refused)".into(),
+    })
+}
+
+/// A chunk read back from `at` must be what its hash names: else it is damaged, never data.
+fn check_read(hash: &ChunkHash, data: &[u8], at: impl FnOnce() -> String) -> Result<(), RepoError> {
+    if hash.matches(data) {
+        return Ok(());
+    }
+    Err(RepoError::BadChunk {
+        hash: *hash,
+        why: format!("{} does not match its hash (damaged)", at()),
+    })
+}
+
 pub struct DirBrick {
     dir: PathBuf,
     tmp_counter: AtomicU64,
@@ -40,49 +62,16 @@ impl DirBrick {
         self.dir.join(&hex[..2]).join(hex)
     }
 
-    /// Stores a chunk durably (file synced; the caller syncs the directory, see
-    /// [`DirBrick::sync_dirs`]) after checking that `data` is what `hash` names.
-    pub fn put(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), RepoError> {
-        if !hash.matches(data) {
-            return Err(RepoError::BadChunk {
-                hash: *hash,
-                why: "its bytes do not match its hash (refused)".into(),
-            });
-        }
-        let dest = self.chunk_path(hash);
-        let parent = dest.parent().expect("chunk paths have a fan-out directory");
-        fs::create_dir_all(parent).map_err(|e| RepoError::io(parent, e))?;
-        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-        let tmp =
-            self.dir
-                .join("tmp")
-                .join(format!("{}.{}.{n}", hash.to_hex(), std::process::id()));
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(data)?;
-            f.sync_data()?;
-            fs::rename(&tmp, &dest)
-        };
-        write().map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            RepoError::io(&dest, e)
-        })
-    }
-
-    /// Stores several chunks: all written first, then all synced, then all renamed into
-    /// place (each file whole or absent, as with [`DirBrick::put`]). The first sync commits
-    /// the filesystem's journal with the other files' data too, so a batch costs about one
-    /// journal commit instead of one per chunk.
-    pub fn put_many(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
+    /// Stores chunks after checking that each one's bytes are what its hash names: all
+    /// written to temporary files first, then all synced, then all renamed into place, so a
+    /// chunk file is whole or absent (the caller then syncs the directories, see
+    /// [`DirBrick::sync_dirs`]). The first sync commits the filesystem's journal with the
+    /// other files' data too: a batch costs about one journal commit, not one per chunk.
+    pub fn put(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
         let mut staged: Vec<(PathBuf, PathBuf, fs::File)> = Vec::with_capacity(chunks.len());
         let result = (|| {
             for (hash, data) in chunks {
-                if !hash.matches(data) {
-                    return Err(RepoError::BadChunk {
-                        hash: *hash,
-                        why: "its bytes do not match its hash (refused)".into(),
-                    });
-                }
+                refuse_mismatch(hash, data)?;
                 let dest = self.chunk_path(hash);
                 let parent = dest.parent().expect("chunk paths have a fan-out directory");
                 fs::create_dir_all(parent).map_err(|e| RepoError::io(parent, e))?;
@@ -140,12 +129,7 @@ impl DirBrick {
     pub fn get(&self, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
         let path = self.chunk_path(hash);
         let data = fs::read(&path).map_err(|e| RepoError::io(&path, e))?;
-        if !hash.matches(&data) {
-            return Err(RepoError::BadChunk {
-                hash: *hash,
-                why: format!("{} does not match its hash (damaged)", path.display()),
-            });
-        }
+        check_read(hash, &data, || path.display().to_string())?;
         Ok(data)
     }
 
@@ -266,12 +250,7 @@ impl S3Brick {
 
     pub fn put(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), RepoError> {
         use object_store::ObjectStoreExt;
-        if !hash.matches(data) {
-            return Err(RepoError::BadChunk {
-                hash: *hash,
-                why: "its bytes do not match its hash (refused)".into(),
-            });
-        }
+        refuse_mismatch(hash, data)?;
         let payload = object_store::PutPayload::from(data.to_vec());
         self.rt
             .block_on(self.store.put(&self.key(hash), payload))
@@ -285,16 +264,9 @@ impl S3Brick {
             .rt
             .block_on(async { self.store.get(&self.key(hash)).await?.bytes().await })
             .map_err(|e| self.err(Some(hash), e))?;
-        if !hash.matches(&data) {
-            return Err(RepoError::BadChunk {
-                hash: *hash,
-                why: format!(
-                    "s3://{}/{} does not match its hash (damaged)",
-                    self.spec.bucket,
-                    self.key(hash)
-                ),
-            });
-        }
+        check_read(hash, &data, || {
+            format!("s3://{}/{}", self.spec.bucket, self.key(hash))
+        })?;
         Ok(data.to_vec())
     }
 
@@ -343,16 +315,9 @@ pub enum Brick {
 }
 
 impl Brick {
-    pub fn put(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), RepoError> {
+    pub fn put(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
         match self {
-            Brick::Dir(b) => b.put(hash, data),
-            Brick::S3(b) => b.put(hash, data),
-        }
-    }
-
-    pub fn put_many(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
-        match self {
-            Brick::Dir(b) => b.put_many(chunks),
+            Brick::Dir(b) => b.put(chunks),
             Brick::S3(b) => chunks.iter().try_for_each(|(h, d)| b.put(h, d)),
         }
     }

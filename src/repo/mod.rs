@@ -311,25 +311,18 @@ impl Repo {
     }
 
     /// Stores chunks (each checked against its hash first), makes them durable, then indexes
-    /// them. Chunks already held are skipped.
+    /// them. A chunk already held is written again with the same bytes (the caller asked
+    /// `missing` first, so that is rare).
     pub fn put_chunks(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
-        for (i, brick) in self.bricks.iter().enumerate() {
-            let mine: Vec<(ChunkHash, &[u8])> = chunks
-                .iter()
-                .filter(|(h, _)| self.brick_for(h) as usize == i)
-                .copied()
-                .collect();
-            if !mine.is_empty() {
-                brick.put_many(&mine)?;
-            }
+        let mut per_brick: Vec<Vec<(ChunkHash, &[u8])>> = vec![Vec::new(); self.bricks.len()];
+        for chunk in chunks {
+            per_brick[self.brick_for(&chunk.0) as usize].push(*chunk);
         }
-        for (i, brick) in self.bricks.iter().enumerate() {
-            brick.sync(
-                chunks
-                    .iter()
-                    .filter(|(h, _)| self.brick_for(h) as usize == i)
-                    .map(|(h, _)| h),
-            )?;
+        for (brick, mine) in self.bricks.iter().zip(&per_brick) {
+            if !mine.is_empty() {
+                brick.put(mine)?;
+                brick.sync(mine.iter().map(|(h, _)| h))?;
+            }
         }
         let entries: Vec<(ChunkHash, u16, u32)> = chunks
             .iter()

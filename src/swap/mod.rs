@@ -28,7 +28,7 @@ use crate::store::hydrate::ChunkSource;
 use crate::store::{Store, StoreError, CHUNK_SIZE};
 
 mod served;
-pub use served::{control_hook, swapout_served, ServedSwapout};
+pub use served::{control_hook, swapout_served};
 
 /// Hashes sent to the repository per question.
 const NEGOTIATE_BATCH: usize = 1024;

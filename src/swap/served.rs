@@ -2,10 +2,9 @@
 
 use std::cell::{Cell, RefCell};
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
 use serde_json::{json, Value};
 
 use super::{swapout, Counters, SwapError, SwapoutSummary};
@@ -18,7 +17,8 @@ use crate::store::Store;
 /// Swaps out a disk while it is served: freezes it (I/O in flight finished, new I/O held,
 /// flushed; a control `thaw` cannot interfere), swaps it out, then retires the device: the
 /// held requests and every later one fail, since the disk now lives in the repository and
-/// its local layers are about to go. A failed swapout thaws it instead: the disk is served
+/// its local layers are about to go (`release`: the server removes the disk once it is
+/// closed). A failed swapout thaws it instead: the disk is served
 /// on, intact, and running the swapout again completes it.
 pub fn swapout_served(
     store: &Store,
@@ -26,12 +26,13 @@ pub fn swapout_served(
     served: &Served<Disk>,
     repo: &RepoHandle,
     manifest: &str,
+    release: bool,
     progress: &dyn Fn(&Counters),
 ) -> Result<SwapoutSummary, SwapError> {
     served.freeze_pinned().map_err(SwapError::Failed)?;
     match swapout(store, disk_name, served.device(), repo, manifest, progress) {
         Ok(summary) => {
-            served.retire();
+            served.retire(release);
             Ok(summary)
         }
         Err(e) => {
@@ -41,26 +42,12 @@ pub fn swapout_served(
     }
 }
 
-/// What a successful control-socket swapout leaves for the server to do once it has
-/// stopped: release the disk's local layers unless `keep`.
-#[derive(Clone, Copy, Debug)]
-pub struct ServedSwapout {
-    pub keep: bool,
-}
-
 /// The control socket's `swapout` for disk `name` served by this process: opens the
-/// repository (the request's, else the store's own), swaps out, records the outcome in
-/// `done`, and asks the server to stop (SIGTERM to itself, which `serve` waits for).
-pub fn control_hook(
-    store_root: PathBuf,
-    name: String,
-    served: Weak<Served<Disk>>,
-    done: Arc<Mutex<Option<ServedSwapout>>>,
-) -> SwapoutHook {
-    // Weak: once the server stops, its disk must close (and unlock) for the release, even
-    // while a control connection still holds this hook.
+/// repository (the request's, else the store's own), swaps out (the device retires, and
+/// says whether to release the disk), and asks the server to stop (SIGTERM to itself,
+/// which `serve` waits for).
+pub fn control_hook(store_root: PathBuf, name: String, served: Arc<Served<Disk>>) -> SwapoutHook {
     Arc::new(move |req: &SwapoutRequest, events: &mut dyn FnMut(Value)| {
-        let served = served.upgrade().ok_or("the server is stopping")?;
         let store = Store::open(&store_root).map_err(|e| e.to_string())?;
         let url = req
             .repo
@@ -87,11 +74,11 @@ pub fn control_hook(
                 "chunks_present": c.chunks_present.load(Relaxed),
             }));
         };
-        let summary = swapout_served(&store, &name, &served, &repo, &manifest, &progress)
-            .map_err(|e| e.to_string())?;
-        drop(served);
+        let summary = swapout_served(
+            &store, &name, &served, &repo, &manifest, !req.keep, &progress,
+        )
+        .map_err(|e| e.to_string())?;
         tracing::info!(disk = %name, manifest = %manifest, "swapped out; stopping the server");
-        *done.lock() = Some(ServedSwapout { keep: req.keep });
         // SAFETY: kill to our own pid; `serve` has SIGTERM blocked and waits for it.
         unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
         Ok(json!({
