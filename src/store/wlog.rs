@@ -814,10 +814,15 @@ impl WriteLayer {
     /// error to one fsync of a file only, and the FLUSH that missed it must not succeed.
     fn flush_locked(&self) -> Result<(), StoreError> {
         self.check_poisoned()?;
-        // From here on, versions below the journal's position may be promised durable. Taken
-        // exclusively: every commit below the mark has completed, and commits after it see it.
-        let mark = self.journal.write().next.load(Ordering::SeqCst);
-        self.flush_mark.fetch_max(mark, Ordering::SeqCst);
+        // From here on, versions below the journal's position may be promised durable. The
+        // mark moves under the journal lock taken exclusively: every commit below it has
+        // completed, and every later commit sees it (a commit that read the old mark could
+        // otherwise recycle at once the slot of a version this FLUSH is about to promise).
+        {
+            let journal = self.journal.write();
+            self.flush_mark
+                .fetch_max(journal.next.load(Ordering::SeqCst), Ordering::SeqCst);
+        }
         // Slots superseded by records that completed before now; the syncs below make the
         // superseding records durable, after which the old versions are no longer needed.
         let to_free = std::mem::take(&mut *self.pending_free.lock());
