@@ -110,6 +110,11 @@ fn swapout_on_one_node_swapin_on_another_gives_the_same_disk() {
     let h = &info["delta"]["hydration"];
     assert_eq!(h["chunks_present"], 0, "{info}");
     assert!(h["chunks"].as_u64().unwrap() > 0);
+    // Verifying checks what is local; it downloads nothing.
+    ok(&n.b, &["disk", "verify", "d"]);
+    let info = ok_json(&n.b, &["disk", "info", "d"]);
+    assert_eq!(info["delta"]["hydration"]["chunks_present"], 0, "{info}");
+    let h = &info["delta"]["hydration"];
     let after = export(&n.b, "d", &n.work.join("b.raw"));
     assert!(
         before == after,

@@ -271,10 +271,23 @@ impl Delta {
 
     /// Reads `buf.len()` bytes of block data at a file offset returned by `lookup`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), StoreError> {
-        if let Some(h) = &self.hydration {
-            h.ensure_range(offset, buf.len() as u64)?;
-        }
+        self.make_local(offset, buf.len() as u64)?;
         format::read_exact_at(&self.file, buf, offset, &self.path)
+    }
+
+    /// Fetches, for a swapped-in delta, the chunks holding `[offset, offset+len)` that are
+    /// not local yet (a no-op once hydrated). Readers call it before they take locks that
+    /// must not be held across a network fetch.
+    pub fn make_local(&self, offset: u64, len: u64) -> Result<(), StoreError> {
+        match &self.hydration {
+            Some(h) => h.ensure_range(offset, len),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether reads may still have to fetch.
+    pub fn is_hydrating(&self) -> bool {
+        self.hydration.as_ref().is_some_and(|h| !h.is_complete())
     }
 
     /// Reads the block at `offset` (from `lookup`) and checks it against its stored CRC-32C.

@@ -102,8 +102,9 @@ impl Disk {
     }
 
     /// Re-reads every stored block of every layer and checks it: write-layer slots and delta
-    /// blocks against their CRC-32C, golden chunks against their BLAKE3 hash.
-    /// `total` is told the bytes to check once they are known, `progress` each step.
+    /// blocks against their CRC-32C, golden chunks against their BLAKE3 hash. Blocks of a
+    /// swapped-in delta not fetched yet are not local: they are skipped, not downloaded
+    /// (each chunk is checked against its hash when it arrives). `total` is told the bytes to check once they are known, `progress` each step.
     pub fn verify(
         &self,
         total: &dyn Fn(u64),
@@ -112,7 +113,13 @@ impl Disk {
         let mut report = VerifyReport::default();
         let mut buf = vec![0u8; BLOCK_SIZE];
         let written = self.wlog.entries();
-        let delta_blocks = self.delta.as_ref().map(|d| d.blocks()).unwrap_or_default();
+        let delta_blocks: Vec<(u64, DeltaBlock)> = self.delta.as_ref().map_or_else(Vec::new, |d| {
+            let local = |b: &DeltaBlock| match (b, d.hydration()) {
+                (DeltaBlock::Data(off), Some(h)) => h.is_local(*off),
+                _ => true,
+            };
+            d.blocks().into_iter().filter(|(_, b)| local(b)).collect()
+        });
         let stored = written
             .iter()
             .filter(|(_, e)| matches!(e, Entry::Data { .. }))
@@ -233,6 +240,7 @@ impl Disk {
     /// Reads whole blocks; runs of blocks stored contiguously go out as one pread.
     fn read_blocks(&self, first: u64, buf: &mut [u8]) -> Result<(), StoreError> {
         let n = (buf.len() / BLOCK_SIZE) as u64;
+        self.fetch_delta_blocks(first, n)?;
         // No slot can be reused while we hold this, so a block read is never another's data.
         let _guard = self.wlog.read_guard();
         let mut run: Option<(u64, Source)> = None;
@@ -257,6 +265,31 @@ impl Disk {
         }
         if let Some((start, src)) = run {
             self.read_run(src, &mut buf[(start * BS) as usize..])?;
+        }
+        Ok(())
+    }
+
+    /// For a swapped-in disk: fetches the delta chunks that blocks `[first, first+n)` read
+    /// from, before `read_blocks` takes the write layer's reuse gate (a FLUSH waits for that
+    /// gate; it must not wait for the network). Resolving without the gate may be stale, but
+    /// the delta never changes and a block that moves to the write layer needs no fetch; a
+    /// block missed here is fetched by the read itself.
+    fn fetch_delta_blocks(&self, first: u64, n: u64) -> Result<(), StoreError> {
+        let Some(delta) = self.delta.as_ref().filter(|d| d.is_hydrating()) else {
+            return Ok(());
+        };
+        let mut sources = [Source::Zero; CLUSTER];
+        let mut i = 0u64;
+        while i < n {
+            let block = first + i;
+            let m = ((CLUSTER as u64 - block % CLUSTER as u64).min(n - i)) as usize;
+            self.resolve_cluster(block, &mut sources[..m]);
+            for s in &sources[..m] {
+                if let Source::Delta(off) = *s {
+                    delta.make_local(off, BS)?;
+                }
+            }
+            i += m as u64;
         }
         Ok(())
     }

@@ -190,6 +190,14 @@ impl Hydration {
         (total - self.remaining.load(Ordering::Relaxed), total)
     }
 
+    /// Whether the delta bytes at `offset` are local (a chunk not fetched yet is not).
+    pub fn is_local(&self, offset: u64) -> bool {
+        let k = ((offset - self.data_offset) / CHUNK_SIZE as u64) as usize;
+        self.present
+            .get(k)
+            .is_none_or(|p| p.load(Ordering::Acquire))
+    }
+
     pub fn is_complete(&self) -> bool {
         self.remaining.load(Ordering::Relaxed) == 0
     }
