@@ -279,10 +279,7 @@ fn main() {
     let mut four_k = vec![0u8; 4096];
     disk.read_at(WRITTEN / 2 + 12288, &mut four_k).unwrap();
     let first_read = t0.elapsed();
-    let manifest = match &repo {
-        RepoHandle::Local(r) => r.manifest(&last).unwrap(),
-        RepoHandle::Remote(_) => unreachable!("the bench repository is local"),
-    };
+    let manifest = repo.manifest(&last).unwrap();
     let brick = repo_dir.join("brick0");
     let t1 = Instant::now();
     let mut raw_bytes = 0u64;

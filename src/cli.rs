@@ -1294,13 +1294,9 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
                 print_json(&json!(v));
             } else {
                 for (info, n) in list {
-                    let kind = match info.kind {
-                        crate::repo::Kind::Disk => "disk",
-                        crate::repo::Kind::Image => "image",
-                    };
                     println!(
                         "{:<6} {:<32} {:>10} {:>8} chunks  image={} parent={}",
-                        kind,
+                        info.kind.as_str(),
                         info.name,
                         human(info.size),
                         n,

@@ -17,6 +17,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use super::chunk::ChunkHash;
 use super::RepoError;
 
+fn mtime_secs(f: &fs::DirEntry) -> u64 {
+    f.metadata()
+        .ok()
+        .and_then(|m| m.modified().ok())
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs())
+}
+
 /// A chunk offered for storing must be what its hash names.
 fn refuse_mismatch(hash: &ChunkHash, data: &[u8]) -> Result<(), RepoError> {
     if hash.matches(data) {
@@ -51,10 +59,6 @@ impl DirBrick {
             dir: dir.to_path_buf(),
             tmp_counter: AtomicU64::new(0),
         })
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     pub fn chunk_path(&self, hash: &ChunkHash) -> PathBuf {
@@ -142,6 +146,22 @@ impl DirBrick {
         }
     }
 
+    /// Removes temporary files (a crash between a chunk's write and its rename) last
+    /// modified before `cutoff` (seconds since the epoch); returns how many.
+    pub fn remove_stale_tmp(&self, cutoff: u64) -> Result<u64, RepoError> {
+        let tmp = self.dir.join("tmp");
+        let mut removed = 0;
+        for f in fs::read_dir(&tmp)
+            .map_err(|e| RepoError::io(&tmp, e))?
+            .flatten()
+        {
+            if mtime_secs(&f) < cutoff && fs::remove_file(f.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Every chunk file in the brick, with its modification time (seconds since the epoch).
     pub fn list(&self) -> Result<Vec<(ChunkHash, u64)>, RepoError> {
         let mut out = Vec::new();
@@ -159,13 +179,7 @@ impl DirBrick {
                 let Some(hash) = ChunkHash::from_hex(&f.file_name().to_string_lossy()) else {
                     continue;
                 };
-                let mtime = f
-                    .metadata()
-                    .ok()
-                    .and_then(|m| m.modified().ok())
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |d| d.as_secs());
-                out.push((hash, mtime));
+                out.push((hash, mtime_secs(&f)));
             }
         }
         Ok(out)
@@ -267,7 +281,7 @@ impl S3Brick {
         check_read(hash, &data, || {
             format!("s3://{}/{}", self.spec.bucket, self.key(hash))
         })?;
-        Ok(data.to_vec())
+        Ok(Vec::from(data))
     }
 
     pub fn remove(&self, hash: &ChunkHash) -> Result<(), RepoError> {
@@ -349,6 +363,14 @@ impl Brick {
         match self {
             Brick::Dir(b) => b.list(),
             Brick::S3(b) => b.list(),
+        }
+    }
+
+    /// See [`DirBrick::remove_stale_tmp`]; an S3 PUT leaves no temporary object.
+    pub fn remove_stale_tmp(&self, cutoff: u64) -> Result<u64, RepoError> {
+        match self {
+            Brick::Dir(b) => b.remove_stale_tmp(cutoff),
+            Brick::S3(_) => Ok(0),
         }
     }
 

@@ -29,6 +29,23 @@ pub enum Kind {
     Image,
 }
 
+impl Kind {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Kind::Disk => "disk",
+            Kind::Image => "image",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        match s {
+            "disk" => Some(Kind::Disk),
+            "image" => Some(Kind::Image),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct ManifestInfo {
     pub name: String,

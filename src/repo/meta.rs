@@ -283,11 +283,7 @@ impl Meta {
                 }
                 return Err(TxErr::Repo(RepoError::Exists(format!(
                     "a different {} manifest named {:?} exists (manifests are immutable)",
-                    if m.info.kind == Kind::Disk {
-                        "disk"
-                    } else {
-                        "image"
-                    },
+                    m.info.kind.as_str(),
                     m.info.name
                 ))));
             }

@@ -252,23 +252,17 @@ impl Repo {
             version: FORMAT_VERSION,
             bricks: bricks.to_vec(),
         };
-        let tmp = root.join(format!("{CONFIG_FILE}.tmp"));
-        fs::write(
-            &tmp,
-            serde_json::to_vec_pretty(&config).expect("config serializes"),
-        )
-        .and_then(|_| fs::rename(&tmp, &path))
-        .map_err(|e| RepoError::io(&path, e))?;
+        write_durably(
+            &path,
+            &serde_json::to_vec_pretty(&config).expect("config serializes"),
+            0o644,
+        )?;
         Ok(config)
     }
 
     /// Checks that every brick can be reached.
     pub fn probe_bricks(&self) -> Result<(), RepoError> {
         self.bricks.iter().try_for_each(Brick::probe)
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     pub fn url(&self) -> String {
@@ -357,14 +351,13 @@ impl Repo {
         self.meta.commit(m)
     }
 
-    pub fn manifest(&self, name: &str) -> Result<Manifest, RepoError> {
-        self.meta
-            .manifest(Kind::Disk, name)?
-            .ok_or_else(|| RepoError::NotFound(format!("no manifest {name:?} in {}", self.url())))
+    /// The manifest of that kind and name, if there is one.
+    pub fn find(&self, kind: Kind, name: &str) -> Result<Option<Manifest>, RepoError> {
+        self.meta.manifest(kind, name)
     }
 
-    pub fn image(&self, name: &str) -> Result<Option<Manifest>, RepoError> {
-        self.meta.manifest(Kind::Image, name)
+    pub fn manifest(&self, name: &str) -> Result<Manifest, RepoError> {
+        no_manifest(self.find(Kind::Disk, name)?, name, &self.url())
     }
 
     /// Every manifest's info and entry count, disks then images, by name.
@@ -387,9 +380,11 @@ impl Repo {
             self.bricks[*brick as usize].remove(hash)?;
         }
         // Files the index does not know, older than the grace period: a crash between a
-        // chunk's write and its indexing.
+        // chunk's write and its indexing, or before its rename (temporary files).
         let indexed = self.meta.indexed()?;
         for brick in &self.bricks {
+            report.0.orphan_files_removed +=
+                brick.remove_stale_tmp(now.saturating_sub(grace_secs))?;
             for (hash, mtime) in brick.list()? {
                 if !indexed.contains(&hash) && mtime + grace_secs < now {
                     brick.remove(&hash)?;
@@ -497,7 +492,8 @@ impl RepoHandle {
         match self {
             RepoHandle::Local(r) => Ok(r),
             RepoHandle::Remote(r) => Err(RepoError::Usage(format!(
-                "{what} runs where the repository's data is: on the server of {}, with                  --repo set to its data directory",
+                "{what} runs where the repository's data is: on the server of {}, with \
+                 --repo set to its data directory",
                 r.url()
             ))),
         }
@@ -538,20 +534,20 @@ impl RepoHandle {
         }
     }
 
-    pub fn manifest(&self, name: &str) -> Result<Manifest, RepoError> {
+    pub fn find(&self, kind: Kind, name: &str) -> Result<Option<Manifest>, RepoError> {
         match self {
-            RepoHandle::Local(r) => r.manifest(name),
-            RepoHandle::Remote(r) => r
-                .manifest(Kind::Disk, name)?
-                .ok_or_else(|| RepoError::NotFound(format!("no manifest {name:?} in {}", r.url()))),
+            RepoHandle::Local(r) => r.find(kind, name),
+            RepoHandle::Remote(r) => r.find(kind, name),
         }
     }
 
+    /// A disk manifest, which must exist.
+    pub fn manifest(&self, name: &str) -> Result<Manifest, RepoError> {
+        no_manifest(self.find(Kind::Disk, name)?, name, &self.url())
+    }
+
     pub fn image(&self, name: &str) -> Result<Option<Manifest>, RepoError> {
-        match self {
-            RepoHandle::Local(r) => r.image(name),
-            RepoHandle::Remote(r) => r.manifest(Kind::Image, name),
-        }
+        self.find(Kind::Image, name)
     }
 
     pub fn list(&self) -> Result<Vec<(ManifestInfo, u64)>, RepoError> {
@@ -583,6 +579,29 @@ fn parse_spec(spec: &str) -> Result<PathBuf, RepoError> {
         return Err(RepoError::Usage("empty repository path".into()));
     }
     Ok(PathBuf::from(path))
+}
+
+fn no_manifest(m: Option<Manifest>, name: &str, url: &str) -> Result<Manifest, RepoError> {
+    m.ok_or_else(|| RepoError::NotFound(format!("no manifest {name:?} in {url}")))
+}
+
+/// Writes a small file whole or not at all, durably: a temporary file with `mode`, synced,
+/// renamed over `path`, and the directory synced (a crash leaves the old file or the new).
+pub(crate) fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<(), RepoError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let dir = path.parent().unwrap_or(Path::new("."));
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
+        .and_then(|_| fs::rename(&tmp, path))
+        .and_then(|_| fs::File::open(dir)?.sync_all())
+        .map_err(|e| RepoError::io(path, e))
 }
 
 pub fn now_secs() -> u64 {

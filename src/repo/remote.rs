@@ -7,6 +7,7 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use parking_lot::Mutex;
 use reqwest::blocking::{Client, RequestBuilder};
 use reqwest::StatusCode;
@@ -23,7 +24,6 @@ const RENEW_MARGIN_SECS: u64 = 60;
 struct Session {
     id: String,
     token: String,
-    scope: Scope,
     expires_at: u64,
 }
 
@@ -88,7 +88,6 @@ impl RemoteRepo {
             (Some(id), Some(token), Some(expires_at)) => Ok(Session {
                 id,
                 token,
-                scope,
                 expires_at,
             }),
             _ => Err(RepoError::Remote(format!("bad session reply: {v}"))),
@@ -127,7 +126,6 @@ impl RemoteRepo {
         let mut fresh = false;
         loop {
             let s = self.session(scope, fresh)?;
-            debug_assert_eq!(s.scope, scope);
             let prefix = format!("{}/v1/sessions/{}", self.base, s.id);
             let resp = build(&self.http, &prefix)
                 .bearer_auth(&s.token)
@@ -142,7 +140,7 @@ impl RemoteRepo {
     }
 
     pub fn missing(&self, hashes: &[ChunkHash]) -> Result<Vec<bool>, RepoError> {
-        let body = wire::encode_hashes(hashes);
+        let body = Bytes::from(wire::encode_hashes(hashes));
         let answer = self.call(Scope::Upload, |c, p| {
             c.post(format!("{p}/missing")).body(body.clone())
         })?;
@@ -157,7 +155,7 @@ impl RemoteRepo {
     }
 
     pub fn put_chunks(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
-        let body = wire::encode_chunks(chunks);
+        let body = Bytes::from(wire::encode_chunks(chunks));
         self.call(Scope::Upload, |c, p| {
             c.post(format!("{p}/chunks")).body(body.clone())
         })
@@ -178,20 +176,20 @@ impl RemoteRepo {
     }
 
     pub fn commit(&self, m: &Manifest) -> Result<(), RepoError> {
-        let body = m.encode();
+        let body = Bytes::from(m.encode());
         self.call(Scope::Upload, |c, p| {
             c.post(format!("{p}/commit")).body(body.clone())
         })
         .map(|_| ())
     }
 
-    pub fn manifest(&self, kind: Kind, name: &str) -> Result<Option<Manifest>, RepoError> {
-        let kind = match kind {
-            Kind::Disk => "disk",
-            Kind::Image => "image",
-        };
+    pub fn find(&self, kind: Kind, name: &str) -> Result<Option<Manifest>, RepoError> {
         match self.call(Scope::Download, |c, p| {
-            c.get(format!("{p}/manifests/{kind}/{}", encode_segment(name)))
+            c.get(format!(
+                "{p}/manifests/{}/{}",
+                kind.as_str(),
+                encode_segment(name)
+            ))
         }) {
             Ok(bytes) => Manifest::decode(&bytes).map(Some),
             Err(RepoError::NotFound(_)) => Ok(None),
@@ -237,7 +235,7 @@ fn read_ok(resp: reqwest::blocking::Response) -> Result<Vec<u8>, RepoError> {
         .bytes()
         .map_err(|e| RepoError::Remote(format!("reading a reply: {e}")))?;
     if status.is_success() {
-        return Ok(body.to_vec());
+        return Ok(Vec::from(body));
     }
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
     let msg = v

@@ -20,7 +20,7 @@ use axum::Router;
 use parking_lot::Mutex;
 
 use super::token::{Claims, Scope, TokenKey};
-use super::{now_secs, wire, ChunkHash, Manifest, Repo, RepoError};
+use super::{now_secs, wire, ChunkHash, Kind, Manifest, Repo, RepoError};
 
 /// Largest request body: a batch of uploads (the client sends 32 chunks of 64 KiB).
 const MAX_BODY: usize = 64 << 20;
@@ -28,18 +28,14 @@ pub const ACCESS_KEY_FILE: &str = "access.key";
 const TOKEN_KEY_FILE: &str = "token.key";
 pub const DEFAULT_TOKEN_TTL_SECS: u64 = 3600;
 
-struct Session {
-    scope: Scope,
-    expires_at: u64,
-}
-
 struct ServerState {
     repo: Repo,
     key: TokenKey,
     /// The access key's hash: compared in constant time (blake3::Hash's `==`).
     access: blake3::Hash,
     ttl: u64,
-    sessions: Mutex<HashMap<[u8; 16], Session>>,
+    /// Open sessions and when they expire.
+    sessions: Mutex<HashMap<[u8; 16], u64>>,
 }
 
 /// An error reply: `{"error": "...", "kind": "..."}` with a status that says what it is.
@@ -96,8 +92,7 @@ impl ServerState {
         if hex::encode(claims.session) != id {
             return Err(denied("token belongs to another session"));
         }
-        let sessions = self.sessions.lock();
-        if !sessions.contains_key(&claims.session) {
+        if !self.sessions.lock().contains_key(&claims.session) {
             return Err(denied(
                 "unknown or ended session (the server restarted?): open a new one",
             ));
@@ -113,16 +108,50 @@ impl ServerState {
     }
 }
 
-/// Runs a repository call off the async workers (the repository does blocking I/O).
-async fn blocking<T: Send + 'static>(
-    state: &Arc<ServerState>,
-    f: impl FnOnce(&Repo) -> Result<T, RepoError> + Send + 'static,
-) -> Result<T, ApiError> {
-    let state = state.clone();
-    tokio::task::spawn_blocking(move || f(&state.repo))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "failed", e.to_string()))?
-        .map_err(ApiError::from)
+/// A request of session `/v1/sessions/{id}/...` whose token was checked for that session
+/// and for upload (`UPLOAD`) or any access: what every session endpoint takes first.
+struct Authorized<const UPLOAD: bool> {
+    state: Arc<ServerState>,
+    claims: Claims,
+}
+
+type CanUpload = Authorized<true>;
+type CanRead = Authorized<false>;
+
+impl<const UPLOAD: bool> axum::extract::FromRequestParts<Arc<ServerState>> for Authorized<UPLOAD> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &Arc<ServerState>,
+    ) -> Result<Self, ApiError> {
+        // The routes put the session id third: /v1/sessions/{id}/...
+        let id = parts.uri.path().split('/').nth(3).unwrap_or_default();
+        let need = if UPLOAD {
+            Scope::Upload
+        } else {
+            Scope::Download
+        };
+        let claims = state.authorize(&parts.headers, id, need)?;
+        Ok(Authorized {
+            state: state.clone(),
+            claims,
+        })
+    }
+}
+
+impl<const UPLOAD: bool> Authorized<UPLOAD> {
+    /// Runs a repository call off the async workers (the repository does blocking I/O).
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Repo) -> Result<T, RepoError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let state = self.state.clone();
+        tokio::task::spawn_blocking(move || f(&state.repo))
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "failed", e.to_string()))?
+            .map_err(ApiError::from)
+    }
 }
 
 fn json(v: serde_json::Value) -> Response {
@@ -153,14 +182,8 @@ async fn open_session(
     };
     {
         let mut sessions = st.sessions.lock();
-        sessions.retain(|_, s| s.expires_at > now);
-        sessions.insert(
-            claims.session,
-            Session {
-                scope,
-                expires_at: claims.expires_at,
-            },
-        );
+        sessions.retain(|_, expires_at| *expires_at > now);
+        sessions.insert(claims.session, claims.expires_at);
     }
     tracing::debug!(session = %hex::encode(claims.session), scope = scope.as_str(), "session opened");
     Ok(json(serde_json::json!({
@@ -171,26 +194,14 @@ async fn open_session(
     })))
 }
 
-async fn end_session(
-    State(st): State<Arc<ServerState>>,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let claims = st.authorize(&headers, &id, Scope::Download)?;
-    let ended = st.sessions.lock().remove(&claims.session);
-    debug_assert!(ended.is_none_or(|s| s.scope == claims.scope));
-    Ok(StatusCode::NO_CONTENT.into_response())
+async fn end_session(auth: CanRead) -> Response {
+    auth.state.sessions.lock().remove(&auth.claims.session);
+    StatusCode::NO_CONTENT.into_response()
 }
 
-async fn missing(
-    State(st): State<Arc<ServerState>>,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    st.authorize(&headers, &id, Scope::Upload)?;
+async fn missing(auth: CanUpload, body: Bytes) -> Result<Response, ApiError> {
     let hashes = wire::decode_hashes(&body).map_err(bad_request)?;
-    let missing = blocking(&st, move |r| r.missing(&hashes)).await?;
+    let missing = auth.run(move |r| r.missing(&hashes)).await?;
     Ok(missing
         .into_iter()
         .map(u8::from)
@@ -198,15 +209,8 @@ async fn missing(
         .into_response())
 }
 
-async fn put_chunks(
-    State(st): State<Arc<ServerState>>,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    st.authorize(&headers, &id, Scope::Upload)?;
-    wire::decode_chunks(&body).map_err(bad_request)?;
-    blocking(&st, move |r| {
+async fn put_chunks(auth: CanUpload, body: Bytes) -> Result<Response, ApiError> {
+    auth.run(move |r| {
         let chunks = wire::decode_chunks(&body).map_err(RepoError::Usage)?;
         // Held while storing and indexing, as a local swapout holds it: gc waits.
         let _lock = r.upload_lock()?;
@@ -217,42 +221,28 @@ async fn put_chunks(
 }
 
 async fn get_chunk(
-    State(st): State<Arc<ServerState>>,
-    UrlPath((id, hash)): UrlPath<(String, String)>,
-    headers: HeaderMap,
+    auth: CanRead,
+    UrlPath((_, hash)): UrlPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    st.authorize(&headers, &id, Scope::Download)?;
     let hash = ChunkHash::from_hex(&hash).ok_or_else(|| bad_request("bad chunk hash"))?;
-    let data = blocking(&st, move |r| r.get_chunk(&hash)).await?;
-    Ok(data.into_response())
+    Ok(auth.run(move |r| r.get_chunk(&hash)).await?.into_response())
 }
 
 async fn get_manifest(
-    State(st): State<Arc<ServerState>>,
-    UrlPath((id, kind, name)): UrlPath<(String, String, String)>,
-    headers: HeaderMap,
+    auth: CanRead,
+    UrlPath((_, kind, name)): UrlPath<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    st.authorize(&headers, &id, Scope::Download)?;
-    let m = match kind.as_str() {
-        "disk" => blocking(&st, move |r| r.manifest(&name).map(Some)).await?,
-        "image" => blocking(&st, move |r| r.image(&name)).await?,
-        _ => return Err(bad_request("manifest kind must be disk or image")),
-    };
-    match m {
+    let kind =
+        Kind::parse(&kind).ok_or_else(|| bad_request("manifest kind must be disk or image"))?;
+    match auth.run(move |r| r.find(kind, &name)).await? {
         Some(m) => Ok(m.encode().into_response()),
-        None => Err(RepoError::NotFound("no such image manifest".into()).into()),
+        None => Err(RepoError::NotFound("no such manifest".into()).into()),
     }
 }
 
-async fn commit(
-    State(st): State<Arc<ServerState>>,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    st.authorize(&headers, &id, Scope::Upload)?;
+async fn commit(auth: CanUpload, body: Bytes) -> Result<Response, ApiError> {
     let m = Manifest::decode(&body)?;
-    blocking(&st, move |r| {
+    auth.run(move |r| {
         let _lock = r.upload_lock()?;
         r.commit(&m)
     })
@@ -260,13 +250,8 @@ async fn commit(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn list(
-    State(st): State<Arc<ServerState>>,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    st.authorize(&headers, &id, Scope::Download)?;
-    let list = blocking(&st, |r| r.list()).await?;
+async fn list(auth: CanRead) -> Result<Response, ApiError> {
+    let list = auth.run(|r| r.list()).await?;
     let v: Vec<_> = list
         .into_iter()
         .map(|(info, entries)| serde_json::json!({"info": info, "entries": entries}))
@@ -274,17 +259,11 @@ async fn list(
     Ok(json(serde_json::Value::Array(v)))
 }
 
-async fn stat(
-    State(st): State<Arc<ServerState>>,
-    UrlPath(id): UrlPath<String>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    st.authorize(&headers, &id, Scope::Download)?;
-    let stat = blocking(&st, |r| r.stat()).await?;
+async fn stat(auth: CanRead) -> Result<Response, ApiError> {
+    let stat = auth.run(|r| r.stat()).await?;
     Ok(json(serde_json::to_value(stat).unwrap_or_default()))
 }
 
-/// Random bytes from the kernel (keys and session ids: never a fallback).
 fn rand_bytes<const N: usize>() -> Result<[u8; N], RepoError> {
     let mut b = [0u8; N];
     std::fs::File::open("/dev/urandom")
@@ -298,25 +277,15 @@ fn key_file(
     path: &Path,
     make: impl FnOnce() -> Result<Vec<u8>, RepoError>,
 ) -> Result<Vec<u8>, RepoError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     match std::fs::read(path) {
-        Ok(bytes) => return Ok(bytes),
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(RepoError::io(path, e)),
-        Err(_) => {}
+        Ok(bytes) => Ok(bytes),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let bytes = make()?;
+            super::write_durably(path, &bytes, 0o600)?;
+            Ok(bytes)
+        }
+        Err(e) => Err(RepoError::io(path, e)),
     }
-    let bytes = make()?;
-    let tmp = path.with_extension("tmp");
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .map_err(|e| RepoError::io(path, e))?;
-    Ok(bytes)
 }
 
 /// What `serve` was started with.

@@ -11,6 +11,8 @@ use super::chunk::ChunkHash;
 pub const MAX_CHUNK: usize = 16 << 20;
 /// Most hashes one `missing` request may ask about.
 pub const MAX_HASHES: usize = 1 << 16;
+/// Most chunks one batch may carry (a brick holds a file open per chunk of a batch).
+pub const MAX_BATCH_CHUNKS: usize = 1024;
 
 pub fn encode_hashes(hashes: &[ChunkHash]) -> Vec<u8> {
     hashes.iter().flat_map(|h| h.0).collect()
@@ -47,6 +49,9 @@ pub fn decode_chunks(body: &[u8]) -> Result<Vec<(ChunkHash, &[u8])>, String> {
     let mut out = Vec::new();
     let mut rest = body;
     while !rest.is_empty() {
+        if out.len() == MAX_BATCH_CHUNKS {
+            return Err(format!("more than {MAX_BATCH_CHUNKS} chunks in one batch"));
+        }
         if rest.len() < 36 {
             return Err(format!(
                 "truncated chunk record header ({} bytes)",
