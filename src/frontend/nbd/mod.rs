@@ -490,13 +490,14 @@ fn worker<D: BlockDevice>(
         };
         let error = execute(dev, &job, &mut out);
         out[..16].copy_from_slice(&simple_reply(error, job.req.cookie));
-        if error != 0 {
-            out.truncate(16);
-        }
+        let reply_len = match (error, job.req.command) {
+            (0, CMD_READ) => 16 + job.req.length as usize,
+            _ => 16,
+        };
         if job.payload.capacity() > 0 {
             pool.give(job.payload);
         }
-        if let Err(e) = writer.lock().write_all(&out) {
+        if let Err(e) = writer.lock().write_all(&out[..reply_len]) {
             tracing::debug!("nbd: reply not delivered: {e}");
         }
     }
@@ -514,17 +515,12 @@ fn errno_of(e: &BlockError, write: bool) -> u32 {
     }
 }
 
-/// Carries out one request; returns the error code. `out` is left holding room for the reply
-/// header (16 bytes) followed, for a successful read, by the data.
+/// Carries out one request; returns the error code. `out` (reused, never shrunk) is left
+/// holding room for the reply header (16 bytes) followed, for a successful read, by the data.
 fn execute<D: BlockDevice>(dev: &D, job: &Job, out: &mut Vec<u8>) -> u32 {
-    // Only a read needs more than the header; growing the reused buffer zero-fills just the
-    // growth, and the read overwrites it.
-    let data_len = if job.req.command == CMD_READ && job.req.length <= MAX_PAYLOAD {
-        job.req.length as usize
-    } else {
-        0
-    };
-    out.resize(16 + data_len, 0);
+    if out.len() < 16 {
+        out.resize(16, 0);
+    }
     let r = job.req;
     let fua = r.flags & CMD_FLAG_FUA != 0;
     // FUA is advertised, so it is accepted on every command (a no-op where it means nothing;
@@ -541,7 +537,13 @@ fn execute<D: BlockDevice>(dev: &D, job: &Job, out: &mut Vec<u8>) -> u32 {
             if r.length > MAX_PAYLOAD {
                 return EINVAL;
             }
-            dev.read_at(r.offset, &mut out[16..])
+            // Only a read needs more than the header: the buffer grows to the largest read
+            // seen (zero-filling only the growth) and the read overwrites what it uses.
+            let end = 16 + r.length as usize;
+            if out.len() < end {
+                out.resize(end, 0);
+            }
+            dev.read_at(r.offset, &mut out[16..end])
                 .map_err(|e| errno_of(&e, false))
         }
         CMD_WRITE => dev
