@@ -326,6 +326,29 @@ impl From<crate::frontend::ublk::UblkFrontendError> for Failure {
     }
 }
 
+impl From<crate::control::ControlError> for Failure {
+    fn from(e: crate::control::ControlError) -> Self {
+        match e {
+            crate::control::ControlError::NotServed { .. } => Failure::Usage(e.to_string()),
+            other => Failure::Failed(other.to_string()),
+        }
+    }
+}
+
+/// A control reply's error, if it is one: `what: <the server's error>`.
+fn control_reply_ok(reply: &serde_json::Value, what: &str) -> Result<(), Failure> {
+    if reply.get("ok").and_then(serde_json::Value::as_bool) == Some(true) {
+        return Ok(());
+    }
+    Err(Failure::Failed(format!(
+        "{what}: {}",
+        reply
+            .get("error")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or("failed")
+    )))
+}
+
 impl From<crate::swap::SwapError> for Failure {
     fn from(e: crate::swap::SwapError) -> Self {
         if e.is_usage() {
@@ -473,25 +496,49 @@ fn start_control(
     .map_err(|e| Failure::Failed(e.to_string()))
 }
 
+/// The start line of a server: with --json one object (`fields` plus disk, control, pid),
+/// else `headline` and where the control socket is.
+fn announce_serving(
+    json: bool,
+    name: &str,
+    control: &Path,
+    mut fields: serde_json::Value,
+    headline: &str,
+) {
+    if json {
+        fields["disk"] = json!(name);
+        fields["control"] = json!(control);
+        fields["pid"] = json!(std::process::id());
+        println!("{fields}");
+    } else {
+        println!("{headline}");
+        println!(
+            "control socket: {} (stasis ctl {name} status|stats|flush|freeze|thaw)",
+            control.display()
+        );
+    }
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+}
+
 /// The end of serving, once the frontend has stopped taking and finished its requests: no
 /// more control requests, hold anything left (the gate stays frozen), flush, close cleanly;
-/// then, after a swapout through the control socket, release the disk's local layers.
-/// Returns whether the disk was swapped out.
+/// then, after a swapout through the control socket, release the disk's local layers;
+/// then say so (`stopped`, without --json).
 fn finish_serving(
     store: &Store,
     name: &str,
     served: ServedDisk,
     control: ControlServer,
-) -> Result<bool, Failure> {
+    json: bool,
+    stopped: &str,
+) -> Result<(), Failure> {
     drop(control);
     served
         .freeze_for_close()
         .map_err(|e| Failure::Failed(format!("final flush failed: {e}")))?;
     served.device().close_shared()?;
-    let Some(release) = served.retired() else {
-        return Ok(false);
-    };
-    if release {
+    let retired = served.retired();
+    if retired == Some(true) {
         // The disk's lock goes with its last reference: the frontend, the prefetcher and
         // the control socket (its clients included) have all let go by now.
         drop(std::sync::Arc::into_inner(served).ok_or_else(|| {
@@ -501,8 +548,16 @@ fn finish_serving(
         })?);
         store.remove_disk(name)?;
     }
-    tracing::info!(disk = %name, released = release, "swapped out");
-    Ok(true)
+    if let Some(release) = retired {
+        tracing::info!(disk = %name, released = release, "swapped out");
+    }
+    if !json {
+        if retired.is_some() {
+            println!("disk {name} swapped out: server stopped");
+        }
+        println!("{stopped}");
+    }
+    Ok(())
 }
 
 fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), Failure> {
@@ -512,21 +567,14 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     let prefetch = crate::swap::Prefetcher::start(name, served.clone());
     let mut nbd = NbdServer::start(listen, name, served.clone())
         .map_err(|e| Failure::Failed(e.to_string()))?;
-    let control_path = store.control_socket(name);
     let control = start_control(store, name, "nbd", nbd.uri.clone(), &served)?;
-    if json {
-        println!(
-            "{}",
-            json!({"disk": name, "nbd": nbd.uri, "control": control_path, "pid": std::process::id()})
-        );
-    } else {
-        println!("serving disk {name} over NBD at {}", nbd.uri);
-        println!(
-            "control socket: {} (stasis ctl {name} status|stats|flush|freeze|thaw)",
-            control_path.display()
-        );
-    }
-    let _ = std::io::Write::flush(&mut std::io::stdout());
+    announce_serving(
+        json,
+        name,
+        &store.control_socket(name),
+        json!({"nbd": nbd.uri}),
+        &format!("serving disk {name} over NBD at {}", nbd.uri),
+    );
     let sig = wait_for_stop_signal(&signals);
     tracing::info!(signal = sig, "stopping: draining I/O, flushing, closing");
     // Release anything a freeze holds (else it could never finish); no new connections or
@@ -534,18 +582,17 @@ fn serve(store: &Store, name: &str, listen: &Listen, json: bool) -> Result<(), F
     served.begin_stop();
     nbd.stop();
     drop(prefetch);
-    let swapped = finish_serving(store, name, served, control)?;
-    if !json {
-        if swapped {
-            println!("disk {name} swapped out: server stopped");
-        }
-        println!(
-            "stopped: disk {name} flushed and closed ({} connection(s) served)",
-            nbd.connections_served
-                .load(std::sync::atomic::Ordering::Relaxed)
-        );
-    }
-    Ok(())
+    let served_count = nbd
+        .connections_served
+        .load(std::sync::atomic::Ordering::Relaxed);
+    finish_serving(
+        store,
+        name,
+        served,
+        control,
+        json,
+        &format!("stopped: disk {name} flushed and closed ({served_count} connection(s) served)"),
+    )
 }
 
 fn serve_ublk(
@@ -644,40 +691,34 @@ fn serve_ublk(
             }
         })
     };
-    let control_shown = control_path.clone();
-    let name_owned = name.to_string();
     let verb = if recover {
         "recovered: disk"
     } else {
         "serving disk"
     };
+    let name_owned = name.to_string();
+    let control_shown = control_path.clone();
     ublk::serve(&ctrl, served.clone(), recover, move |id| {
         let _ = started_tx.send(());
-        if json {
-            println!(
-                "{}",
-                json!({"disk": name_owned, "ublk": format!("/dev/ublkb{id}"), "control": control_shown, "pid": std::process::id(), "recovered": recover})
-            );
-        } else {
-            println!("{verb} {name_owned} as /dev/ublkb{id}");
-            println!(
-                "control socket: {} (stasis ctl {name_owned} status|stats|flush|freeze|thaw)",
-                control_shown.display()
-            );
-        }
-        let _ = std::io::Write::flush(&mut std::io::stdout());
+        announce_serving(
+            json,
+            &name_owned,
+            &control_shown,
+            json!({"ublk": format!("/dev/ublkb{id}"), "recovered": recover}),
+            &format!("{verb} {name_owned} as /dev/ublkb{id}"),
+        );
     })?;
     let _ = stopper.join();
     let _ = std::fs::remove_file(&record_path);
     drop(prefetch);
-    let swapped = finish_serving(store, name, served, control)?;
-    if !json {
-        if swapped {
-            println!("disk {name} swapped out: server stopped");
-        }
-        println!("stopped: /dev/ublkb{dev_id} deleted; disk {name} flushed and closed");
-    }
-    Ok(())
+    finish_serving(
+        store,
+        name,
+        served,
+        control,
+        json,
+        &format!("stopped: /dev/ublkb{dev_id} deleted; disk {name} flushed and closed"),
+    )
 }
 
 fn ublk_delete(store: &Store, name: &str, json: bool) -> Result<(), Failure> {
@@ -704,12 +745,7 @@ fn ublk_delete(store: &Store, name: &str, json: bool) -> Result<(), Failure> {
 
 fn ctl(store: &Store, name: &str, command: &str, json: bool) -> Result<(), Failure> {
     store.disk(name)?;
-    let reply = crate::control::request(&store.control_socket(name), name, command).map_err(
-        |e| match e {
-            crate::control::ControlError::NotServed { .. } => Failure::Usage(e.to_string()),
-            other => Failure::Failed(other.to_string()),
-        },
-    )?;
+    let reply = crate::control::request(&store.control_socket(name), name, command)?;
     if json {
         println!("{reply}");
     } else {
@@ -718,17 +754,7 @@ fn ctl(store: &Store, name: &str, command: &str, json: bool) -> Result<(), Failu
             serde_json::to_string_pretty(&reply).unwrap_or_default()
         );
     }
-    if reply.get("ok").and_then(serde_json::Value::as_bool) == Some(true) {
-        Ok(())
-    } else {
-        Err(Failure::Failed(format!(
-            "{command}: {}",
-            reply
-                .get("error")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("failed")
-        )))
-    }
+    control_reply_ok(&reply, command)
 }
 
 fn image(store: &Store, cmd: ImageCmd, json: bool) -> Result<(), Failure> {
@@ -1148,17 +1174,8 @@ fn swapout_served(
                 get("chunks_present")
             ));
         },
-    )
-    .map_err(|e| Failure::Failed(e.to_string()))?;
-    if reply.get("ok").and_then(serde_json::Value::as_bool) != Some(true) {
-        return Err(Failure::Failed(format!(
-            "swapout of served disk {name}: {}",
-            reply
-                .get("error")
-                .and_then(serde_json::Value::as_str)
-                .unwrap_or("failed")
-        )));
-    }
+    )?;
+    control_reply_ok(&reply, &format!("swapout of served disk {name}"))?;
     let summary: crate::swap::SwapoutSummary =
         serde_json::from_value(reply.get("swapout").cloned().unwrap_or_default())
             .map_err(|e| Failure::Failed(format!("bad swapout reply: {e}")))?;
