@@ -1,16 +1,19 @@
 //! Stasis: stateful swapout of virtual machines.
 //!
-//! Data flows device -> frontend -> store -> layers:
+//! Data flows device -> frontend -> store -> layers; the swap engine reads layers; the
+//! repository knows nothing of block devices:
 //! - [`blockdev`]: the small trait every device frontend serves.
-//! - [`store`]: the branching copy-on-write block store (golden, delta and write layers, and
-//!   the registry that ties them into a branch tree).
-//! - [`frontend`]: device frontends over the trait (NBD now; ublk next), with the I/O gate
-//!   and statistics they share.
-//! - [`control`]: the per-disk control socket (status, stats, flush, freeze, thaw).
+//! - [`store`]: the branching copy-on-write block store (golden, delta and write layers, the
+//!   registry that ties them into a branch tree, and hydration of swapped-in deltas).
+//! - [`frontend`]: device frontends over the trait (ublk, NBD), with the I/O gate (freeze,
+//!   swapout pin, retirement) and statistics they share.
+//! - [`control`]: the per-disk control socket (status, stats, flush, freeze, thaw, swapout).
+//! - [`repo`]: the content-addressed repository: metadata (redb), bricks (directories, S3),
+//!   manifests, and its HTTP server and client with session tokens.
+//! - [`swap`]: swapout (hash, negotiate, upload, commit) and lazy swapin with prefetch.
 //! - [`cli`]: the `stasis` command.
 //!
-//! The device frontends (ublk, NBD), the control socket, the repository, the swap engine and
-//! the hypervisor drivers build on these (see README.md for the plan).
+//! The hypervisor drivers (whole-VM swapout) come next (see README.md for the plan).
 
 pub mod blockdev;
 pub mod cli;

@@ -548,8 +548,7 @@ pub fn fold(
             match entry {
                 WEntry::Zero => out.push_zero(block),
                 WEntry::Data { slot, crc } => {
-                    wlog.read_slots(slot, &mut buf)?;
-                    if crc32c::crc32c(&buf) != crc {
+                    if !wlog.read_slot_checked(slot, crc, &mut buf)? {
                         return Err(StoreError::corrupt(
                             wlog.dir(),
                             format!("write layer: block {block} (slot {slot}) does not match its checksum"),

@@ -138,8 +138,7 @@ impl Disk {
                 {
                     continue;
                 }
-                self.wlog.read_slots(slot, &mut buf)?;
-                if crc32c::crc32c(&buf) != crc {
+                if !self.wlog.read_slot_checked(slot, crc, &mut buf)? {
                     report.damaged.push(format!(
                         "{}: write layer block {block} (slot {slot})",
                         self.wlog.dir().display()

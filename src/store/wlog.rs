@@ -528,6 +528,18 @@ impl WriteLayer {
         format::read_exact_at(&self.data, buf, slot_offset(slot), &self.data_path)
     }
 
+    /// Reads one block's slot into `buf` and tells whether it matches the CRC-32C its
+    /// journal record carries.
+    pub fn read_slot_checked(
+        &self,
+        slot: u32,
+        crc: u32,
+        buf: &mut [u8],
+    ) -> Result<bool, StoreError> {
+        self.read_slots(slot, buf)?;
+        Ok(crc32c::crc32c(buf) == crc)
+    }
+
     fn alloc_slots(&self, n: usize) -> Result<Vec<u32>, StoreError> {
         if n == 0 {
             return Ok(Vec::new());
