@@ -404,6 +404,9 @@ fn print_json(v: &serde_json::Value) {
 
 fn run(cli: Cli) -> Result<(), Failure> {
     let root = cli.store.clone().unwrap_or_else(default_store);
+    // Absolute: the paths we print (control sockets) and hand to servers must not depend on
+    // our working directory.
+    let root = std::path::absolute(&root).unwrap_or(root);
     let json = cli.json;
     let mut store = Store::open(&root)?;
     store.set_source_factory(crate::swap::source_factory());
@@ -1140,7 +1143,10 @@ fn print_swapout(summary: &crate::swap::SwapoutSummary, keep: bool, served: bool
         if served { "; its server stopped" } else { "" },
         if keep { "" } else { "; local layers released" }
     );
-    println!("bring it back with: stasis swapin {manifest} --as {name}");
+    println!(
+        "bring it back with: stasis swapin {manifest} --as {name} --repo {}",
+        summary.repo
+    );
 }
 
 /// Swapout of a disk being served: the server does it (freeze, swapout, stop, release)
@@ -1154,7 +1160,11 @@ fn swapout_served(
     json: bool,
 ) -> Result<(), Failure> {
     let pb = progress_bar(json, &format!("swapout {name} (served)"));
-    let request = json!({"cmd": "swapout", "repo": url, "manifest": manifest, "keep": keep, "progress": true});
+    let mut request = json!({"cmd": "swapout", "repo": url, "manifest": manifest, "keep": keep, "progress": true});
+    // The server process may not hold the key of a served repository: ours goes along.
+    if let Ok(key) = std::env::var(crate::repo::remote::KEY_ENV) {
+        request["repo_key"] = json!(key);
+    }
     let reply = crate::control::request_with(
         &store.control_socket(name),
         name,

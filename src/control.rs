@@ -42,6 +42,9 @@ pub enum ControlError {
 #[derive(Clone, Debug, Default)]
 pub struct SwapoutRequest {
     pub repo: Option<String>,
+    /// The access key of a served repository (the client's `STASIS_REPO_KEY`: the server
+    /// process may not have it). The socket is the user's own (mode 0600).
+    pub repo_key: Option<String>,
     pub manifest: Option<String>,
     pub keep: bool,
 }
@@ -263,6 +266,7 @@ fn parse_swapout(request: &Value) -> Result<SwapoutRequest, String> {
     };
     Ok(SwapoutRequest {
         repo: text("repo")?,
+        repo_key: text("repo_key")?,
         manifest: text("manifest")?,
         keep,
     })

@@ -437,3 +437,30 @@ fn kill_9_of_client_or_server_mid_swapout_leaves_a_consistent_repository() {
         "too few kills landed mid-swapout: {killed_mid}"
     );
 }
+
+#[test]
+fn a_served_disk_swaps_out_to_a_served_repository_with_the_clients_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, w) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("w"),
+    );
+    let server = serve(&dir.path().join("repo"), "127.0.0.1:0", &[]);
+    node(&a, &w, 2 * MIB);
+    let before = export(&a, "d", &w.join("a.raw"));
+    // The disk's server runs without the repository's key in its environment.
+    let sock = w.join("nbd.sock");
+    let listen = format!("unix:{}", sock.display());
+    let mut nbd = command(&a, &["--json", "serve", "d", "--nbd", &listen], &[])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = BufReader::new(nbd.stdout.take().unwrap()).lines().next();
+    assert!(started.is_some_and(|l| l.unwrap().contains("\"nbd\"")));
+    let out = ok_json(&a, &["swapout", "d", "--repo", &server.url, "--name", "d1"]);
+    assert_eq!(out["server_stopped"], true, "{out}");
+    assert!(nbd.wait().unwrap().success());
+    ok(&b, &["swapin", "d1", "--as", "d", "--repo", &server.url]);
+    assert!(export(&b, "d", &w.join("b.raw")) == before);
+}

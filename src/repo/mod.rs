@@ -470,8 +470,20 @@ pub enum UploadSession {
 impl RepoHandle {
     /// `create`: a local repository that does not exist yet is made (only a swapout may).
     pub fn open(spec: &str, create: bool) -> Result<RepoHandle, RepoError> {
+        Self::open_with_key(spec, create, None)
+    }
+
+    /// [`RepoHandle::open`] with the access key of a served repository given (None: from
+    /// `STASIS_REPO_KEY`); a local repository needs none.
+    pub fn open_with_key(
+        spec: &str,
+        create: bool,
+        access_key: Option<&str>,
+    ) -> Result<RepoHandle, RepoError> {
         if spec.starts_with("http://") || spec.starts_with("https://") {
-            return Ok(RepoHandle::Remote(remote::RemoteRepo::open(spec)?));
+            return Ok(RepoHandle::Remote(remote::RemoteRepo::open(
+                spec, access_key,
+            )?));
         }
         Ok(RepoHandle::Local(if create {
             Repo::open(spec)?

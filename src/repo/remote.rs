@@ -40,14 +40,18 @@ fn remote_err(what: &str, e: reqwest::Error) -> RepoError {
 }
 
 impl RemoteRepo {
-    pub fn open(url: &str) -> Result<RemoteRepo, RepoError> {
+    /// `access_key`: the repository's access key; None takes it from `STASIS_REPO_KEY`.
+    pub fn open(url: &str, access_key: Option<&str>) -> Result<RemoteRepo, RepoError> {
         let base = url.trim_end_matches('/').to_string();
-        let access_key = std::env::var(KEY_ENV).map_err(|_| {
-            RepoError::Usage(format!(
-                "{url} is a served repository: set {KEY_ENV} to its access key (the file \
-                 access.key in the server's data directory)"
-            ))
-        })?;
+        let access_key = match access_key {
+            Some(k) => k.to_string(),
+            None => std::env::var(KEY_ENV).map_err(|_| {
+                RepoError::Usage(format!(
+                    "{url} is a served repository: set {KEY_ENV} to its access key (the file \
+                     access.key in the server's data directory)"
+                ))
+            })?,
+        };
         let http = Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(300))

@@ -53,7 +53,8 @@ pub fn control_hook(store_root: PathBuf, name: String, served: Arc<Served<Disk>>
             .repo
             .clone()
             .unwrap_or_else(|| store.root().join("repo").display().to_string());
-        let repo = RepoHandle::open(&url, true).map_err(|e| e.to_string())?;
+        let repo = RepoHandle::open_with_key(&url, true, req.repo_key.as_deref())
+            .map_err(|e| e.to_string())?;
         let manifest = req
             .manifest
             .clone()
