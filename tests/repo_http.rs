@@ -100,8 +100,17 @@ fn node(root: &Path, work: &Path, written: usize) {
     );
 }
 
-#[test]
-fn a_served_repository_carries_a_disk_between_nodes() {
+/// Two nodes (stores `a` and `b`, work directory `w`) and a served repository; node `a` has
+/// disk `d` with `written` bytes written (see [`node`]).
+struct Nodes {
+    _dir: tempfile::TempDir,
+    a: PathBuf,
+    b: PathBuf,
+    w: PathBuf,
+    server: Server,
+}
+
+fn nodes(written: usize) -> Nodes {
     let dir = tempfile::tempdir().unwrap();
     let (a, b, w) = (
         dir.path().join("a"),
@@ -109,7 +118,25 @@ fn a_served_repository_carries_a_disk_between_nodes() {
         dir.path().join("w"),
     );
     let server = serve(&dir.path().join("repo"), "127.0.0.1:0", &[]);
-    node(&a, &w, 8 * MIB);
+    node(&a, &w, written);
+    Nodes {
+        _dir: dir,
+        a,
+        b,
+        w,
+        server,
+    }
+}
+
+#[test]
+fn a_served_repository_carries_a_disk_between_nodes() {
+    let Nodes {
+        _dir,
+        a,
+        b,
+        w,
+        server,
+    } = nodes(8 * MIB);
     let before = export(&a, "d", &w.join("a.raw"));
     let first = ok_json(
         &a,
@@ -299,16 +326,15 @@ fn tokens_are_checked_and_chunks_verified_before_they_are_stored() {
 /// as the disk.
 #[test]
 fn kill_9_of_client_or_server_mid_swapout_leaves_a_consistent_repository() {
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b, w) = (
-        dir.path().join("a"),
-        dir.path().join("b"),
-        dir.path().join("w"),
-    );
-    let data = dir.path().join("repo");
-    let mut server = serve(&data, "127.0.0.1:0", &[]);
+    let Nodes {
+        _dir,
+        a,
+        b,
+        w,
+        mut server,
+    } = nodes(16 * MIB);
+    let data = server.data.clone();
     let addr = server.url.trim_start_matches("http://").to_string();
-    node(&a, &w, 16 * MIB);
     let started = std::time::Instant::now();
     ok(
         &a,
@@ -440,14 +466,13 @@ fn kill_9_of_client_or_server_mid_swapout_leaves_a_consistent_repository() {
 
 #[test]
 fn a_served_disk_swaps_out_to_a_served_repository_with_the_clients_key() {
-    let dir = tempfile::tempdir().unwrap();
-    let (a, b, w) = (
-        dir.path().join("a"),
-        dir.path().join("b"),
-        dir.path().join("w"),
-    );
-    let server = serve(&dir.path().join("repo"), "127.0.0.1:0", &[]);
-    node(&a, &w, 2 * MIB);
+    let Nodes {
+        _dir,
+        a,
+        b,
+        w,
+        server,
+    } = nodes(2 * MIB);
     let before = export(&a, "d", &w.join("a.raw"));
     // The disk's server runs without the repository's key in its environment.
     let sock = w.join("nbd.sock");
