@@ -187,6 +187,8 @@ fn sample_manifest() -> Vec<u8> {
             parent: Some("d@0".into()),
             source: Some("d".into()),
             created_at: 1,
+            parts: Default::default(),
+            config: None,
         },
         entries: (0..40u64)
             .map(|i| (i * 7, ChunkHash::of(&i.to_le_bytes())))

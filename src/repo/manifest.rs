@@ -27,22 +27,31 @@ const ENTRY_LEN: usize = 40;
 pub enum Kind {
     Disk,
     Image,
+    /// A file kept as chunks, zero chunks left out (a VM's memory image, its kernel): entries
+    /// name the chunks that are not all zeros; the rest of `size` reads as zeros.
+    File,
+    /// A VM swapout: no entries of its own; `parts` names its disk, memory and boot file
+    /// manifests and `config` holds how to start it again.
+    Vm,
+    /// A group of VMs swapped out together: `parts` names each member's VM manifest.
+    Experiment,
 }
 
 impl Kind {
+    pub const ALL: [Kind; 5] = [Kind::Disk, Kind::Image, Kind::File, Kind::Vm, Kind::Experiment];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Kind::Disk => "disk",
             Kind::Image => "image",
+            Kind::File => "file",
+            Kind::Vm => "vm",
+            Kind::Experiment => "experiment",
         }
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
-        match s {
-            "disk" => Some(Kind::Disk),
-            "image" => Some(Kind::Image),
-            _ => None,
-        }
+        Kind::ALL.into_iter().find(|k| k.as_str() == s)
     }
 }
 
@@ -63,6 +72,13 @@ pub struct ManifestInfo {
     #[serde(default)]
     pub source: Option<String>,
     pub created_at: u64,
+    /// For a VM or an experiment: role -> manifest name (e.g. "disk", "memory", "kernel", or
+    /// a member VM's name). Those manifests are committed before this one.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub parts: std::collections::BTreeMap<String, String>,
+    /// For a VM or an experiment: its configuration, opaque to the repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<serde_json::Value>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -152,6 +168,8 @@ mod tests {
                 parent: None,
                 source: Some("d".into()),
                 created_at: 1,
+                parts: Default::default(),
+                config: None,
             },
             entries: vec![(0, ChunkHash::of(b"a")), (7, ChunkHash::of(b"b"))],
         }

@@ -24,6 +24,9 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 const CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("chunks");
 const DISKS: TableDefinition<&str, &[u8]> = TableDefinition::new("disk_manifests");
 const IMAGES: TableDefinition<&str, &[u8]> = TableDefinition::new("image_manifests");
+const FILES: TableDefinition<&str, &[u8]> = TableDefinition::new("file_manifests");
+const VMS: TableDefinition<&str, &[u8]> = TableDefinition::new("vm_manifests");
+const EXPERIMENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("experiment_manifests");
 const FORMAT_NAME: &str = "stasis-repo-meta";
 const FORMAT_VERSION: &str = "1";
 const OPEN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,6 +66,9 @@ fn table_for(kind: &Kind) -> TableDefinition<'static, &'static str, &'static [u8
     match kind {
         Kind::Disk => DISKS,
         Kind::Image => IMAGES,
+        Kind::File => FILES,
+        Kind::Vm => VMS,
+        Kind::Experiment => EXPERIMENTS,
     }
 }
 
@@ -119,8 +125,9 @@ impl Meta {
             }
             drop(t);
             txn.open_table(CHUNKS)?;
-            txn.open_table(DISKS)?;
-            txn.open_table(IMAGES)?;
+            for kind in Kind::ALL {
+                txn.open_table(table_for(&kind))?;
+            }
             Ok(())
         })?;
         Ok(meta)
@@ -295,6 +302,19 @@ impl Meta {
                     ))));
                 }
             }
+            // A VM or an experiment names manifests that must already be here.
+            for part in m.info.parts.values() {
+                let mut found = false;
+                for kind in Kind::ALL {
+                    found |= txn.open_table(table_for(&kind))?.get(part.as_str())?.is_some();
+                }
+                if !found {
+                    return Err(TxErr::Repo(RepoError::NotFound(format!(
+                        "manifest {part:?} (a part of {:?}) is not in the repository",
+                        m.info.name
+                    ))));
+                }
+            }
             let chunks = txn.open_table(CHUNKS)?;
             let mut missing = 0;
             let mut first = None;
@@ -328,8 +348,8 @@ impl Meta {
     pub fn all_manifests(&self) -> Result<Vec<Manifest>, RepoError> {
         let raw = self.read(|txn| {
             let mut out = Vec::new();
-            for def in [DISKS, IMAGES] {
-                let t = txn.open_table(def)?;
+            for kind in Kind::ALL {
+                let t = txn.open_table(table_for(&kind))?;
                 for item in t.iter()? {
                     let (_, v) = item?;
                     out.push(v.value().to_vec());
@@ -368,6 +388,9 @@ impl Meta {
             match m.info.kind {
                 Kind::Disk => s.disk_manifests += 1,
                 Kind::Image => s.image_manifests += 1,
+                Kind::File => s.file_manifests += 1,
+                Kind::Vm => s.vm_manifests += 1,
+                Kind::Experiment => s.experiment_manifests += 1,
             }
             s.logical_bytes += m.entries.len() as u64 * m.info.chunk_size as u64;
         }

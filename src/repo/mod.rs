@@ -144,6 +144,9 @@ pub struct RepoStat {
     pub stored_bytes: u64,
     pub disk_manifests: u64,
     pub image_manifests: u64,
+    pub file_manifests: u64,
+    pub vm_manifests: u64,
+    pub experiment_manifests: u64,
     /// Bytes the manifests describe (their chunks, counted once per manifest).
     pub logical_bytes: u64,
     /// logical / stored.

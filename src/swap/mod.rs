@@ -27,8 +27,10 @@ use crate::store::golden::Golden;
 use crate::store::hydrate::ChunkSource;
 use crate::store::{Store, StoreError, CHUNK_SIZE};
 
+mod file;
 mod served;
-pub use served::{control_hook, swapout_served};
+pub use file::{file_manifest, restore_file, swapout_file, FileSummary};
+pub use served::{control_hook, process_running, request_served_swapout, swapout_served};
 
 /// Hashes sent to the repository per question.
 const NEGOTIATE_BATCH: usize = 1024;
@@ -105,6 +107,7 @@ struct Item {
 /// end, which ends the stages next to it; the first error is returned.
 fn pipeline(
     items: Vec<(u64, Option<ChunkHash>)>,
+    chunk_size: usize,
     read: &(dyn Fn(u64) -> Result<Vec<u8>, SwapError> + Sync),
     keep: &(dyn Fn(u64, &ChunkHash) -> bool + Sync),
     repo: &RepoHandle,
@@ -144,7 +147,7 @@ fn pipeline(
                 };
                 counters
                     .bytes_scanned
-                    .fetch_add(CHUNK_SIZE as u64, Ordering::Relaxed);
+                    .fetch_add(chunk_size as u64, Ordering::Relaxed);
                 if keep(index, &item.hash) && hashed_tx.send(item).is_err() {
                     return Ok(()); // the negotiator stopped; its error is the one to report
                 }
@@ -277,6 +280,7 @@ fn ensure_image(
     let read = |index: u64| read_golden_chunk(golden, index);
     let entries = pipeline(
         items,
+        CHUNK_SIZE,
         &read,
         &|_, _| true,
         repo,
@@ -294,6 +298,8 @@ fn ensure_image(
             parent: None,
             source: None,
             created_at: crate::repo::now_secs(),
+            parts: Default::default(),
+            config: None,
         },
         entries,
     })?;
@@ -350,7 +356,16 @@ pub fn swapout(
         None => *hash != zero,
     };
     let read = |index: u64| read_disk_chunk(disk, index);
-    let entries = pipeline(items, &read, &keep, repo, &upload, &counters, progress)?;
+    let entries = pipeline(
+        items,
+        CHUNK_SIZE,
+        &read,
+        &keep,
+        repo,
+        &upload,
+        &counters,
+        progress,
+    )?;
     let parent = store
         .delta_origin(disk_name)?
         .and_then(|o| o.split_once('#').map(|(_, m)| m.to_string()));
@@ -364,6 +379,8 @@ pub fn swapout(
             parent,
             source: Some(disk_name.into()),
             created_at: crate::repo::now_secs(),
+            parts: Default::default(),
+            config: None,
         },
         entries,
     };

@@ -90,3 +90,71 @@ pub fn control_hook(store_root: PathBuf, name: String, served: Arc<Served<Disk>>
         }))
     })
 }
+
+/// Whether process `pid` still runs. A zombie does not: it has closed its files and
+/// released its locks, and only waits for its parent to reap it.
+pub fn process_running(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses and may hold spaces.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// The client side of a served disk's swapout: asks its server, through the control socket,
+/// to swap it out to repository `url` as `manifest` (then stop, and release it unless
+/// `keep`), and waits for the server to be gone. `on_progress` gets the server's progress
+/// events. The caller's STASIS_REPO_KEY goes along: the server may not hold it.
+pub fn request_served_swapout(
+    store: &Store,
+    name: &str,
+    url: &str,
+    manifest: &str,
+    keep: bool,
+    on_progress: &mut dyn FnMut(&Value),
+) -> Result<SwapoutSummary, SwapError> {
+    let mut request = json!({"cmd": "swapout", "repo": url, "manifest": manifest, "keep": keep, "progress": true});
+    if let Ok(key) = std::env::var(crate::repo::remote::KEY_ENV) {
+        request["repo_key"] = json!(key);
+    }
+    let reply = crate::control::request_with(
+        &store.control_socket(name),
+        name,
+        &request,
+        None,
+        on_progress,
+    )
+    .map_err(|e| SwapError::Failed(e.to_string()))?;
+    if reply.get("ok").and_then(Value::as_bool) != Some(true) {
+        let why = reply.get("error").and_then(Value::as_str).unwrap_or("no reason given");
+        return Err(SwapError::Failed(format!(
+            "swapout of served disk {name} failed: {why}"
+        )));
+    }
+    let summary: SwapoutSummary =
+        serde_json::from_value(reply.get("swapout").cloned().unwrap_or_default())
+            .map_err(|e| SwapError::Failed(format!("bad swapout reply: {e}")))?;
+    // The manifest is committed; now the server stops and releases the disk.
+    let pid = reply.get("pid").and_then(Value::as_u64);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while pid.is_some_and(process_running) {
+        if Instant::now() > deadline {
+            return Err(SwapError::Failed(format!(
+                "disk {name} is swapped out as {manifest}, but its server (pid {}) has not \
+                 stopped after 120 s",
+                pid.unwrap_or_default()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if !keep && store.disk(name).is_ok() {
+        return Err(SwapError::Failed(format!(
+            "disk {name} is swapped out as {manifest}, but its server did not release it \
+             (see its log; `stasis disk rm {name}` releases it)"
+        )));
+    }
+    Ok(summary)
+}

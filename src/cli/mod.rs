@@ -16,6 +16,8 @@ use crate::frontend::Served;
 use crate::store::{Store, StoreError};
 use crate::units::{human, parse_size};
 
+mod vm;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "stasis",
@@ -104,6 +106,19 @@ enum Command {
     /// The repository: manifests, chunks, garbage collection, verification
     #[command(subcommand)]
     Repo(RepoCmd),
+    /// Whole VMs: start one on a disk, swap it out (memory and disk) and in on any node
+    #[command(subcommand)]
+    Vm(vm::VmCmd),
+    /// Groups of VMs swapped out and in together, consistently
+    #[command(subcommand)]
+    Experiment(vm::ExperimentCmd),
+    /// Send one QMP command to a QEMU (for exec-driver hooks): prints its return value
+    Qmp {
+        socket: PathBuf,
+        command: String,
+        /// Arguments, a JSON object
+        arguments: Option<String>,
+    },
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -448,6 +463,13 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Repo(cmd) => repo_cmd(&store, cmd, json),
+        Command::Vm(cmd) => vm::vm_cmd(&store, cmd, json),
+        Command::Experiment(cmd) => vm::experiment_cmd(&store, cmd, json),
+        Command::Qmp {
+            socket,
+            command,
+            arguments,
+        } => vm::qmp(&socket, &command, arguments.as_deref()),
     }
 }
 
@@ -1113,19 +1135,6 @@ fn swapout(
     Ok(())
 }
 
-/// Whether process `pid` still runs. A zombie does not: it has closed its files and
-/// released its locks, and only waits for its parent to reap it.
-fn process_running(pid: u64) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses and may hold spaces.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
-
 fn print_swapout(summary: &crate::swap::SwapoutSummary, keep: bool, served: bool, json: bool) {
     let (name, manifest) = (&summary.disk, &summary.manifest);
     if json {
@@ -1160,17 +1169,8 @@ fn swapout_served(
     json: bool,
 ) -> Result<(), Failure> {
     let pb = progress_bar(json, &format!("swapout {name} (served)"));
-    let mut request = json!({"cmd": "swapout", "repo": url, "manifest": manifest, "keep": keep, "progress": true});
-    // The server process may not hold the key of a served repository: ours goes along.
-    if let Ok(key) = std::env::var(crate::repo::remote::KEY_ENV) {
-        request["repo_key"] = json!(key);
-    }
-    let reply = crate::control::request_with(
-        &store.control_socket(name),
-        name,
-        &request,
-        None,
-        &mut |event| {
+    let summary =
+        crate::swap::request_served_swapout(store, name, url, manifest, keep, &mut |event| {
             let get = |k: &str| {
                 event
                     .get(k)
@@ -1183,34 +1183,9 @@ fn swapout_served(
                 human(get("bytes_uploaded")),
                 get("chunks_present")
             ));
-        },
-    )?;
-    control_reply_ok(&reply, &format!("swapout of served disk {name}"))?;
-    let summary: crate::swap::SwapoutSummary =
-        serde_json::from_value(reply.get("swapout").cloned().unwrap_or_default())
-            .map_err(|e| Failure::Failed(format!("bad swapout reply: {e}")))?;
-    // The manifest is committed; now the server stops and releases the disk.
-    pb.set_message(format!("swapout {name}: stopping its server"));
-    let pid = reply.get("pid").and_then(serde_json::Value::as_u64);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
-    while pid.is_some_and(process_running) {
-        if std::time::Instant::now() > deadline {
-            return Err(Failure::Failed(format!(
-                "disk {name} is swapped out as {manifest}, but its server (pid {}) has not \
-                 stopped after 120 s",
-                pid.unwrap_or_default()
-            )));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+        });
     pb.finish_and_clear();
-    if !keep && store.disk(name).is_ok() {
-        return Err(Failure::Failed(format!(
-            "disk {name} is swapped out as {manifest}, but its server did not release it \
-             (see its log; `stasis disk rm {name}` releases it)"
-        )));
-    }
-    print_swapout(&summary, keep, true, json);
+    print_swapout(&summary?, keep, true, json);
     Ok(())
 }
 
@@ -1340,14 +1315,17 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
                 print_json(&json!(s));
             } else {
                 println!(
-                    "{}: {} chunks, {} stored, {} logical, dedup {:.2}x, {} disk and {} image manifests",
+                    "{}: {} chunks, {} stored, {} logical, dedup {:.2}x; manifests: {} disk, {} image, {} file, {} vm, {} experiment",
                     repo.url(),
                     s.chunks,
                     human(s.stored_bytes),
                     human(s.logical_bytes),
                     s.dedup_ratio,
                     s.disk_manifests,
-                    s.image_manifests
+                    s.image_manifests,
+                    s.file_manifests,
+                    s.vm_manifests,
+                    s.experiment_manifests
                 );
             }
         }

@@ -1,0 +1,264 @@
+//! Hypervisor drivers: what Stasis needs from whatever runs a VM, behind one small trait.
+//!
+//! A driver starts a VM whose disk Stasis already serves, pauses it, saves its memory and
+//! device state to a file (after which the VM no longer runs), restores such a file into a
+//! new, paused VM, resumes it, and reports its status and counters. The drivers are a closed
+//! set dispatched statically ([`Driver`]): QEMU over QMP, `xl` for Xen, and user hook
+//! commands for anything else.
+//!
+//! Drivers keep no state in memory: everything they need is in the VM's directory (sockets,
+//! pid files) and its [`VmSpec`], so any `stasis` process can act on any VM.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+mod exec;
+mod qemu;
+pub use qemu::default_accel;
+pub mod qmp;
+mod xen;
+
+pub use exec::ExecDriver;
+pub use qemu::QemuDriver;
+pub use xen::XenDriver;
+
+#[derive(Debug, thiserror::Error)]
+pub enum HvError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("QMP {command}: {class}: {desc}")]
+    Qmp {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("{0}")]
+    Protocol(String),
+    /// A hypervisor command (qemu, xl, a hook) failed.
+    #[error("{command} failed: {why}")]
+    Command { command: String, why: String },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl HvError {
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> HvError {
+        HvError::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// What a VM is: its machine and how it boots. Kept in the VM's record and, on swapout, in
+/// its manifest (boot files are then stored in the repository and found again by hash).
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct VmSpec {
+    /// The Stasis disk that is the VM's drive (served over NBD while the VM runs).
+    pub disk: String,
+    pub mem_mib: u64,
+    pub cpus: u32,
+    #[serde(default)]
+    pub kernel: Option<PathBuf>,
+    #[serde(default)]
+    pub initrd: Option<PathBuf>,
+    #[serde(default)]
+    pub append: Option<String>,
+    pub driver: DriverConfig,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[serde(tag = "name", rename_all = "lowercase")]
+pub enum DriverConfig {
+    Qemu {
+        /// "kvm" or "tcg", chosen at start (a saved VM restores under the same one).
+        accel: String,
+        /// Arguments added to QEMU's command line (the same on every restore).
+        #[serde(default)]
+        extra_args: Vec<String>,
+    },
+    Exec {
+        /// Directory of hook executables (kernel-notes/hypervisors.md).
+        hooks: PathBuf,
+    },
+    Xen {
+        /// The domain's xl configuration file.
+        config: PathBuf,
+    },
+}
+
+impl DriverConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DriverConfig::Qemu { .. } => "qemu",
+            DriverConfig::Exec { .. } => "exec",
+            DriverConfig::Xen { .. } => "xen",
+        }
+    }
+}
+
+/// Where a VM lives on this node while it runs.
+pub struct VmContext<'a> {
+    pub name: &'a str,
+    /// Its runtime directory: sockets, pid files, console log.
+    pub dir: &'a Path,
+    pub spec: &'a VmSpec,
+    /// The Unix socket its disk is served on (NBD; the export is the disk's name).
+    pub nbd_socket: &'a Path,
+}
+
+impl VmContext<'_> {
+    pub fn nbd_uri(&self) -> String {
+        format!(
+            "nbd+unix:///{}?socket={}",
+            self.spec.disk,
+            self.nbd_socket.display()
+        )
+    }
+
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum VmStatus {
+    Running,
+    Paused,
+    /// The hypervisor has no such VM running.
+    Stopped,
+    /// Neither: migrating, booting, an error state, ...
+    Other,
+}
+
+impl VmStatus {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            VmStatus::Running => "running",
+            VmStatus::Paused => "paused",
+            VmStatus::Stopped => "stopped",
+            VmStatus::Other => "other",
+        }
+    }
+}
+
+/// What the scheduler will weigh: how much CPU a VM used (idleness is the disk's idle time,
+/// from its control socket, and the CPU time's growth).
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
+pub struct VmCounters {
+    /// CPU seconds the VM's hypervisor process used (None: the driver cannot tell).
+    pub cpu_seconds: Option<f64>,
+}
+
+pub trait Hypervisor {
+    /// Boots the VM; its disk is already served at `vm.nbd_socket`.
+    fn start(&self, vm: &VmContext) -> Result<(), HvError>;
+    /// Stops the guest's CPUs (and its disk I/O: the hypervisor drains it).
+    fn pause(&self, vm: &VmContext) -> Result<(), HvError>;
+    /// Saves a paused VM's memory and device state to `file`; the VM does not run after.
+    fn save(&self, vm: &VmContext, file: &Path) -> Result<(), HvError>;
+    /// Starts the VM from `file`, paused.
+    fn restore(&self, vm: &VmContext, file: &Path) -> Result<(), HvError>;
+    fn resume(&self, vm: &VmContext) -> Result<(), HvError>;
+    fn status(&self, vm: &VmContext) -> Result<VmStatus, HvError>;
+    fn counters(&self, vm: &VmContext) -> Result<VmCounters, HvError>;
+    /// Ends the VM at once, without saving.
+    fn kill(&self, vm: &VmContext) -> Result<(), HvError>;
+}
+
+/// The driver a spec names (static dispatch).
+pub enum Driver {
+    Qemu(QemuDriver),
+    Exec(ExecDriver),
+    Xen(XenDriver),
+}
+
+impl Driver {
+    pub fn for_spec(spec: &VmSpec) -> Driver {
+        match &spec.driver {
+            DriverConfig::Qemu { accel, extra_args } => Driver::Qemu(QemuDriver {
+                accel: accel.clone(),
+                extra_args: extra_args.clone(),
+            }),
+            DriverConfig::Exec { hooks } => Driver::Exec(ExecDriver {
+                hooks: hooks.clone(),
+            }),
+            DriverConfig::Xen { config } => Driver::Xen(XenDriver {
+                config: config.clone(),
+            }),
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $d:ident => $e:expr) => {
+        match $self {
+            Driver::Qemu($d) => $e,
+            Driver::Exec($d) => $e,
+            Driver::Xen($d) => $e,
+        }
+    };
+}
+
+impl Hypervisor for Driver {
+    fn start(&self, vm: &VmContext) -> Result<(), HvError> {
+        dispatch!(self, d => d.start(vm))
+    }
+    fn pause(&self, vm: &VmContext) -> Result<(), HvError> {
+        dispatch!(self, d => d.pause(vm))
+    }
+    fn save(&self, vm: &VmContext, file: &Path) -> Result<(), HvError> {
+        dispatch!(self, d => d.save(vm, file))
+    }
+    fn restore(&self, vm: &VmContext, file: &Path) -> Result<(), HvError> {
+        dispatch!(self, d => d.restore(vm, file))
+    }
+    fn resume(&self, vm: &VmContext) -> Result<(), HvError> {
+        dispatch!(self, d => d.resume(vm))
+    }
+    fn status(&self, vm: &VmContext) -> Result<VmStatus, HvError> {
+        dispatch!(self, d => d.status(vm))
+    }
+    fn counters(&self, vm: &VmContext) -> Result<VmCounters, HvError> {
+        dispatch!(self, d => d.counters(vm))
+    }
+    fn kill(&self, vm: &VmContext) -> Result<(), HvError> {
+        dispatch!(self, d => d.kill(vm))
+    }
+}
+
+/// Runs `cmd`, returning its stdout; a failure carries its stderr.
+fn run_command(cmd: &mut std::process::Command) -> Result<String, HvError> {
+    let shown = format!("{:?}", cmd.get_program());
+    let out = cmd
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| HvError::io(format!("running {shown}"), e))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(HvError::Command {
+            command: format!("{cmd:?}"),
+            why: format!("{}: {}", out.status, err.trim()),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// CPU seconds (user + system) process `pid` used, from /proc.
+fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3 of the whole line, utime 14, stime 15.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // SAFETY: sysconf with a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / hz.max(1.0))
+}

@@ -1,0 +1,282 @@
+//! QEMU, driven over QMP.
+//!
+//! - start: `qemu-system-x86_64 -daemonize` with the disk as a virtio-blk drive on an NBD
+//!   client (`-blockdev driver=nbd` over the Stasis server's Unix socket), `-rtc
+//!   base=utc,clock=vm` (guest time stops while the VM is stopped or swapped out), the
+//!   console on `console.log` (appended across restores) and QMP on `qmp.sock`.
+//! - pause: `stop` (QEMU drains and flushes the drive: every write the guest completed is in
+//!   the Stasis disk, durably, when it returns).
+//! - save: `migrate` to `file:` with the mapped-ram capability (each RAM page at a fixed
+//!   offset, zero pages left as holes), wait for completion, `quit`.
+//! - restore: the same command line plus `-incoming defer`, `migrate-incoming` from the
+//!   file; the guest was saved paused, so it stays paused until `cont`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::qmp::Qmp;
+use super::{process_cpu_seconds, run_command, HvError, Hypervisor, VmContext, VmCounters, VmStatus};
+
+pub struct QemuDriver {
+    pub accel: String,
+    pub extra_args: Vec<String>,
+}
+
+/// The QEMU binary: STASIS_QEMU, else qemu-system-x86_64 from PATH.
+fn qemu_binary() -> String {
+    std::env::var("STASIS_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".into())
+}
+
+/// KVM when this host offers it to us, else TCG (software emulation).
+pub fn default_accel() -> String {
+    let kvm = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if kvm { "kvm" } else { "tcg" }.into()
+}
+
+fn qmp_path(vm: &VmContext) -> PathBuf {
+    vm.dir.join("qmp.sock")
+}
+
+fn pid_path(vm: &VmContext) -> PathBuf {
+    vm.dir.join("qemu.pid")
+}
+
+fn qemu_pid(vm: &VmContext) -> Option<u32> {
+    let pid: u32 = std::fs::read_to_string(pid_path(vm))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    crate::swap::process_running(pid as u64).then_some(pid)
+}
+
+const MIGRATION_CAPS: &[&str] = &["mapped-ram"];
+
+impl QemuDriver {
+    fn command_line(&self, vm: &VmContext, incoming: bool) -> Result<Vec<String>, HvError> {
+        let spec = vm.spec;
+        let blockdev = json!({
+            "driver": "nbd",
+            "node-name": "stasis-disk",
+            "server": {"type": "unix", "path": vm.nbd_socket},
+            "export": spec.disk,
+        });
+        let mut args: Vec<String> = vec![
+            "-name".into(),
+            format!("stasis-{},process=stasis-vm-{}", vm.name, vm.name),
+            "-accel".into(),
+            self.accel.clone(),
+            "-m".into(),
+            format!("{}M", spec.mem_mib),
+            "-smp".into(),
+            spec.cpus.to_string(),
+            "-nodefaults".into(),
+            "-no-user-config".into(),
+            "-display".into(),
+            "none".into(),
+            "-rtc".into(),
+            "base=utc,clock=vm".into(),
+            "-blockdev".into(),
+            blockdev.to_string(),
+            "-device".into(),
+            "virtio-blk-pci,drive=stasis-disk,id=stasis-disk-dev,bootindex=1".into(),
+            "-chardev".into(),
+            format!("file,id=console,path={},append=on", vm.console_log().display()),
+            "-serial".into(),
+            "chardev:console".into(),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp_path(vm).display()),
+            "-daemonize".into(),
+            "-pidfile".into(),
+            pid_path(vm).display().to_string(),
+        ];
+        for (flag, file) in [("-kernel", &spec.kernel), ("-initrd", &spec.initrd)] {
+            if let Some(f) = file {
+                args.extend([flag.into(), f.display().to_string()]);
+            }
+        }
+        if let Some(a) = &spec.append {
+            args.extend(["-append".into(), a.clone()]);
+        }
+        args.extend(self.extra_args.iter().cloned());
+        if incoming {
+            args.extend(["-incoming".into(), "defer".into()]);
+        }
+        for p in [&qmp_path(vm), &pid_path(vm)] {
+            if p.to_str().is_some_and(|s| s.contains(',')) {
+                return Err(HvError::Failed(format!(
+                    "{} holds a comma, which QEMU's option syntax cannot take",
+                    p.display()
+                )));
+            }
+        }
+        Ok(args)
+    }
+
+    /// Starts QEMU; with -daemonize it returns once QEMU is initialized (QMP listening).
+    fn launch(&self, vm: &VmContext, incoming: bool) -> Result<(), HvError> {
+        if let Some(pid) = qemu_pid(vm) {
+            return Err(HvError::Failed(format!(
+                "QEMU already runs for VM {} (pid {pid})",
+                vm.name
+            )));
+        }
+        let _ = std::fs::remove_file(qmp_path(vm));
+        let args = self.command_line(vm, incoming)?;
+        tracing::debug!(vm = vm.name, ?args, "starting QEMU");
+        run_command(Command::new(qemu_binary()).args(&args))?;
+        Ok(())
+    }
+
+    fn qmp(&self, vm: &VmContext) -> Result<Qmp, HvError> {
+        if qemu_pid(vm).is_none() {
+            return Err(HvError::Failed(format!("QEMU is not running VM {}", vm.name)));
+        }
+        Qmp::connect(&qmp_path(vm), Duration::from_secs(10))
+    }
+
+    fn set_caps(q: &mut Qmp) -> Result<(), HvError> {
+        let caps: Vec<Value> = MIGRATION_CAPS
+            .iter()
+            .map(|c| json!({"capability": c, "state": true}))
+            .collect();
+        q.execute("migrate-set-capabilities", json!({ "capabilities": caps }))?;
+        Ok(())
+    }
+
+    /// Waits for the migration QEMU runs (out or in) to complete.
+    fn wait_migration(q: &mut Qmp, what: &str) -> Result<Value, HvError> {
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        loop {
+            let r = q.execute("query-migrate", json!({}))?;
+            match r.get("status").and_then(Value::as_str) {
+                Some("completed") => return Ok(r),
+                Some("failed") | Some("cancelled") => {
+                    return Err(HvError::Failed(format!(
+                        "{what} failed: {}",
+                        r.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given")
+                    )))
+                }
+                _ if Instant::now() > deadline => {
+                    return Err(HvError::Failed(format!("{what} did not end within an hour")))
+                }
+                _ => std::thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    /// Waits for QEMU's process to end (after `quit`).
+    fn wait_exit(vm: &VmContext, limit: Duration) -> Result<(), HvError> {
+        let deadline = Instant::now() + limit;
+        while qemu_pid(vm).is_some() {
+            if Instant::now() > deadline {
+                return Err(HvError::Failed(format!(
+                    "QEMU of VM {} did not exit after quit",
+                    vm.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_file(pid_path(vm));
+        Ok(())
+    }
+}
+
+impl Hypervisor for QemuDriver {
+    fn start(&self, vm: &VmContext) -> Result<(), HvError> {
+        self.launch(vm, false)
+    }
+
+    fn pause(&self, vm: &VmContext) -> Result<(), HvError> {
+        self.qmp(vm)?.execute("stop", json!({}))?;
+        Ok(())
+    }
+
+    fn save(&self, vm: &VmContext, file: &Path) -> Result<(), HvError> {
+        let mut q = self.qmp(vm)?;
+        let status = q.execute("query-status", json!({}))?;
+        if status.get("running").and_then(Value::as_bool) != Some(false) {
+            return Err(HvError::Failed(format!(
+                "VM {} must be paused before it is saved",
+                vm.name
+            )));
+        }
+        let _ = std::fs::remove_file(file);
+        Self::set_caps(&mut q)?;
+        q.execute("migrate", json!({ "uri": format!("file:{}", file.display()) }))?;
+        let r = Self::wait_migration(&mut q, "saving the VM")?;
+        tracing::info!(vm = vm.name, total_ms = ?r.get("total-time"), "saved");
+        q.execute("quit", json!({}))?;
+        Self::wait_exit(vm, Duration::from_secs(60))
+    }
+
+    fn restore(&self, vm: &VmContext, file: &Path) -> Result<(), HvError> {
+        self.launch(vm, true)?;
+        let restored = (|| {
+            let mut q = self.qmp(vm)?;
+            Self::set_caps(&mut q)?;
+            q.execute(
+                "migrate-incoming",
+                json!({ "uri": format!("file:{}", file.display()) }),
+            )?;
+            Self::wait_migration(&mut q, "restoring the VM")?;
+            // The source was paused when saved, so the destination waits for `cont`.
+            let status = q.execute("query-status", json!({}))?;
+            if status.get("running").and_then(Value::as_bool) != Some(false) {
+                return Err(HvError::Failed(format!(
+                    "VM {} runs before it was resumed (status {status})",
+                    vm.name
+                )));
+            }
+            Ok(())
+        })();
+        if restored.is_err() {
+            let _ = self.kill(vm);
+        }
+        restored
+    }
+
+    fn resume(&self, vm: &VmContext) -> Result<(), HvError> {
+        self.qmp(vm)?.execute("cont", json!({}))?;
+        Ok(())
+    }
+
+    fn status(&self, vm: &VmContext) -> Result<VmStatus, HvError> {
+        if qemu_pid(vm).is_none() {
+            return Ok(VmStatus::Stopped);
+        }
+        let s = self.qmp(vm)?.execute("query-status", json!({}))?;
+        Ok(match s.get("status").and_then(Value::as_str) {
+            Some("running") => VmStatus::Running,
+            Some("paused") | Some("postmigrate") => VmStatus::Paused,
+            _ => VmStatus::Other,
+        })
+    }
+
+    fn counters(&self, vm: &VmContext) -> Result<VmCounters, HvError> {
+        Ok(VmCounters {
+            cpu_seconds: qemu_pid(vm).and_then(process_cpu_seconds),
+        })
+    }
+
+    fn kill(&self, vm: &VmContext) -> Result<(), HvError> {
+        let Some(pid) = qemu_pid(vm) else {
+            return Ok(());
+        };
+        let quit = Qmp::connect(&qmp_path(vm), Duration::from_secs(2))
+            .and_then(|mut q| q.execute("quit", json!({})));
+        if quit.is_err() || Self::wait_exit(vm, Duration::from_secs(10)).is_err() {
+            // SAFETY: kill of the pid QEMU wrote, which still runs.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            Self::wait_exit(vm, Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+}

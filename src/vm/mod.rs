@@ -1,0 +1,733 @@
+//! Whole VMs: a Stasis disk served over NBD, a hypervisor running the VM on it, and the
+//! stateful swapout of both to the repository, memory included, and back on any node.
+//!
+//! A VM lives in `<store>/vms/<name>/`: `vm.json` (its [`VmRecord`]), the disk server's
+//! socket and log, the hypervisor's sockets and pid file, the console log, and during a
+//! swapout the memory image. Swapout: pause, save (memory and device state to a file; the
+//! hypervisor drained and flushed the disk at the pause, so the disk is the state of that
+//! same instant), swap the disk out through its server's control socket, store the memory
+//! image and boot files in the repository, and commit one VM manifest that names them all
+//! and holds the VM's spec. Each step is recorded before the next starts, so a swapout that
+//! failed half way is finished by running it again.
+//!
+//! Swapin: the disk comes back lazily (usable at once), the memory image is rebuilt (sparse)
+//! from the repository, the disk is served, the hypervisor restores the image paused, and
+//! the VM resumes. Guest time does not jump: QEMU runs with `-rtc clock=vm`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::hypervisor::{Driver, HvError, Hypervisor, VmContext, VmSpec, VmStatus};
+use crate::repo::{Kind, Manifest, ManifestInfo, RepoError, RepoHandle};
+use crate::store::{Store, StoreError};
+use crate::swap::{FileSummary, SwapError, SwapoutSummary};
+
+pub mod experiment;
+
+/// Memory images are stored in page-sized chunks: a page is what is identical between VMs
+/// and between swapouts (bench/RESULTS.md, "Memory chunk size").
+pub const MEMORY_CHUNK: usize = 4096;
+/// Boot files (kernel, initrd) in disk-sized chunks.
+const BOOT_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Failed(String),
+    #[error("VM {vm}: {source}")]
+    Hypervisor {
+        vm: String,
+        #[source]
+        source: HvError,
+    },
+    #[error(transparent)]
+    Swap(#[from] SwapError),
+    #[error(transparent)]
+    Repo(#[from] RepoError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl VmError {
+    pub fn is_usage(&self) -> bool {
+        match self {
+            VmError::Usage(_) => true,
+            VmError::Swap(e) => e.is_usage(),
+            VmError::Repo(e) => e.is_usage(),
+            VmError::Store(e) => e.is_usage(),
+            _ => false,
+        }
+    }
+
+    fn io(path: &Path, e: std::io::Error) -> VmError {
+        VmError::Failed(format!("{}: {e}", path.display()))
+    }
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmState {
+    /// Started or swapped in here: its hypervisor and disk server should be running.
+    Running,
+    /// A swapout is under way (or failed half way): the VM is saved, not yet all stored.
+    SwappingOut,
+    /// In the repository (`manifest`), nothing of it runs here.
+    SwappedOut,
+}
+
+/// What this node knows of a VM (`<store>/vms/<name>/vm.json`).
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct VmRecord {
+    pub name: String,
+    pub spec: VmSpec,
+    pub state: VmState,
+    /// The disk server's pid, while it runs.
+    #[serde(default)]
+    pub server_pid: Option<u32>,
+    /// The repository of the last swapout or swapin.
+    #[serde(default)]
+    pub repo: Option<String>,
+    /// The VM manifest of the last swapout (or the one swapped in).
+    #[serde(default)]
+    pub manifest: Option<String>,
+    /// During a swapout: whether the disk manifest is committed yet.
+    #[serde(default)]
+    pub disk_done: bool,
+    #[serde(default)]
+    pub created_at: u64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct VmSwapoutSummary {
+    pub vm: String,
+    pub manifest: String,
+    pub repo: String,
+    /// How long the pause took (request to paused).
+    pub pause_ms: f64,
+    /// Saving memory and device state to the local file.
+    pub save_seconds: f64,
+    pub memory_file_bytes: u64,
+    pub disk: Option<SwapoutSummary>,
+    pub memory: FileSummary,
+    /// Boot files stored now (0 when the repository held them).
+    pub boot_files_uploaded: u64,
+    pub seconds: f64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct VmSwapinSummary {
+    pub vm: String,
+    pub manifest: String,
+    pub repo: String,
+    /// Rebuilding the memory image from the repository.
+    pub memory_seconds: f64,
+    pub memory_chunks: u64,
+    /// The hypervisor loading it.
+    pub restore_seconds: f64,
+    pub seconds: f64,
+}
+
+/// Reports what a long operation is doing: (stage, done, total); total 0 when unknown.
+pub type Progress<'a> = &'a (dyn Fn(&str, u64, u64) + Sync);
+
+pub fn vms_dir(store: &Store) -> PathBuf {
+    store.root().join("vms")
+}
+
+pub fn vm_dir(store: &Store, name: &str) -> PathBuf {
+    vms_dir(store).join(name)
+}
+
+fn record_path(store: &Store, name: &str) -> PathBuf {
+    vm_dir(store, name).join("vm.json")
+}
+
+fn nbd_socket(store: &Store, name: &str) -> PathBuf {
+    vm_dir(store, name).join("disk.sock")
+}
+
+fn memory_file(store: &Store, name: &str) -> PathBuf {
+    vm_dir(store, name).join("memory.img")
+}
+
+pub fn load(store: &Store, name: &str) -> Result<VmRecord, VmError> {
+    crate::store::validate_name(name)?;
+    let path = record_path(store, name);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(VmError::Usage(format!("no VM named {name} on this node")))
+        }
+        Err(e) => return Err(VmError::io(&path, e)),
+    };
+    serde_json::from_slice(&bytes)
+        .map_err(|e| VmError::Failed(format!("{}: damaged record: {e}", path.display())))
+}
+
+fn save_record(store: &Store, rec: &VmRecord) -> Result<(), VmError> {
+    let path = record_path(store, &rec.name);
+    let bytes = serde_json::to_vec_pretty(rec).map_err(|e| VmError::Failed(e.to_string()))?;
+    crate::repo::write_durably(&path, &bytes, 0o644)?;
+    Ok(())
+}
+
+/// Every VM this node knows, by name.
+pub fn list(store: &Store) -> Result<Vec<VmRecord>, VmError> {
+    let dir = vms_dir(store);
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(VmError::io(&dir, e)),
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if record_path(store, &name).exists() {
+            out.push(load(store, &name)?);
+        }
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+fn context<'a>(store: &Store, rec: &'a VmRecord, dir: &'a Path, sock: &'a Path) -> VmContext<'a> {
+    let _ = store;
+    VmContext {
+        name: &rec.name,
+        dir,
+        spec: &rec.spec,
+        nbd_socket: sock,
+    }
+}
+
+/// Runs `f` with the VM's driver and context.
+fn with_driver<T>(
+    store: &Store,
+    rec: &VmRecord,
+    f: impl FnOnce(&Driver, &VmContext) -> Result<T, HvError>,
+) -> Result<T, VmError> {
+    let dir = vm_dir(store, &rec.name);
+    let sock = nbd_socket(store, &rec.name);
+    let ctx = context(store, rec, &dir, &sock);
+    f(&Driver::for_spec(&rec.spec), &ctx).map_err(|source| VmError::Hypervisor {
+        vm: rec.name.clone(),
+        source,
+    })
+}
+
+/// Status of a VM as its hypervisor sees it.
+pub fn status(store: &Store, rec: &VmRecord) -> Result<VmStatus, VmError> {
+    if rec.state == VmState::SwappedOut {
+        return Ok(VmStatus::Stopped);
+    }
+    with_driver(store, rec, |d, c| d.status(c))
+}
+
+pub fn counters(
+    store: &Store,
+    rec: &VmRecord,
+) -> Result<crate::hypervisor::VmCounters, VmError> {
+    with_driver(store, rec, |d, c| d.counters(c))
+}
+
+/// Serves the VM's disk over NBD on its socket: a `stasis serve` of its own, detached, so
+/// the disk outlives this command (and a swapout goes through its control socket).
+fn start_disk_server(store: &Store, rec: &mut VmRecord) -> Result<(), VmError> {
+    let dir = vm_dir(store, &rec.name);
+    let sock = nbd_socket(store, &rec.name);
+    let log_path = dir.join("disk-server.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| VmError::io(&log_path, e))?;
+    let err = log.try_clone().map_err(|e| VmError::io(&log_path, e))?;
+    let exe = std::env::current_exe().map_err(|e| VmError::Failed(format!("own path: {e}")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--store")
+        .arg(store.root())
+        .args(["serve", &rec.spec.disk, "--nbd"])
+        .arg(format!("unix:{}", sock.display()))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err);
+    // SAFETY: setsid in the child before exec: the server leaves our session, so it is not
+    // signalled with us (a terminal's ^C) and outlives this command.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child: Child = cmd
+        .spawn()
+        .map_err(|e| VmError::Failed(format!("starting the disk server: {e}")))?;
+    let control = store.control_socket(&rec.spec.disk);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if sock.exists()
+            && crate::control::request(&control, &rec.spec.disk, "status").is_ok()
+        {
+            break;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let why = log.lines().last().unwrap_or("").to_string();
+            return Err(if why.contains("in use") || why.contains("served") {
+                VmError::Usage(format!("disk {} cannot be served: {why}", rec.spec.disk))
+            } else {
+                VmError::Failed(format!(
+                    "the server of disk {} exited ({status}): {why}",
+                    rec.spec.disk
+                ))
+            });
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(VmError::Failed(format!(
+                "the server of disk {} did not start within 30 s",
+                rec.spec.disk
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    rec.server_pid = Some(child.id());
+    Ok(())
+}
+
+/// Stops the disk server (SIGTERM: it drains, flushes and closes the disk) and waits.
+fn stop_disk_server(rec: &mut VmRecord) -> Result<(), VmError> {
+    if let Some(pid) = rec.server_pid.take() {
+        if crate::swap::process_running(pid as u64) {
+            // SAFETY: signal to the server we started, which still runs.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while crate::swap::process_running(pid as u64) {
+                if Instant::now() > deadline {
+                    return Err(VmError::Failed(format!(
+                        "the server of disk {} (pid {pid}) did not stop",
+                        rec.spec.disk
+                    )));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts VM `name` on `spec`: serves its disk, then boots it.
+pub fn start(store: &Store, name: &str, spec: VmSpec) -> Result<VmRecord, VmError> {
+    crate::store::validate_name(name)?;
+    store.disk(&spec.disk)?;
+    if let Ok(existing) = load(store, name) {
+        return Err(VmError::Usage(format!(
+            "VM {name} exists on this node ({})",
+            state_word(existing.state)
+        )));
+    }
+    if let Some(other) = list(store)?
+        .into_iter()
+        .find(|v| v.spec.disk == spec.disk && v.state != VmState::SwappedOut)
+    {
+        return Err(VmError::Usage(format!(
+            "disk {} is the disk of VM {}",
+            spec.disk, other.name
+        )));
+    }
+    for f in [&spec.kernel, &spec.initrd].into_iter().flatten() {
+        if !f.is_file() {
+            return Err(VmError::Usage(format!("{}: no such file", f.display())));
+        }
+    }
+    let dir = vm_dir(store, name);
+    std::fs::create_dir_all(&dir).map_err(|e| VmError::io(&dir, e))?;
+    let mut rec = VmRecord {
+        name: name.into(),
+        spec,
+        state: VmState::Running,
+        server_pid: None,
+        repo: None,
+        manifest: None,
+        disk_done: false,
+        created_at: crate::repo::now_secs(),
+    };
+    // Boot files are copied in: the VM must not depend on paths that may change, and a
+    // swapin elsewhere puts them in the same place.
+    adopt_boot_files(&dir, &mut rec.spec)?;
+    let started = start_disk_server(store, &mut rec).and_then(|_| {
+        save_record(store, &rec)?;
+        with_driver(store, &rec, |d, c| d.start(c))
+    });
+    if let Err(e) = started {
+        let _ = stop_disk_server(&mut rec);
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
+    Ok(rec)
+}
+
+fn adopt_boot_files(dir: &Path, spec: &mut VmSpec) -> Result<(), VmError> {
+    for (file, slot) in [("kernel", &mut spec.kernel), ("initrd", &mut spec.initrd)] {
+        if let Some(src) = slot.as_ref() {
+            let dest = dir.join(file);
+            if *src != dest {
+                std::fs::copy(src, &dest).map_err(|e| VmError::io(src, e))?;
+                *slot = Some(dest);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn state_word(s: VmState) -> &'static str {
+    match s {
+        VmState::Running => "running",
+        VmState::SwappingOut => "swapping out",
+        VmState::SwappedOut => "swapped out",
+    }
+}
+
+/// Ends VM `name` here without saving it: the hypervisor is killed, the disk server stopped
+/// (the disk stays, with every write the guest had flushed), and the record removed.
+pub fn kill(store: &Store, name: &str) -> Result<(), VmError> {
+    let mut rec = load(store, name)?;
+    if rec.state != VmState::SwappedOut {
+        with_driver(store, &rec, |d, c| d.kill(c))?;
+        stop_disk_server(&mut rec)?;
+    }
+    let dir = vm_dir(store, name);
+    std::fs::remove_dir_all(&dir).map_err(|e| VmError::io(&dir, e))
+}
+
+/// Pauses a running VM; returns how long it took.
+pub fn pause(store: &Store, name: &str) -> Result<Duration, VmError> {
+    let rec = load(store, name)?;
+    if rec.state != VmState::Running {
+        return Err(VmError::Usage(format!(
+            "VM {name} is {}, not running",
+            state_word(rec.state)
+        )));
+    }
+    let t = Instant::now();
+    with_driver(store, &rec, |d, c| d.pause(c))?;
+    Ok(t.elapsed())
+}
+
+pub fn resume(store: &Store, name: &str) -> Result<(), VmError> {
+    let rec = load(store, name)?;
+    with_driver(store, &rec, |d, c| d.resume(c))
+}
+
+/// Swaps VM `name` out to `repo` (URL `url`): pause (unless the caller paused it: an
+/// experiment pauses all its VMs first), save, then store disk, memory and boot files and
+/// commit the VM manifest. Run again after a failure, it finishes what is left.
+pub fn swapout(
+    store: &Store,
+    name: &str,
+    repo: &RepoHandle,
+    paused: Option<Duration>,
+    progress: Progress,
+) -> Result<VmSwapoutSummary, VmError> {
+    let started = Instant::now();
+    let mut rec = load(store, name)?;
+    let memory = memory_file(store, name);
+    let mut pause_ms = paused.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
+    let mut save_seconds = 0.0;
+    match rec.state {
+        VmState::SwappedOut => {
+            return Err(VmError::Usage(format!(
+                "VM {name} is already swapped out (as {})",
+                rec.manifest.as_deref().unwrap_or("?")
+            )))
+        }
+        VmState::Running => {
+            if paused.is_none() {
+                progress("pausing", 0, 0);
+                pause_ms = pause(store, name)?.as_secs_f64() * 1000.0;
+            }
+            progress("saving memory and device state", 0, 0);
+            let t = Instant::now();
+            with_driver(store, &rec, |d, c| d.save(c, &memory))?;
+            save_seconds = t.elapsed().as_secs_f64();
+            // From here the VM exists only in this file and its disk: record that first.
+            rec.state = VmState::SwappingOut;
+            rec.manifest = Some(format!("{name}@{}", crate::repo::now_secs()));
+            rec.repo = Some(repo.url());
+            rec.disk_done = false;
+            save_record(store, &rec)?;
+        }
+        VmState::SwappingOut => {
+            if rec.repo.as_deref() != Some(repo.url().as_str()) {
+                return Err(VmError::Usage(format!(
+                    "VM {name} is half swapped out to {}: finish it there",
+                    rec.repo.as_deref().unwrap_or("?")
+                )));
+            }
+        }
+    }
+    let manifest = rec.manifest.clone().unwrap_or_default();
+    let memory_file_bytes = std::fs::metadata(&memory)
+        .map_err(|e| VmError::io(&memory, e))?
+        .len();
+    // The disk: through its server while it runs, else directly.
+    let disk_manifest = format!("{manifest}.disk");
+    let mut disk_summary = None;
+    if !rec.disk_done {
+        progress("disk", 0, 0);
+        disk_summary = Some(swapout_disk(store, &rec, &repo.url(), repo, &disk_manifest, progress)?);
+        rec.server_pid = None;
+        rec.disk_done = true;
+        save_record(store, &rec)?;
+    }
+    // Memory, boot files, and the manifest naming them, under one upload session (a gc
+    // does not sweep what we counted on before the manifest names it).
+    let upload = repo.begin_upload()?;
+    let mem_manifest = format!("{manifest}.memory");
+    let show = |c: &crate::swap::Counters| {
+        use std::sync::atomic::Ordering::Relaxed;
+        progress(
+            "memory",
+            c.bytes_scanned.load(Relaxed),
+            memory_file_bytes,
+        )
+    };
+    let (mem, memory_summary) = crate::swap::swapout_file(
+        &memory,
+        MEMORY_CHUNK,
+        &mem_manifest,
+        &format!("memory of VM {name}"),
+        repo,
+        &upload,
+        &show,
+    )?;
+    repo.commit(&mem)?;
+    let mut parts = std::collections::BTreeMap::new();
+    parts.insert("disk".to_string(), disk_manifest);
+    parts.insert("memory".to_string(), mem_manifest);
+    let mut boot_files_uploaded = 0;
+    for (role, file) in [("kernel", &rec.spec.kernel), ("initrd", &rec.spec.initrd)] {
+        if let Some(path) = file {
+            let (name, uploaded) = store_boot_file(repo, &upload, path)?;
+            boot_files_uploaded += uploaded as u64;
+            parts.insert(role.to_string(), name);
+        }
+    }
+    let vm_manifest = Manifest {
+        info: ManifestInfo {
+            name: manifest.clone(),
+            kind: Kind::Vm,
+            size: 0,
+            chunk_size: MEMORY_CHUNK as u32,
+            image: None,
+            parent: None,
+            source: Some(name.to_string()),
+            created_at: crate::repo::now_secs(),
+            parts,
+            config: Some(json!({ "spec": rec.spec })),
+        },
+        entries: Vec::new(),
+    };
+    repo.commit(&vm_manifest)?;
+    drop(upload);
+    rec.state = VmState::SwappedOut;
+    save_record(store, &rec)?;
+    let _ = std::fs::remove_file(&memory);
+    Ok(VmSwapoutSummary {
+        vm: name.into(),
+        manifest,
+        repo: repo.url(),
+        pause_ms,
+        save_seconds,
+        memory_file_bytes,
+        disk: disk_summary,
+        memory: memory_summary,
+        boot_files_uploaded,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn swapout_disk(
+    store: &Store,
+    rec: &VmRecord,
+    url: &str,
+    repo: &RepoHandle,
+    manifest: &str,
+    progress: Progress,
+) -> Result<SwapoutSummary, VmError> {
+    let disk = &rec.spec.disk;
+    if crate::control::request(&store.control_socket(disk), disk, "status").is_ok() {
+        return Ok(crate::swap::request_served_swapout(
+            store,
+            disk,
+            url,
+            manifest,
+            false,
+            &mut |e| {
+                let get = |k: &str| e.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+                progress("disk", get("bytes_scanned"), 0);
+            },
+        )?);
+    }
+    // Its server is gone (the node rebooted, or it was killed): swap it out ourselves.
+    let opened = store.open_disk(disk)?;
+    let summary = crate::swap::swapout(store, disk, &opened, repo, manifest, &|c| {
+        progress(
+            "disk",
+            c.bytes_scanned.load(std::sync::atomic::Ordering::Relaxed),
+            0,
+        )
+    })?;
+    opened.close()?;
+    store.remove_disk(disk)?;
+    Ok(summary)
+}
+
+/// Stores a boot file once per content: its manifest is named by its hash. Returns the
+/// manifest's name and whether it was uploaded now.
+fn store_boot_file(
+    repo: &RepoHandle,
+    upload: &crate::repo::UploadSession,
+    path: &Path,
+) -> Result<(String, bool), VmError> {
+    let bytes = std::fs::read(path).map_err(|e| VmError::io(path, e))?;
+    let name = format!("boot-{}", &blake3::hash(&bytes).to_hex()[..32]);
+    if repo.find(Kind::File, &name)?.is_some() {
+        return Ok((name, false));
+    }
+    let (m, _) =
+        crate::swap::swapout_file(path, BOOT_CHUNK, &name, "boot file", repo, upload, &|_| {})?;
+    repo.commit(&m)?;
+    Ok((name, true))
+}
+
+/// The VM manifest `what` names: a manifest name, or a VM's name (its newest swapout).
+pub fn find_vm_manifest(repo: &RepoHandle, what: &str) -> Result<Manifest, VmError> {
+    if let Some(m) = repo.find(Kind::Vm, what)? {
+        return Ok(m);
+    }
+    let newest = repo
+        .list()?
+        .into_iter()
+        .filter(|(i, _)| i.kind == Kind::Vm && i.source.as_deref() == Some(what))
+        .max_by_key(|(i, _)| (i.created_at, i.name.clone()));
+    match newest {
+        Some((info, _)) => repo
+            .find(Kind::Vm, &info.name)?
+            .ok_or_else(|| VmError::Failed(format!("manifest {} vanished", info.name))),
+        None => Err(VmError::Usage(format!(
+            "no VM manifest or swapped-out VM named {what:?} in {}",
+            repo.url()
+        ))),
+    }
+}
+
+/// Swaps VM manifest `m` in here: disk (lazily), boot files, memory image; serves the disk,
+/// restores the VM paused and, with `resume`, resumes it.
+pub fn swapin(
+    store: &Store,
+    repo: &RepoHandle,
+    m: &Manifest,
+    resume_it: bool,
+    progress: Progress,
+) -> Result<VmSwapinSummary, VmError> {
+    let started = Instant::now();
+    let name = m
+        .info
+        .source
+        .clone()
+        .ok_or_else(|| VmError::Failed(format!("VM manifest {} names no VM", m.info.name)))?;
+    crate::store::validate_name(&name)?;
+    let spec: VmSpec = m
+        .info
+        .config
+        .as_ref()
+        .and_then(|c| c.get("spec"))
+        .cloned()
+        .and_then(|s| serde_json::from_value(s).ok())
+        .ok_or_else(|| VmError::Failed(format!("VM manifest {} has no spec", m.info.name)))?;
+    let part = |role: &str| {
+        m.info.parts.get(role).cloned().ok_or_else(|| {
+            VmError::Failed(format!("VM manifest {} lacks its {role}", m.info.name))
+        })
+    };
+    let (disk_manifest, mem_manifest) = (part("disk")?, part("memory")?);
+    let mut rec = match load(store, &name) {
+        Ok(r) if r.state == VmState::SwappedOut => r,
+        Ok(r) => {
+            return Err(VmError::Usage(format!(
+                "VM {name} is {} on this node",
+                state_word(r.state)
+            )))
+        }
+        Err(VmError::Usage(_)) => VmRecord {
+            name: name.clone(),
+            spec: spec.clone(),
+            state: VmState::SwappedOut,
+            server_pid: None,
+            repo: None,
+            manifest: None,
+            disk_done: false,
+            created_at: crate::repo::now_secs(),
+        },
+        Err(e) => return Err(e),
+    };
+    rec.spec = spec;
+    let dir = vm_dir(store, &name);
+    std::fs::create_dir_all(&dir).map_err(|e| VmError::io(&dir, e))?;
+    // Boot files, where the spec expects them (the VM's own directory).
+    for (role, slot) in [("kernel", &mut rec.spec.kernel), ("initrd", &mut rec.spec.initrd)] {
+        if slot.is_some() {
+            let path = dir.join(role);
+            crate::swap::restore_file(repo, &part(role)?, &path, &|_, _| {})?;
+            *slot = Some(path);
+        }
+    }
+    progress("memory", 0, 0);
+    let memory = memory_file(store, &name);
+    let t = Instant::now();
+    crate::swap::restore_file(repo, &mem_manifest, &memory, &|d, n| progress("memory", d, n))?;
+    let memory_seconds = t.elapsed().as_secs_f64();
+    let memory_chunks = repo
+        .find(Kind::File, &mem_manifest)?
+        .map_or(0, |f| f.entries.len() as u64);
+    progress("disk", 0, 0);
+    if store.disk(&rec.spec.disk).is_err() {
+        crate::swap::swapin(store, repo, &disk_manifest, &rec.spec.disk)?;
+    }
+    start_disk_server(store, &mut rec)?;
+    rec.state = VmState::Running;
+    rec.repo = Some(repo.url());
+    rec.manifest = Some(m.info.name.clone());
+    rec.disk_done = false;
+    save_record(store, &rec)?;
+    progress("restoring", 0, 0);
+    let t = Instant::now();
+    let restored = with_driver(store, &rec, |d, c| {
+        d.restore(c, &memory)?;
+        if resume_it {
+            d.resume(c)?;
+        }
+        Ok(())
+    });
+    let restore_seconds = t.elapsed().as_secs_f64();
+    if let Err(e) = restored {
+        // Back to swapped out: the repository still has all of it.
+        let _ = stop_disk_server(&mut rec);
+        rec.state = VmState::SwappedOut;
+        let _ = save_record(store, &rec);
+        return Err(e);
+    }
+    let _ = std::fs::remove_file(&memory);
+    Ok(VmSwapinSummary {
+        vm: name,
+        manifest: m.info.name.clone(),
+        repo: repo.url(),
+        memory_seconds,
+        memory_chunks,
+        restore_seconds,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
