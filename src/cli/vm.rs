@@ -164,9 +164,11 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
             let rec = vm::start(store, &name, spec)?;
             let dir = vm::vm_dir(store, &name);
             if json {
-                print_json(&json!({"vm": rec.name, "state": "running", "disk": rec.spec.disk,
+                print_json(
+                    &json!({"vm": rec.name, "state": "running", "disk": rec.spec.disk,
                     "driver": rec.spec.driver.kind(), "dir": dir,
-                    "console": dir.join("console.log"), "disk_server_pid": rec.server_pid}));
+                    "console": dir.join("console.log"), "disk_server_pid": rec.server_pid}),
+                );
             } else {
                 println!(
                     "VM {name} running ({} driver) on disk {}; console: {}",
@@ -178,7 +180,15 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
             Ok(())
         }
         VmCmd::Swapout { name, repo } => {
-            let handle = open_repo(store, &repo, true)?;
+            // By default a VM goes back to the repository it came from.
+            let known = match (&repo.url, vm::load(store, &name)) {
+                (None, Ok(rec)) => rec.repo.clone(),
+                _ => None,
+            };
+            let handle = match known {
+                Some(u) => crate::repo::RepoHandle::open(&u, true)?,
+                None => open_repo(store, &repo, true)?,
+            };
             let pb = stage_bar(json, &format!("swapout {name}"));
             let show = |stage: &str, done: u64, total: u64| {
                 pb.set_message(format!("swapout {name}: {stage}"));
@@ -260,7 +270,10 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
                         continue;
                     }
                     let vm = info.source.clone().unwrap_or_default();
-                    if newest.get(&vm).is_none_or(|n| n.created_at <= info.created_at) {
+                    if newest
+                        .get(&vm)
+                        .is_none_or(|n| n.created_at <= info.created_at)
+                    {
                         newest.insert(vm, info);
                     }
                 }
@@ -274,12 +287,20 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
             } else if rows.is_empty() {
                 println!("no VMs");
             } else {
-                println!("{:<16} {:<11} {:<13} {:<9} {:<16} MANIFEST", "VM", "WHERE", "STATE", "STATUS", "DISK");
+                println!(
+                    "{:<16} {:<11} {:<13} {:<9} {:<16} MANIFEST",
+                    "VM", "WHERE", "STATE", "STATUS", "DISK"
+                );
                 for r in rows {
                     let s = |k: &str| r[k].as_str().unwrap_or("-").to_string();
                     println!(
                         "{:<16} {:<11} {:<13} {:<9} {:<16} {}",
-                        s("vm"), s("where"), s("state"), s("status"), s("disk"), s("manifest")
+                        s("vm"),
+                        s("where"),
+                        s("state"),
+                        s("status"),
+                        s("disk"),
+                        s("manifest")
                     );
                 }
             }
@@ -433,7 +454,11 @@ pub fn experiment_cmd(store: &Store, cmd: ExperimentCmd, json: bool) -> Result<(
 
 /// `stasis qmp SOCKET COMMAND [ARGUMENTS-JSON]`: one QMP command, its `return` printed as
 /// JSON (for hook scripts of the exec driver, and for operators).
-pub fn qmp(socket: &std::path::Path, command: &str, arguments: Option<&str>) -> Result<(), Failure> {
+pub fn qmp(
+    socket: &std::path::Path,
+    command: &str,
+    arguments: Option<&str>,
+) -> Result<(), Failure> {
     let args: serde_json::Value = match arguments {
         Some(a) => serde_json::from_str(a)
             .map_err(|e| Failure::Usage(format!("arguments must be a JSON object: {e}")))?,

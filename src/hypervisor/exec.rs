@@ -21,6 +21,9 @@ impl ExecDriver {
             cmd.arg(a);
         }
         let spec = vm.spec;
+        if let Ok(exe) = std::env::current_exe() {
+            cmd.env("STASIS_BIN", exe);
+        }
         cmd.env("STASIS_VM", vm.name)
             .env("STASIS_VM_DIR", vm.dir)
             .env("STASIS_DISK", &spec.disk)
@@ -30,8 +33,14 @@ impl ExecDriver {
             .env("STASIS_CPUS", spec.cpus.to_string())
             .env("STASIS_CONSOLE_LOG", vm.console_log());
         for (key, value) in [
-            ("STASIS_KERNEL", spec.kernel.as_ref().map(|p| p.display().to_string())),
-            ("STASIS_INITRD", spec.initrd.as_ref().map(|p| p.display().to_string())),
+            (
+                "STASIS_KERNEL",
+                spec.kernel.as_ref().map(|p| p.display().to_string()),
+            ),
+            (
+                "STASIS_INITRD",
+                spec.initrd.as_ref().map(|p| p.display().to_string()),
+            ),
             ("STASIS_APPEND", spec.append.clone()),
         ] {
             match value {

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::qmp::Qmp;
-use super::{process_cpu_seconds, run_command, HvError, Hypervisor, VmContext, VmCounters, VmStatus};
+use super::{
+    process_cpu_seconds, run_command, HvError, Hypervisor, VmContext, VmCounters, VmStatus,
+};
 
 pub struct QemuDriver {
     pub accel: String,
@@ -88,7 +90,10 @@ impl QemuDriver {
             "-device".into(),
             "virtio-blk-pci,drive=stasis-disk,id=stasis-disk-dev,bootindex=1".into(),
             "-chardev".into(),
-            format!("file,id=console,path={},append=on", vm.console_log().display()),
+            format!(
+                "file,id=console,path={},append=on",
+                vm.console_log().display()
+            ),
             "-serial".into(),
             "chardev:console".into(),
             "-qmp".into(),
@@ -137,7 +142,10 @@ impl QemuDriver {
 
     fn qmp(&self, vm: &VmContext) -> Result<Qmp, HvError> {
         if qemu_pid(vm).is_none() {
-            return Err(HvError::Failed(format!("QEMU is not running VM {}", vm.name)));
+            return Err(HvError::Failed(format!(
+                "QEMU is not running VM {}",
+                vm.name
+            )));
         }
         Qmp::connect(&qmp_path(vm), Duration::from_secs(10))
     }
@@ -161,11 +169,15 @@ impl QemuDriver {
                 Some("failed") | Some("cancelled") => {
                     return Err(HvError::Failed(format!(
                         "{what} failed: {}",
-                        r.get("error-desc").and_then(Value::as_str).unwrap_or("no reason given")
+                        r.get("error-desc")
+                            .and_then(Value::as_str)
+                            .unwrap_or("no reason given")
                     )))
                 }
                 _ if Instant::now() > deadline => {
-                    return Err(HvError::Failed(format!("{what} did not end within an hour")))
+                    return Err(HvError::Failed(format!(
+                        "{what} did not end within an hour"
+                    )))
                 }
                 _ => std::thread::sleep(Duration::from_millis(10)),
             }
@@ -210,7 +222,10 @@ impl Hypervisor for QemuDriver {
         }
         let _ = std::fs::remove_file(file);
         Self::set_caps(&mut q)?;
-        q.execute("migrate", json!({ "uri": format!("file:{}", file.display()) }))?;
+        q.execute(
+            "migrate",
+            json!({ "uri": format!("file:{}", file.display()) }),
+        )?;
         let r = Self::wait_migration(&mut q, "saving the VM")?;
         tracing::info!(vm = vm.name, total_ms = ?r.get("total-time"), "saved");
         q.execute("quit", json!({}))?;

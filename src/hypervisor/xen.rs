@@ -35,8 +35,12 @@ fn list_line(vm: &VmContext) -> Result<Option<Vec<String>>, HvError> {
 
 impl Hypervisor for XenDriver {
     fn start(&self, vm: &VmContext) -> Result<(), HvError> {
-        run_command(xl().arg("create").arg(&self.config).arg(format!("name=\"{}\"", vm.name)))
-            .map(drop)
+        run_command(
+            xl().arg("create")
+                .arg(&self.config)
+                .arg(format!("name=\"{}\"", vm.name)),
+        )
+        .map(drop)
     }
 
     fn pause(&self, vm: &VmContext) -> Result<(), HvError> {
@@ -44,7 +48,11 @@ impl Hypervisor for XenDriver {
     }
 
     fn save(&self, vm: &VmContext, file: &Path) -> Result<(), HvError> {
-        run_command(xl().args(["save", "-p", vm.name]).arg(file).arg(&self.config))?;
+        run_command(
+            xl().args(["save", "-p", vm.name])
+                .arg(file)
+                .arg(&self.config),
+        )?;
         run_command(xl().args(["destroy", vm.name])).map(drop)
     }
 

@@ -38,7 +38,13 @@ pub enum Kind {
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Disk, Kind::Image, Kind::File, Kind::Vm, Kind::Experiment];
+    pub const ALL: [Kind; 5] = [
+        Kind::Disk,
+        Kind::Image,
+        Kind::File,
+        Kind::Vm,
+        Kind::Experiment,
+    ];
 
     pub fn as_str(&self) -> &'static str {
         match self {

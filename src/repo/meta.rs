@@ -277,6 +277,22 @@ impl Meta {
     pub fn commit(&self, m: &Manifest) -> Result<(), RepoError> {
         let bytes = m.encode();
         self.write(|txn| {
+            // A VM or an experiment names manifests that must already be here.
+            for part in m.info.parts.values() {
+                let mut found = false;
+                for kind in Kind::ALL {
+                    found |= txn
+                        .open_table(table_for(&kind))?
+                        .get(part.as_str())?
+                        .is_some();
+                }
+                if !found {
+                    return Err(TxErr::Repo(RepoError::NotFound(format!(
+                        "manifest {part:?} (a part of {:?}) is not in the repository",
+                        m.info.name
+                    ))));
+                }
+            }
             let mut t = txn.open_table(table_for(&m.info.kind))?;
             if let Some(old) = t.get(m.info.name.as_str())? {
                 // A retried swapout (its client died after the commit) commits the same
@@ -299,19 +315,6 @@ impl Meta {
                 if images.get(image.as_str())?.is_none() {
                     return Err(TxErr::Repo(RepoError::NotFound(format!(
                         "image manifest {image:?} is not in the repository"
-                    ))));
-                }
-            }
-            // A VM or an experiment names manifests that must already be here.
-            for part in m.info.parts.values() {
-                let mut found = false;
-                for kind in Kind::ALL {
-                    found |= txn.open_table(table_for(&kind))?.get(part.as_str())?.is_some();
-                }
-                if !found {
-                    return Err(TxErr::Repo(RepoError::NotFound(format!(
-                        "manifest {part:?} (a part of {:?}) is not in the repository",
-                        m.info.name
                     ))));
                 }
             }

@@ -232,8 +232,8 @@ async fn get_manifest(
     auth: CanRead,
     UrlPath((_, kind, name)): UrlPath<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    let kind =
-        Kind::parse(&kind).ok_or_else(|| bad_request("manifest kind must be disk, image, file, vm or experiment"))?;
+    let kind = Kind::parse(&kind)
+        .ok_or_else(|| bad_request("manifest kind must be disk, image, file, vm or experiment"))?;
     match auth.run(move |r| r.find(kind, &name)).await? {
         Some(m) => Ok(m.encode().into_response()),
         None => Err(RepoError::NotFound("no such manifest".into()).into()),

@@ -115,7 +115,10 @@ pub fn swapout_file(
         bytes_uploaded: get(&counters.bytes_uploaded),
         seconds: started.elapsed().as_secs_f64(),
     };
-    Ok((file_manifest(name, source, len, chunk_size, entries), summary))
+    Ok((
+        file_manifest(name, source, len, chunk_size, entries),
+        summary,
+    ))
 }
 
 /// A file manifest with these entries.
@@ -152,9 +155,9 @@ pub fn restore_file(
     path: &Path,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<(), SwapError> {
-    let m = repo
-        .find(Kind::File, name)?
-        .ok_or_else(|| RepoError::NotFound(format!("file manifest {name:?} is not in {}", repo.url())))?;
+    let m = repo.find(Kind::File, name)?.ok_or_else(|| {
+        RepoError::NotFound(format!("file manifest {name:?} is not in {}", repo.url()))
+    })?;
     let tmp = path.with_extension("partial");
     let write = || -> Result<(), SwapError> {
         let f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;

@@ -357,14 +357,7 @@ pub fn swapout(
     };
     let read = |index: u64| read_disk_chunk(disk, index);
     let entries = pipeline(
-        items,
-        CHUNK_SIZE,
-        &read,
-        &keep,
-        repo,
-        &upload,
-        &counters,
-        progress,
+        items, CHUNK_SIZE, &read, &keep, repo, &upload, &counters, progress,
     )?;
     let parent = store
         .delta_origin(disk_name)?

@@ -129,7 +129,10 @@ pub fn request_served_swapout(
     )
     .map_err(|e| SwapError::Failed(e.to_string()))?;
     if reply.get("ok").and_then(Value::as_bool) != Some(true) {
-        let why = reply.get("error").and_then(Value::as_str).unwrap_or("no reason given");
+        let why = reply
+            .get("error")
+            .and_then(Value::as_str)
+            .unwrap_or("no reason given");
         return Err(SwapError::Failed(format!(
             "swapout of served disk {name} failed: {why}"
         )));

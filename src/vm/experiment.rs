@@ -59,7 +59,10 @@ pub struct ExperimentSwapinSummary {
 }
 
 fn path(store: &Store, name: &str) -> PathBuf {
-    store.root().join("experiments").join(format!("{name}.json"))
+    store
+        .root()
+        .join("experiments")
+        .join(format!("{name}.json"))
 }
 
 pub fn load_experiment(store: &Store, name: &str) -> Result<ExperimentRecord, VmError> {
@@ -104,7 +107,9 @@ pub fn list_experiments(store: &Store) -> Result<Vec<ExperimentRecord>, VmError>
 pub fn create(store: &Store, name: &str, vms: &[String]) -> Result<ExperimentRecord, VmError> {
     crate::store::validate_name(name)?;
     if vms.is_empty() {
-        return Err(VmError::Usage("an experiment needs at least one --vm".into()));
+        return Err(VmError::Usage(
+            "an experiment needs at least one --vm".into(),
+        ));
     }
     if load_experiment(store, name).is_ok() {
         return Err(VmError::Usage(format!("experiment {name} exists")));
@@ -226,7 +231,13 @@ pub fn swapout(
             .find(|t| &t.vm == vm)
             .map(|t| Duration::from_secs_f64((t.done_ms - t.sent_ms).max(0.0) / 1000.0));
         let stage = |s: &str, d: u64, n: u64| progress(&format!("{vm}: {s}"), d, n);
-        vms.push(super::swapout(store, vm, repo, paused.or(Some(Duration::ZERO)), &stage)?);
+        vms.push(super::swapout(
+            store,
+            vm,
+            repo,
+            paused.or(Some(Duration::ZERO)),
+            &stage,
+        )?);
     }
     let mut parts = std::collections::BTreeMap::new();
     for vm in &rec.vms {
