@@ -26,6 +26,8 @@ install_deps() {
     command -v qemu-img >/dev/null && command -v qemu-io >/dev/null || missing+=(qemu-utils)
     command -v nbdinfo >/dev/null && command -v nbdcopy >/dev/null || missing+=(libnbd-bin)
     command -v fio >/dev/null || missing+=(fio)
+    # The VM tests read JSON summaries with python3.
+    command -v python3 >/dev/null || missing+=(python3)
     if ((${#missing[@]})); then
         step "installing Debian packages: ${missing[*]}"
         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
