@@ -249,6 +249,39 @@ fn wrong_use_exits_2_with_one_line_and_changes_nothing() {
         vec!["disk", "create"],
         vec!["disk", "frobnicate"],
         vec![],
+        vec![
+            "vm", "start", "v", "--disk", "nope", "--mem", "256M", "--kernel", g,
+        ],
+        vec![
+            "vm", "start", "v", "--disk", "d", "--mem", "1M", "--kernel", g,
+        ],
+        vec![
+            "vm",
+            "start",
+            "v",
+            "--disk",
+            "d",
+            "--mem",
+            "256M",
+            "--kernel",
+            "/nonexistent",
+        ],
+        vec!["vm", "start", "v", "--disk", "d", "--mem", "256M"],
+        vec![
+            "vm", "start", "bad/name", "--disk", "d", "--mem", "256M", "--kernel", g,
+        ],
+        vec![
+            "vm", "start", "v", "--disk", "d", "--mem", "256M", "--kernel", g, "--driver", "exec",
+        ],
+        vec!["vm", "swapout", "nope"],
+        vec!["vm", "swapin", "nope"],
+        vec!["vm", "status", "nope"],
+        vec!["vm", "kill", "nope"],
+        vec!["experiment", "create", "x", "--vm", "nope"],
+        vec!["experiment", "create", "x"],
+        vec!["experiment", "swapout", "nope"],
+        vec!["experiment", "swapin", "nope"],
+        vec!["qmp", "/nonexistent.sock", "stop", "[1]"],
     ];
     for args in cases {
         let out = stasis(&env.root, &args);

@@ -181,9 +181,11 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
         }
         VmCmd::Swapout { name, repo } => {
             // By default a VM goes back to the repository it came from.
-            let known = match (&repo.url, vm::load(store, &name)) {
-                (None, Ok(rec)) => rec.repo.clone(),
-                _ => None,
+            // Known here, before a repository is opened (created, for the store's own).
+            let rec = vm::load(store, &name)?;
+            let known = match &repo.url {
+                None => rec.repo.clone(),
+                Some(_) => None,
             };
             let handle = match known {
                 Some(u) => crate::repo::RepoHandle::open(&u, true)?,
@@ -365,6 +367,7 @@ pub fn experiment_cmd(store: &Store, cmd: ExperimentCmd, json: bool) -> Result<(
             }
         }
         ExperimentCmd::Swapout { name, repo } => {
+            experiment::load_experiment(store, &name)?;
             let handle = open_repo(store, &repo, true)?;
             let pb = stage_bar(json, &format!("swapout {name}"));
             let show = |stage: &str, done: u64, total: u64| {

@@ -211,3 +211,93 @@ pub fn restore_file(
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sparse file with data, a hole, a run of written zeros and a short tail.
+    fn sample(dir: &Path) -> (std::path::PathBuf, Vec<u8>) {
+        let path = dir.join("mem.img");
+        let mut want = vec![0u8; 1 << 20];
+        for (i, b) in want[..40_000].iter_mut().enumerate() {
+            *b = (i * 7 % 251) as u8 + 1;
+        }
+        want[700_000..700_005].copy_from_slice(b"tail!");
+        let len = want.len() as u64 + 1000; // a short last chunk
+        want.resize(len as usize, 0);
+        let f = File::create(&path).unwrap();
+        f.set_len(len).unwrap();
+        f.write_all_at(&want[..40_000], 0).unwrap();
+        f.write_all_at(&vec![0u8; 100_000], 300_000).unwrap(); // zeros, written out
+        f.write_all_at(&want[700_000..700_005], 700_000).unwrap();
+        (path, want)
+    }
+
+    #[test]
+    fn a_file_roundtrips_sparse_without_its_zero_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, want) = sample(dir.path());
+        let repo = RepoHandle::open(dir.path().join("repo").to_str().unwrap(), true).unwrap();
+        let upload = repo.begin_upload().unwrap();
+        let (m, s) = swapout_file(&path, 16384, "m", "test", &repo, &upload, &|_| {}).unwrap();
+        // Chunks 0-2 hold the data, 42 holds the tail; the written zeros are left out.
+        assert_eq!(
+            m.entries.iter().map(|e| e.0).collect::<Vec<_>>(),
+            vec![0, 1, 2, 42]
+        );
+        assert_eq!(s.chunks_uploaded, 4);
+        repo.commit(&m).unwrap();
+        drop(upload);
+        let out = dir.path().join("restored.img");
+        restore_file(&repo, "m", &out, &|_, _| {}).unwrap();
+        assert_eq!(std::fs::read(&out).unwrap(), want);
+        use std::os::unix::fs::MetadataExt;
+        let allocated = std::fs::metadata(&out).unwrap().blocks() * 512;
+        assert!(
+            allocated < 200_000,
+            "restored file is not sparse: {allocated} bytes"
+        );
+        // The same file again adds nothing.
+        let upload = repo.begin_upload().unwrap();
+        let (_, s) = swapout_file(&path, 16384, "m2", "test", &repo, &upload, &|_| {}).unwrap();
+        assert_eq!((s.chunks_uploaded, s.chunks_reused), (0, 4));
+    }
+
+    #[test]
+    fn a_damaged_chunk_is_refused_and_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = sample(dir.path());
+        let repo_dir = dir.path().join("repo");
+        let repo = RepoHandle::open(repo_dir.to_str().unwrap(), true).unwrap();
+        let upload = repo.begin_upload().unwrap();
+        let (m, _) = swapout_file(&path, 16384, "m", "test", &repo, &upload, &|_| {}).unwrap();
+        repo.commit(&m).unwrap();
+        drop(upload);
+        // Flip a byte in the stored copy of chunk 0.
+        let hex = m.entries[0].1.to_hex();
+        let chunk = walk(&repo_dir)
+            .into_iter()
+            .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == hex))
+            .expect("chunk file");
+        let mut bytes = std::fs::read(&chunk).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&chunk, bytes).unwrap();
+        let out = dir.path().join("restored.img");
+        assert!(restore_file(&repo, "m", &out, &|_, _| {}).is_err());
+        assert!(!out.exists() && !out.with_extension("partial").exists());
+    }
+
+    fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(walk(&p));
+            } else {
+                out.push(p);
+            }
+        }
+        out
+    }
+}
