@@ -148,11 +148,13 @@ pub fn file_manifest(
 
 /// Rebuilds the file of manifest `name` at `path` (sparse: only its chunks are written),
 /// each chunk checked against its hash. Written to a temporary file and renamed: `path` is
-/// whole or absent. `progress(done, total)` in chunks.
+/// whole or absent; `durable`: synced before the rename (not for scratch files read at
+/// once). `progress(done, total)` in chunks.
 pub fn restore_file(
     repo: &RepoHandle,
     name: &str,
     path: &Path,
+    durable: bool,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<(), SwapError> {
     let m = repo.find(Kind::File, name)?.ok_or_else(|| {
@@ -201,7 +203,9 @@ pub fn restore_file(
             Ok(())
         })?;
         progress(total, total);
-        f.sync_all().map_err(|e| io_err(&tmp, e))?;
+        if durable {
+            f.sync_all().map_err(|e| io_err(&tmp, e))?;
+        }
         std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
         Ok(())
     };
@@ -250,7 +254,7 @@ mod tests {
         repo.commit(&m).unwrap();
         drop(upload);
         let out = dir.path().join("restored.img");
-        restore_file(&repo, "m", &out, &|_, _| {}).unwrap();
+        restore_file(&repo, "m", &out, true, &|_, _| {}).unwrap();
         assert_eq!(std::fs::read(&out).unwrap(), want);
         use std::os::unix::fs::MetadataExt;
         let allocated = std::fs::metadata(&out).unwrap().blocks() * 512;
@@ -284,7 +288,7 @@ mod tests {
         bytes[10] ^= 1;
         std::fs::write(&chunk, bytes).unwrap();
         let out = dir.path().join("restored.img");
-        assert!(restore_file(&repo, "m", &out, &|_, _| {}).is_err());
+        assert!(restore_file(&repo, "m", &out, true, &|_, _| {}).is_err());
         assert!(!out.exists() && !out.with_extension("partial").exists());
     }
 

@@ -34,8 +34,10 @@ pub use served::{control_hook, process_running, request_served_swapout, swapout_
 
 /// Hashes sent to the repository per question.
 const NEGOTIATE_BATCH: usize = 1024;
-/// Chunks per upload call (one directory sync and one index transaction each).
-const UPLOAD_BATCH: usize = 32;
+/// Bytes per upload call (one brick sync and one index transaction each), and the fewest
+/// chunks: small chunks (memory) go in bigger batches, so the commits do not dominate.
+const UPLOAD_BATCH_BYTES: usize = 4 << 20;
+const UPLOAD_BATCH_MIN: usize = 32;
 const UPLOADERS: usize = 3;
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +118,7 @@ fn pipeline(
     progress: &dyn Fn(&Counters),
 ) -> Result<Vec<(u64, ChunkHash)>, SwapError> {
     let mut entries = Vec::new();
+    let upload_batch = (UPLOAD_BATCH_BYTES / chunk_size.max(1)).max(UPLOAD_BATCH_MIN);
     // Tells the other uploaders to stop early once one has failed.
     let upload_failed = AtomicBool::new(false);
     let (hashed, negotiated, uploaded) = std::thread::scope(|s| {
@@ -162,7 +165,7 @@ fn pipeline(
                 let (upload_rx, upload_failed) = (upload_rx.clone(), &upload_failed);
                 s.spawn(move || -> Result<(), SwapError> {
                     loop {
-                        let batch = take_batch(&upload_rx.lock(), UPLOAD_BATCH);
+                        let batch = take_batch(&upload_rx.lock(), upload_batch);
                         if batch.is_empty() || upload_failed.load(Ordering::Relaxed) {
                             return Ok(());
                         }

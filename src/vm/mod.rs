@@ -101,6 +101,9 @@ pub struct VmRecord {
     /// During a swapout: whether the disk manifest is committed yet.
     #[serde(default)]
     pub disk_done: bool,
+    /// During a swapout: where the saved memory image is.
+    #[serde(default)]
+    pub memory_path: Option<PathBuf>,
     #[serde(default)]
     pub created_at: u64,
 }
@@ -158,8 +161,41 @@ fn dir_file(store: &Store, name: &str, file: &str) -> PathBuf {
     vm_dir(store, name).join(file)
 }
 
-fn memory_file(store: &Store, name: &str) -> PathBuf {
-    vm_dir(store, name).join("memory.img")
+/// Where a VM's memory image is written while it passes between the hypervisor and the
+/// repository: STASIS_MEMORY_DIR if set, else /dev/shm when it has room for all of the VM's
+/// memory (the image never touches a disk: writing it back would cost more than the
+/// swapout's own writes), else the VM's directory. It is scratch either way: QEMU does not
+/// sync it, and until the VM manifest is committed the VM's state is the running VM's.
+fn memory_file(store: &Store, rec: &VmRecord) -> PathBuf {
+    if let Some(p) = &rec.memory_path {
+        return p.clone();
+    }
+    let file = format!(
+        "stasis-{}-{}.memory",
+        &blake3::hash(store.root().as_os_str().as_encoded_bytes()).to_hex()[..12],
+        rec.name
+    );
+    if let Some(dir) = std::env::var_os("STASIS_MEMORY_DIR") {
+        return PathBuf::from(dir).join(file);
+    }
+    let shm = Path::new("/dev/shm");
+    let mem = rec.spec.mem_mib << 20;
+    if free_bytes(shm).is_some_and(|room| room > mem + mem / 8) {
+        return shm.join(file);
+    }
+    vm_dir(store, &rec.name).join("memory.img")
+}
+
+/// Free bytes (for unprivileged users) on the filesystem of `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs into a zeroed struct, with a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
 }
 
 pub fn load(store: &Store, name: &str) -> Result<VmRecord, VmError> {
@@ -348,6 +384,7 @@ pub fn start(store: &Store, name: &str, spec: VmSpec) -> Result<VmRecord, VmErro
         repo: None,
         manifest: None,
         disk_done: false,
+        memory_path: None,
         created_at: crate::repo::now_secs(),
     };
     // Boot files are copied in: the VM must not depend on paths that may change, and a
@@ -429,7 +466,7 @@ pub fn swapout(
 ) -> Result<VmSwapoutSummary, VmError> {
     let started = Instant::now();
     let mut rec = load(store, name)?;
-    let memory = memory_file(store, name);
+    let memory = memory_file(store, &rec);
     let mut pause_ms = paused.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
     let mut save_seconds = 0.0;
     match rec.state {
@@ -446,10 +483,14 @@ pub fn swapout(
             }
             progress("saving memory and device state", 0, 0);
             let t = Instant::now();
-            with_driver(store, &rec, |d, c| d.save(c, &memory))?;
+            if let Err(e) = with_driver(store, &rec, |d, c| d.save(c, &memory)) {
+                let _ = std::fs::remove_file(&memory);
+                return Err(e);
+            }
             save_seconds = t.elapsed().as_secs_f64();
             // From here the VM exists only in this file and its disk: record that first.
             rec.state = VmState::SwappingOut;
+            rec.memory_path = Some(memory.clone());
             rec.manifest = Some(format!("{name}@{}", crate::repo::now_secs()));
             rec.repo = Some(repo.url());
             rec.disk_done = false;
@@ -532,6 +573,7 @@ pub fn swapout(
     repo.commit(&vm_manifest)?;
     drop(upload);
     rec.state = VmState::SwappedOut;
+    rec.memory_path = None;
     save_record(store, &rec)?;
     // The repository holds them now.
     for f in [
@@ -677,6 +719,7 @@ pub fn swapin(
             repo: None,
             manifest: None,
             disk_done: false,
+            memory_path: None,
             created_at: crate::repo::now_secs(),
         },
         Err(e) => return Err(e),
@@ -691,14 +734,23 @@ pub fn swapin(
     ] {
         if slot.is_some() {
             let path = dir.join(role);
-            crate::swap::restore_file(repo, &part(role)?, &path, &|_, _| {})?;
+            crate::swap::restore_file(repo, &part(role)?, &path, true, &|_, _| {})?;
             *slot = Some(path);
         }
     }
     progress("memory", 0, 0);
-    let memory = memory_file(store, &name);
+    rec.memory_path = None;
+    let memory = memory_file(store, &rec);
+    // Scratch: whatever happens next, it goes.
+    struct RemoveOnDrop<'a>(&'a Path);
+    impl Drop for RemoveOnDrop<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _scratch = RemoveOnDrop(&memory);
     let t = Instant::now();
-    crate::swap::restore_file(repo, &mem_manifest, &memory, &|d, n| {
+    crate::swap::restore_file(repo, &mem_manifest, &memory, false, &|d, n| {
         progress("memory", d, n)
     })?;
     let memory_seconds = t.elapsed().as_secs_f64();
@@ -732,7 +784,6 @@ pub fn swapin(
         let _ = save_record(store, &rec);
         return Err(e);
     }
-    let _ = std::fs::remove_file(&memory);
     Ok(VmSwapinSummary {
         vm: name,
         manifest: m.info.name.clone(),
