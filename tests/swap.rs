@@ -160,9 +160,11 @@ fn an_unchanged_disk_uploads_nothing_and_equal_writes_are_stored_once() {
     let stat = ok_json(&n.a, &["repo", "stat", "--repo", &n.repo]);
     assert_eq!(stat["disk_manifests"], 4);
     assert!(stat["dedup_ratio"].as_f64().unwrap() > 1.0);
-    // gc keeps everything a manifest names, and removes what a crash left in a brick's
-    // tmp/ (a chunk written but never renamed into place).
-    let leftover = PathBuf::from(n.repo.trim_start_matches("file://")).join("brick0/tmp/x.1.0");
+    // gc keeps everything a manifest names, and removes what a crash left in a brick (a
+    // chunk written to its temporary name but never renamed into place).
+    let fan = PathBuf::from(n.repo.trim_start_matches("file://")).join("brick0/ab");
+    std::fs::create_dir_all(&fan).unwrap();
+    let leftover = fan.join("tmp.x.1.0");
     std::fs::write(&leftover, b"half a chunk").unwrap();
     let touched = std::process::Command::new("touch")
         .args(["-d", "1 hour ago"])

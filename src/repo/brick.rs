@@ -58,6 +58,9 @@ fn syncfs(f: &fs::File) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Names of chunk files being written (never a hash: `list` skips them).
+const TMP_PREFIX: &str = "tmp.";
+
 pub struct DirBrick {
     dir: PathBuf,
     tmp_counter: AtomicU64,
@@ -65,7 +68,7 @@ pub struct DirBrick {
 
 impl DirBrick {
     pub fn open(dir: &Path) -> Result<DirBrick, RepoError> {
-        fs::create_dir_all(dir.join("tmp")).map_err(|e| RepoError::io(dir, e))?;
+        fs::create_dir_all(dir).map_err(|e| RepoError::io(dir, e))?;
         Ok(DirBrick {
             dir: dir.to_path_buf(),
             tmp_counter: AtomicU64::new(0),
@@ -91,8 +94,10 @@ impl DirBrick {
                 let parent = dest.parent().expect("chunk paths have a fan-out directory");
                 fs::create_dir_all(parent).map_err(|e| RepoError::io(parent, e))?;
                 let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
-                let tmp = self.dir.join("tmp").join(format!(
-                    "{}.{}.{n}",
+                // In the chunk's own directory: the rename stays in one directory, and
+                // concurrent uploads do not all contend for one.
+                let tmp = parent.join(format!(
+                    "{TMP_PREFIX}{}.{}.{n}",
                     hash.to_hex(),
                     std::process::id()
                 ));
@@ -145,16 +150,24 @@ impl DirBrick {
     }
 
     /// Removes temporary files (a crash between a chunk's write and its rename) last
-    /// modified before `cutoff` (seconds since the epoch); returns how many.
+    /// modified before `cutoff` (seconds since the epoch); returns how many. They are in the
+    /// fan-out directories (and, from older versions, in `tmp/`).
     pub fn remove_stale_tmp(&self, cutoff: u64) -> Result<u64, RepoError> {
-        let tmp = self.dir.join("tmp");
         let mut removed = 0;
-        for f in fs::read_dir(&tmp)
-            .map_err(|e| RepoError::io(&tmp, e))?
-            .flatten()
-        {
-            if mtime_secs(&f) < cutoff && fs::remove_file(f.path()).is_ok() {
-                removed += 1;
+        let entries = fs::read_dir(&self.dir).map_err(|e| RepoError::io(&self.dir, e))?;
+        for sub in entries.flatten() {
+            let legacy = sub.file_name() == "tmp";
+            if !sub.path().is_dir() {
+                continue;
+            }
+            for f in fs::read_dir(sub.path())
+                .map_err(|e| RepoError::io(&sub.path(), e))?
+                .flatten()
+            {
+                let is_tmp = legacy || f.file_name().to_string_lossy().starts_with(TMP_PREFIX);
+                if is_tmp && mtime_secs(&f) < cutoff && fs::remove_file(f.path()).is_ok() {
+                    removed += 1;
+                }
             }
         }
         Ok(removed)
