@@ -45,7 +45,7 @@ pub enum VmCmd {
         /// For --driver xen: the domain's xl configuration file
         #[arg(long, value_name = "FILE", required_if_eq("driver", "xen"))]
         xen_config: Option<PathBuf>,
-        /// For --driver qemu: kvm or tcg [default: kvm when /dev/kvm is usable]
+        /// For --driver qemu: kvm or tcg [default: kvm when it works here, else tcg]
         #[arg(long, value_parser = ["kvm", "tcg"])]
         accel: Option<String>,
         /// For --driver qemu: an extra QEMU argument (repeat for more)
@@ -74,6 +74,10 @@ pub enum VmCmd {
     },
     /// One VM: state, hypervisor status, CPU time, disk idle time
     Status { name: String },
+    /// Stop a VM's CPUs (its disk I/O drained and flushed); it stays in memory
+    Pause { name: String },
+    /// Let a paused VM run again
+    Resume { name: String },
     /// End a VM without saving it (its disk stays, with what the guest flushed)
     Kill { name: String },
 }
@@ -148,7 +152,8 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
                     config: absolute(xen_config).unwrap_or_default(),
                 },
                 _ => DriverConfig::Qemu {
-                    accel: accel.unwrap_or_else(crate::hypervisor::default_accel),
+                    // "auto": KVM if it works here, else TCG (decided at start, then kept).
+                    accel: accel.unwrap_or_else(|| "auto".into()),
                     extra_args: qemu_args,
                 },
             };
@@ -344,6 +349,26 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
             }
             Ok(())
         }
+        VmCmd::Pause { name } => {
+            let took = vm::pause(store, &name)?;
+            if json {
+                print_json(
+                    &json!({"vm": name, "paused": true, "pause_ms": took.as_secs_f64() * 1000.0}),
+                );
+            } else {
+                println!("VM {name} paused in {:.1} ms", took.as_secs_f64() * 1000.0);
+            }
+            Ok(())
+        }
+        VmCmd::Resume { name } => {
+            vm::resume(store, &name)?;
+            if json {
+                print_json(&json!({"vm": name, "running": true}));
+            } else {
+                println!("VM {name} running");
+            }
+            Ok(())
+        }
         VmCmd::Kill { name } => {
             vm::kill(store, &name)?;
             if json {
@@ -367,8 +392,12 @@ pub fn experiment_cmd(store: &Store, cmd: ExperimentCmd, json: bool) -> Result<(
             }
         }
         ExperimentCmd::Swapout { name, repo } => {
-            experiment::load_experiment(store, &name)?;
-            let handle = open_repo(store, &repo, true)?;
+            // By default an experiment goes back to the repository it came from.
+            let rec = experiment::load_experiment(store, &name)?;
+            let handle = match (&repo.url, rec.repo) {
+                (None, Some(u)) => crate::repo::RepoHandle::open(&u, true)?,
+                _ => open_repo(store, &repo, true)?,
+            };
             let pb = stage_bar(json, &format!("swapout {name}"));
             let show = |stage: &str, done: u64, total: u64| {
                 pb.set_message(format!("swapout {name}: {stage}"));

@@ -1,6 +1,11 @@
 //! Xen, through the `xl` toolstack (kernel-notes/xen.md says exactly what this relies on).
 //! The domain is named after the VM; its xl configuration file must give it the Stasis disk
-//! (a /dev/ublkbN served by `stasis serve --ublk`, or the NBD socket through qemu-xen).
+//! (over NBD through qemu-xen's qdisk backend: `stasis vm start` serves the disk over NBD).
+//!
+//! Known limit (kernel-notes/xen.md): `xl save` suspends a PV, PVH or PV-on-HVM guest by
+//! asking it (xenstore control/shutdown), which a domain paused by `xl pause` cannot answer;
+//! only HVM guests without PV drivers save after a pause. The deeper hook is libxenguest's
+//! suspend callback (freeze the disk there), not yet built.
 //!
 //! Not run by the tests: this machine has no Xen. The commands are those of xl(1) as of Xen
 //! 4.17: `xl create`, `xl pause`, `xl save -p` (the domain stays, paused, after the image
@@ -47,17 +52,15 @@ impl Hypervisor for XenDriver {
         run_command(xl().args(["pause", vm.name])).map(drop)
     }
 
+    /// The image carries the domain's configuration as created (with its name): no config
+    /// file is passed here or at restore, which would replace it.
     fn save(&self, vm: &VmContext, file: &Path) -> Result<(), HvError> {
-        run_command(
-            xl().args(["save", "-p", vm.name])
-                .arg(file)
-                .arg(&self.config),
-        )?;
+        run_command(xl().args(["save", "-p", vm.name]).arg(file))?;
         run_command(xl().args(["destroy", vm.name])).map(drop)
     }
 
     fn restore(&self, _vm: &VmContext, file: &Path) -> Result<(), HvError> {
-        run_command(xl().args(["restore", "-p"]).arg(&self.config).arg(file)).map(drop)
+        run_command(xl().args(["restore", "-p"]).arg(file)).map(drop)
     }
 
     fn resume(&self, vm: &VmContext) -> Result<(), HvError> {

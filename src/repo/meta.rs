@@ -3,7 +3,8 @@
 //! Tables (kernel-notes/formats.md, "Repository"):
 //! - `meta`: `format` = "stasis-repo-meta", `version` = "1".
 //! - `chunks`: hash (32 bytes) -> brick u16 LE, size u32 LE, last use u64 LE (seconds).
-//! - `disk_manifests`, `image_manifests`: name -> encoded manifest.
+//! - `disk_manifests`, `image_manifests`, `file_manifests`, `vm_manifests`,
+//!   `experiment_manifests`: name -> encoded manifest (one table per kind).
 //!
 //! Like the store's registry, the database is opened per operation (redb allows one opener
 //! per file; a swapout and a `repo ls` must coexist), and operations in one process take

@@ -392,7 +392,7 @@ pub fn start(store: &Store, name: &str, spec: VmSpec) -> Result<VmRecord, VmErro
     adopt_boot_files(&dir, &mut rec.spec)?;
     let started = start_disk_server(store, &mut rec).and_then(|_| {
         save_record(store, &rec)?;
-        with_driver(store, &rec, |d, c| d.start(c))
+        start_choosing_accel(store, &mut rec)
     });
     if let Err(e) = started {
         let _ = stop_disk_server(&mut rec);
@@ -400,6 +400,44 @@ pub fn start(store: &Store, name: &str, spec: VmSpec) -> Result<VmRecord, VmErro
         return Err(e);
     }
     Ok(rec)
+}
+
+/// Starts the VM; a QEMU VM with accel "auto" tries KVM where /dev/kvm opens and falls back
+/// to TCG if the guest cannot run under it (a host without working nested virtualization
+/// offers /dev/kvm, and the guest stops at once with an internal error). The accelerator
+/// that worked is recorded: a saved VM restores only under the same one.
+/// How long a VM started with accel "auto" must run under KVM before KVM is trusted.
+const KVM_PROBE: Duration = Duration::from_secs(6);
+
+fn start_choosing_accel(store: &Store, rec: &mut VmRecord) -> Result<(), VmError> {
+    let crate::hypervisor::DriverConfig::Qemu { accel, .. } = &mut rec.spec.driver else {
+        return with_driver(store, rec, |d, c| d.start(c));
+    };
+    if accel != "auto" {
+        return with_driver(store, rec, |d, c| d.start(c));
+    }
+    *accel = crate::hypervisor::default_accel();
+    if accel == "kvm" {
+        with_driver(store, rec, |d, c| d.start(c))?;
+        // Measured here: the guest stops about 3 s into its boot. An explicit --accel kvm
+        // skips this wait.
+        let deadline = Instant::now() + KVM_PROBE;
+        let mut status = VmStatus::Running;
+        while Instant::now() < deadline && status == VmStatus::Running {
+            std::thread::sleep(Duration::from_millis(100));
+            status = with_driver(store, rec, |d, c| d.status(c))?;
+        }
+        if status == VmStatus::Running {
+            return save_record(store, rec);
+        }
+        tracing::warn!(vm = %rec.name, "the guest does not run under KVM here: using TCG");
+        with_driver(store, rec, |d, c| d.kill(c))?;
+        if let crate::hypervisor::DriverConfig::Qemu { accel, .. } = &mut rec.spec.driver {
+            *accel = "tcg".into();
+        }
+    }
+    save_record(store, rec)?;
+    with_driver(store, rec, |d, c| d.start(c))
 }
 
 fn adopt_boot_files(dir: &Path, spec: &mut VmSpec) -> Result<(), VmError> {
@@ -477,6 +515,14 @@ pub fn swapout(
             )))
         }
         VmState::Running => {
+            if with_driver(store, &rec, |d, c| d.status(c))? == VmStatus::Stopped {
+                return Err(VmError::Failed(format!(
+                    "VM {name} is not running here (its hypervisor stopped: crashed, or the \
+                     node rebooted); its disk {} holds what the guest flushed. `stasis vm kill \
+                     {name}` removes the VM, then start it again from its disk",
+                    rec.spec.disk
+                )));
+            }
             if paused.is_none() {
                 progress("pausing", 0, 0);
                 pause_ms = pause(store, name)?.as_secs_f64() * 1000.0;
@@ -488,10 +534,15 @@ pub fn swapout(
                 return Err(e);
             }
             save_seconds = t.elapsed().as_secs_f64();
-            // From here the VM exists only in this file and its disk: record that first.
+            // From here the VM exists only in this file and its disk: make the file durable
+            // (QEMU does not; free on /dev/shm, where a reboot loses it and a rerun then
+            // says so instead of storing a damaged image), then record where it is.
+            std::fs::File::open(&memory)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| VmError::io(&memory, e))?;
             rec.state = VmState::SwappingOut;
             rec.memory_path = Some(memory.clone());
-            rec.manifest = Some(format!("{name}@{}", crate::repo::now_secs()));
+            rec.manifest = Some(unused_manifest_name(repo, name)?);
             rec.repo = Some(repo.url());
             rec.disk_done = false;
             save_record(store, &rec)?;
@@ -514,14 +565,7 @@ pub fn swapout(
     let mut disk_summary = None;
     if !rec.disk_done {
         progress("disk", 0, 0);
-        disk_summary = Some(swapout_disk(
-            store,
-            &rec,
-            &repo.url(),
-            repo,
-            &disk_manifest,
-            progress,
-        )?);
+        disk_summary = swapout_disk_once(store, &rec, repo, &disk_manifest, progress)?;
         rec.server_pid = None;
         rec.disk_done = true;
         save_record(store, &rec)?;
@@ -595,6 +639,98 @@ pub fn swapout(
         boot_files_uploaded,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// The disk step of a VM swapout, also when a run that died left it half done: the disk's
+/// server may be finishing the swapout that run asked for (it stops answering, or refuses
+/// another, while it stops), or may have committed it already. Returns None when it was
+/// already done.
+fn swapout_disk_once(
+    store: &Store,
+    rec: &VmRecord,
+    repo: &RepoHandle,
+    disk_manifest: &str,
+    progress: Progress,
+) -> Result<Option<SwapoutSummary>, VmError> {
+    let disk = &rec.spec.disk;
+    let served = crate::control::request(&store.control_socket(disk), disk, "status").is_ok();
+    let server_alive = rec
+        .server_pid
+        .is_some_and(|p| crate::swap::process_running(p as u64));
+    let settle = || -> Result<bool, VmError> {
+        if !wait_gone(rec.server_pid, Duration::from_secs(300)) {
+            return Err(VmError::Failed(format!(
+                "the server of disk {disk} (pid {:?}) neither answers nor stops",
+                rec.server_pid
+            )));
+        }
+        Ok(store.disk(disk).is_err() && repo.find(Kind::Disk, disk_manifest)?.is_some())
+    };
+    if (!served && server_alive) || (!served && store.disk(disk).is_err()) {
+        if settle()? {
+            return Ok(None);
+        }
+    }
+    let url = repo.url();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        match swapout_disk(store, rec, &url, repo, disk_manifest, progress) {
+            Ok(summary) => return Ok(Some(summary)),
+            // The server is busy with the swapout a dead run asked for: it stops when that
+            // succeeds (then look again), or serves on if it failed (then ask again).
+            Err(e) if is_busy(&e) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(200));
+                let gone = !rec
+                    .server_pid
+                    .is_some_and(|p| crate::swap::process_running(p as u64));
+                if gone && settle()? {
+                    return Ok(None);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// A served disk's refusal because its server is finishing another swapout or stopping.
+fn is_busy(e: &VmError) -> bool {
+    let text = e.to_string();
+    text.contains("stopping") || text.contains("already running")
+}
+
+/// Waits for process `pid` to end; false if it still runs after `limit`.
+fn wait_gone(pid: Option<u32>, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while pid.is_some_and(|p| crate::swap::process_running(p as u64)) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// `NAME@UNIX-TIME`, or with a suffix if a swapout in the same second took that name.
+fn unused_manifest_name(repo: &RepoHandle, name: &str) -> Result<String, VmError> {
+    let base = format!("{name}@{}", crate::repo::now_secs());
+    for n in 0..1000 {
+        let candidate = if n == 0 {
+            base.clone()
+        } else {
+            format!("{base}.{n}")
+        };
+        let taken = repo.find(Kind::Vm, &candidate)?.is_some()
+            || repo
+                .find(Kind::Disk, &format!("{candidate}.disk"))?
+                .is_some()
+            || repo
+                .find(Kind::File, &format!("{candidate}.memory"))?
+                .is_some();
+        if !taken {
+            return Ok(candidate);
+        }
+    }
+    Err(VmError::Failed(format!("no free manifest name for {base}")))
 }
 
 fn swapout_disk(
@@ -758,8 +894,19 @@ pub fn swapin(
         .find(Kind::File, &mem_manifest)?
         .map_or(0, |f| f.entries.len() as u64);
     progress("disk", 0, 0);
-    if store.disk(&rec.spec.disk).is_err() {
-        crate::swap::swapin(store, repo, &disk_manifest, &rec.spec.disk)?;
+    // A disk of that name here is used only if it is this swapout's (an earlier swapin of
+    // it failed after bringing the disk in).
+    match store.delta_origin(&rec.spec.disk) {
+        Err(_) => {
+            crate::swap::swapin(store, repo, &disk_manifest, &rec.spec.disk)?;
+        }
+        Ok(Some(origin)) if origin.ends_with(&format!("#{disk_manifest}")) => {}
+        Ok(_) => {
+            return Err(VmError::Usage(format!(
+                "this node has another disk named {}: remove it or swap the VM in elsewhere",
+                rec.spec.disk
+            )))
+        }
     }
     start_disk_server(store, &mut rec)?;
     rec.state = VmState::Running;
