@@ -1,14 +1,15 @@
 //! Data bricks: where chunk bytes live. A brick checks every chunk's hash before it stores
 //! it, and again on every read.
 //!
-//! - [`DirBrick`]: a directory of chunk files, `<dir>/<first two hex digits>/<hash hex>`. A
-//!   chunk file holds exactly the chunk's bytes; it is written to a temporary file, synced,
-//!   and renamed into place, so a chunk file is whole or absent.
+//! - [`DirBrick`]: a directory of chunk files, `<dir>/<first two hex digits>/<hash hex>`.
+//!   A chunk file is written under a temporary name, synced, and renamed into place, so it
+//!   is whole or absent.
 //! - [`S3Brick`]: objects `<prefix>/<first two hex digits>/<hash hex>` in an S3-compatible
 //!   bucket (object_store): MinIO, Ceph RGW, Garage, AWS S3. A PUT is atomic and durable
 //!   when it returns. Credentials come from the environment (`AWS_ACCESS_KEY_ID`,
 //!   `AWS_SECRET_ACCESS_KEY`, ...); where the bucket is, from the repository's configuration.
 
+use std::borrow::Cow;
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,45 @@ fn mtime_secs(f: &fs::DirEntry) -> u64 {
         .and_then(|m| m.modified().ok())
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map_or(0, |d| d.as_secs())
+}
+
+/// A stored chunk (file or object) is either the chunk's bytes, or one zstd frame of them
+/// (with its content size) when that is at least 1/16 smaller: memory and filesystem
+/// metadata compress, random data does not and is stored as it is. The hash is always the
+/// uncompressed chunk's, and a read accepts what matches it: a frame that decompresses to
+/// the hash's bytes, else the stored bytes themselves (a raw chunk that happens to begin
+/// with zstd's magic decompresses to something else, or to nothing).
+const ZSTD_LEVEL: i32 = 3;
+const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
+
+/// What to store for `data` (compressed only if that saves at least 1/16).
+fn encode(data: &[u8]) -> Cow<'_, [u8]> {
+    match zstd::bulk::compress(data, ZSTD_LEVEL) {
+        Ok(c) if c.len() + data.len() / 16 < data.len() => Cow::Owned(c),
+        _ => Cow::Borrowed(data),
+    }
+}
+
+/// The chunk `hash` names, from what was stored for it; damage is an error, never data.
+fn decode(
+    hash: &ChunkHash,
+    stored: Vec<u8>,
+    at: impl FnOnce() -> String,
+) -> Result<Vec<u8>, RepoError> {
+    if stored.starts_with(&ZSTD_MAGIC) {
+        let size = zstd::zstd_safe::get_frame_content_size(&stored)
+            .ok()
+            .flatten();
+        if let Some(size) = size.filter(|s| *s <= super::wire::MAX_CHUNK as u64) {
+            if let Ok(data) = zstd::bulk::decompress(&stored, size as usize) {
+                if hash.matches(&data) {
+                    return Ok(data);
+                }
+            }
+        }
+    }
+    check_read(hash, &stored, at)?;
+    Ok(stored)
 }
 
 /// A chunk offered for storing must be what its hash names.
@@ -102,7 +142,7 @@ impl DirBrick {
                     std::process::id()
                 ));
                 let mut f = fs::File::create(&tmp).map_err(|e| RepoError::io(&tmp, e))?;
-                let written = f.write_all(data);
+                let written = f.write_all(&encode(data));
                 staged.push((tmp, dest, f));
                 written.map_err(|e| RepoError::io(&staged[staged.len() - 1].0, e))?;
             }
@@ -135,9 +175,8 @@ impl DirBrick {
     /// The chunk's bytes, checked against its hash.
     pub fn get(&self, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
         let path = self.chunk_path(hash);
-        let data = fs::read(&path).map_err(|e| RepoError::io(&path, e))?;
-        check_read(hash, &data, || path.display().to_string())?;
-        Ok(data)
+        let stored = fs::read(&path).map_err(|e| RepoError::io(&path, e))?;
+        decode(hash, stored, || path.display().to_string())
     }
 
     pub fn remove(&self, hash: &ChunkHash) -> Result<(), RepoError> {
@@ -276,7 +315,7 @@ impl S3Brick {
     pub fn put(&self, hash: &ChunkHash, data: &[u8]) -> Result<(), RepoError> {
         use object_store::ObjectStoreExt;
         refuse_mismatch(hash, data)?;
-        let payload = object_store::PutPayload::from(data.to_vec());
+        let payload = object_store::PutPayload::from(encode(data).into_owned());
         self.rt
             .block_on(self.store.put(&self.key(hash), payload))
             .map(|_| ())
@@ -289,10 +328,9 @@ impl S3Brick {
             .rt
             .block_on(async { self.store.get(&self.key(hash)).await?.bytes().await })
             .map_err(|e| self.err(Some(hash), e))?;
-        check_read(hash, &data, || {
+        decode(hash, Vec::from(data), || {
             format!("s3://{}/{}", self.spec.bucket, self.key(hash))
-        })?;
-        Ok(Vec::from(data))
+        })
     }
 
     pub fn remove(&self, hash: &ChunkHash) -> Result<(), RepoError> {
@@ -391,5 +429,65 @@ impl Brick {
             Brick::Dir(_) => Ok(()),
             Brick::S3(b) => b.probe(),
         }
+    }
+}
+
+#[cfg(test)]
+mod compression_tests {
+    use super::*;
+
+    fn brick() -> (tempfile::TempDir, DirBrick) {
+        let dir = tempfile::tempdir().unwrap();
+        let b = DirBrick::open(&dir.path().join("b")).unwrap();
+        (dir, b)
+    }
+
+    #[test]
+    fn compressible_chunks_are_stored_smaller_and_read_back_exactly() {
+        let (_d, b) = brick();
+        let data: Vec<u8> = (0..65536u32).map(|i| (i / 100) as u8).collect();
+        let h = ChunkHash::of(&data);
+        b.put(&[(h, &data)]).unwrap();
+        let stored = fs::metadata(b.chunk_path(&h)).unwrap().len();
+        assert!(
+            stored < 8192,
+            "stored {stored} bytes for a very compressible chunk"
+        );
+        assert_eq!(b.get(&h).unwrap(), data);
+    }
+
+    #[test]
+    fn a_raw_chunk_that_begins_with_the_zstd_magic_reads_back() {
+        let (_d, b) = brick();
+        // Incompressible (stored raw), and beginning with zstd's magic number.
+        let mut data = vec![0u8; 16384];
+        blake3::Hasher::new().finalize_xof().fill(&mut data);
+        data[..4].copy_from_slice(&ZSTD_MAGIC);
+        let h = ChunkHash::of(&data);
+        b.put(&[(h, &data)]).unwrap();
+        assert!(
+            fs::read(b.chunk_path(&h)).unwrap() == data,
+            "not stored raw"
+        );
+        assert!(b.get(&h).unwrap() == data);
+    }
+
+    #[test]
+    fn every_damage_to_a_compressed_chunk_is_caught() {
+        let (_d, b) = brick();
+        let data: Vec<u8> = (0..16384u32).map(|i| (i % 7) as u8).collect();
+        let h = ChunkHash::of(&data);
+        b.put(&[(h, &data)]).unwrap();
+        let path = b.chunk_path(&h);
+        let good = fs::read(&path).unwrap();
+        assert!(good.starts_with(&ZSTD_MAGIC));
+        for i in 0..good.len() {
+            let mut bad = good.clone();
+            bad[i] ^= 0x40;
+            fs::write(&path, &bad).unwrap();
+            assert!(b.get(&h).is_err(), "a flip at byte {i} was not caught");
+        }
+        fs::write(&path, &good[..good.len() - 1]).unwrap();
+        assert!(b.get(&h).is_err());
     }
 }
