@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use super::token::{Claims, Scope, TokenKey};
 use super::{now_secs, wire, ChunkHash, Kind, Manifest, Repo, RepoError};
 
-/// Largest request body: a batch of uploads (the client sends 32 chunks of 64 KiB).
+/// Largest request body: a batch of uploads (the client sends about 4 MiB per batch).
 const MAX_BODY: usize = 64 << 20;
 pub const ACCESS_KEY_FILE: &str = "access.key";
 const TOKEN_KEY_FILE: &str = "token.key";

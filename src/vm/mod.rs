@@ -106,6 +106,10 @@ pub struct VmRecord {
     /// During a swapout: where the saved memory image is.
     #[serde(default)]
     pub memory_path: Option<PathBuf>,
+    /// During a swapin: the origin (`<repository URL>#<disk manifest>`) of the disk it
+    /// brought in, so that a rerun after a failure uses that disk and no other.
+    #[serde(default)]
+    pub swapin_disk: Option<String>,
     #[serde(default)]
     pub created_at: u64,
 }
@@ -166,8 +170,9 @@ fn dir_file(store: &Store, name: &str, file: &str) -> PathBuf {
 /// Where a VM's memory image is written while it passes between the hypervisor and the
 /// repository: STASIS_MEMORY_DIR if set, else /dev/shm when it has room for all of the VM's
 /// memory (the image never touches a disk: writing it back would cost more than the
-/// swapout's own writes), else the VM's directory. It is scratch either way: QEMU does not
-/// sync it, and until the VM manifest is committed the VM's state is the running VM's.
+/// swapout's own writes), else the VM's directory. The swapout syncs it before it records
+/// that the VM exists only there and in its disk (on /dev/shm a reboot loses it, and a rerun
+/// then says so instead of storing a damaged image).
 fn memory_file(store: &Store, rec: &VmRecord) -> PathBuf {
     if let Some(p) = &rec.memory_path {
         return p.clone();
@@ -387,6 +392,7 @@ pub fn start(store: &Store, name: &str, spec: VmSpec) -> Result<VmRecord, VmErro
         manifest: None,
         disk_done: false,
         memory_path: None,
+        swapin_disk: None,
         created_at: crate::repo::now_secs(),
     };
     // Boot files are copied in: the VM must not depend on paths that may change, and a
@@ -404,13 +410,13 @@ pub fn start(store: &Store, name: &str, spec: VmSpec) -> Result<VmRecord, VmErro
     Ok(rec)
 }
 
+/// How long a VM started with accel "auto" must run under KVM before KVM is trusted.
+const KVM_PROBE: Duration = Duration::from_secs(6);
+
 /// Starts the VM; a QEMU VM with accel "auto" tries KVM where /dev/kvm opens and falls back
 /// to TCG if the guest cannot run under it (a host without working nested virtualization
 /// offers /dev/kvm, and the guest stops at once with an internal error). The accelerator
 /// that worked is recorded: a saved VM restores only under the same one.
-/// How long a VM started with accel "auto" must run under KVM before KVM is trusted.
-const KVM_PROBE: Duration = Duration::from_secs(6);
-
 fn start_choosing_accel(store: &Store, rec: &mut VmRecord) -> Result<(), VmError> {
     let crate::hypervisor::DriverConfig::Qemu { accel, .. } = &mut rec.spec.driver else {
         return with_driver(store, rec, |d, c| d.start(c));
@@ -419,7 +425,10 @@ fn start_choosing_accel(store: &Store, rec: &mut VmRecord) -> Result<(), VmError
         return with_driver(store, rec, |d, c| d.start(c));
     }
     *accel = crate::hypervisor::default_accel();
-    if accel == "kvm" {
+    let try_kvm = accel == "kvm";
+    // Recorded before it starts: a start killed meanwhile leaves an accelerator QEMU knows.
+    save_record(store, rec)?;
+    if try_kvm {
         with_driver(store, rec, |d, c| d.start(c))?;
         // Measured here: the guest stops about 3 s into its boot. An explicit --accel kvm
         // skips this wait.
@@ -470,6 +479,10 @@ pub fn kill(store: &Store, name: &str) -> Result<(), VmError> {
     if rec.state != VmState::SwappedOut {
         with_driver(store, &rec, |d, c| d.kill(c))?;
         stop_disk_server(&mut rec)?;
+    }
+    // The memory image of an unfinished swapout may live outside the VM's directory.
+    if let Some(p) = &rec.memory_path {
+        let _ = std::fs::remove_file(p);
     }
     let dir = vm_dir(store, name);
     std::fs::remove_dir_all(&dir).map_err(|e| VmError::io(&dir, e))
@@ -858,6 +871,7 @@ pub fn swapin(
             manifest: None,
             disk_done: false,
             memory_path: None,
+            swapin_disk: None,
             created_at: crate::repo::now_secs(),
         },
         Err(e) => return Err(e),
@@ -898,11 +912,16 @@ pub fn swapin(
     progress("disk", 0, 0);
     // A disk of that name here is used only if it is this swapout's (an earlier swapin of
     // it failed after bringing the disk in).
+    // (The record says so: a disk that came from this manifest and then ran, under a VM
+    // since killed, holds newer writes than this memory image and must not be used.)
+    let origin = format!("{}#{disk_manifest}", repo.url());
     match store.delta_origin(&rec.spec.disk) {
         Err(_) => {
+            rec.swapin_disk = Some(origin.clone());
+            save_record(store, &rec)?;
             crate::swap::swapin(store, repo, &disk_manifest, &rec.spec.disk)?;
         }
-        Ok(Some(origin)) if origin.ends_with(&format!("#{disk_manifest}")) => {}
+        Ok(Some(o)) if o == origin && rec.swapin_disk.as_deref() == Some(origin.as_str()) => {}
         Ok(_) => {
             return Err(VmError::Usage(format!(
                 "this node has another disk named {}: remove it or swap the VM in elsewhere",
@@ -933,6 +952,9 @@ pub fn swapin(
         let _ = save_record(store, &rec);
         return Err(e);
     }
+    // The disk is the VM's now, running on: a later swapin must not take it for its own.
+    rec.swapin_disk = None;
+    save_record(store, &rec)?;
     Ok(VmSwapinSummary {
         vm: name,
         manifest: m.info.name.clone(),
