@@ -87,17 +87,6 @@ fn check_read(hash: &ChunkHash, data: &[u8], at: impl FnOnce() -> String) -> Res
     })
 }
 
-/// Writes back every dirty page and inode of `f`'s filesystem, and reports a writeback
-/// error (Linux >= 5.8 reports errors from syncfs; kernel-notes/durability.md).
-fn syncfs(f: &fs::File) -> std::io::Result<()> {
-    use std::os::unix::io::AsRawFd;
-    // SAFETY: syncfs on an open descriptor.
-    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Names of chunk files being written (never a hash: `list` skips them).
 const TMP_PREFIX: &str = "tmp.";
 
@@ -121,10 +110,11 @@ impl DirBrick {
     }
 
     /// Stores chunks after checking that each one's bytes are what its hash names: all
-    /// written to temporary files first, then made durable together (one syncfs), then all
-    /// renamed into place, so a chunk file is whole or absent (the caller then makes the
-    /// renames durable, see [`DirBrick::sync_dirs`]). One syncfs per batch instead of an
-    /// fsync per file and per directory: a batch costs one journal commit, not dozens.
+    /// written to temporary files first, then each synced (fdatasync), then all renamed into
+    /// place, so a chunk file is whole or absent (the caller then syncs the directories, see
+    /// [`DirBrick::sync_dirs`]). Per-file syncs, not one syncfs: syncfs also writes back
+    /// whatever else is dirty on the filesystem (VM disks being written, other tenants),
+    /// which made an incremental disk swapout 40% slower in bench/RESULTS.md.
     pub fn put(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
         let mut staged: Vec<(PathBuf, PathBuf, fs::File)> = Vec::with_capacity(chunks.len());
         let result = (|| {
@@ -146,8 +136,8 @@ impl DirBrick {
                 staged.push((tmp, dest, f));
                 written.map_err(|e| RepoError::io(&staged[staged.len() - 1].0, e))?;
             }
-            if let Some((tmp, _, f)) = staged.first() {
-                syncfs(f).map_err(|e| RepoError::io(tmp, e))?;
+            for (tmp, _, f) in &staged {
+                f.sync_data().map_err(|e| RepoError::io(tmp, e))?;
             }
             for (tmp, dest, _) in &staged {
                 fs::rename(tmp, dest).map_err(|e| RepoError::io(dest, e))?;
@@ -162,14 +152,23 @@ impl DirBrick {
         result
     }
 
-    /// Makes the renames of chunks stored so far durable (see [`Brick::sync`]): one syncfs
-    /// of the brick's filesystem covers every fan-out directory they touched.
+    /// Makes the renames of chunks stored so far durable (see [`Brick::sync`]): each fan-out
+    /// directory they touched is synced once.
     pub fn sync_dirs<'a>(
         &self,
-        _hashes: impl Iterator<Item = &'a ChunkHash>,
+        hashes: impl Iterator<Item = &'a ChunkHash>,
     ) -> Result<(), RepoError> {
-        let dir = fs::File::open(&self.dir).map_err(|e| RepoError::io(&self.dir, e))?;
-        syncfs(&dir).map_err(|e| RepoError::io(&self.dir, e))
+        let mut dirs: Vec<PathBuf> = hashes
+            .filter_map(|h| self.chunk_path(h).parent().map(Path::to_path_buf))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        for d in dirs {
+            fs::File::open(&d)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| RepoError::io(&d, e))?;
+        }
+        Ok(())
     }
 
     /// The chunk's bytes, checked against its hash.

@@ -33,7 +33,7 @@ pub mod experiment;
 /// of its RAM, not 3.2%), but each chunk costs the repository a file and an index entry,
 /// and bricks compress each chunk on its own: at 64 KiB the memory of an idle guest is
 /// stored in as few bytes as QEMU's whole stream through zstd, and a busy guest's swapout
-/// takes about as long as QEMU's save plus writing the new bytes.
+/// stores 16x fewer chunk files than at 4 KiB.
 pub const MEMORY_CHUNK: usize = 64 * 1024;
 /// Boot files (kernel, initrd) in disk-sized chunks.
 const BOOT_CHUNK: usize = 64 * 1024;
