@@ -38,7 +38,7 @@ pub enum ControlError {
 }
 
 /// A `swapout` request: `{"cmd":"swapout", "repo": URL?, "manifest": NAME?, "keep": bool?,
-/// "progress": bool?}` (kernel-notes/control.md section 3.6).
+/// "disk_only": bool?, "progress": bool?}` (kernel-notes/control.md section 3.6).
 #[derive(Clone, Debug, Default)]
 pub struct SwapoutRequest {
     pub repo: Option<String>,
@@ -47,6 +47,9 @@ pub struct SwapoutRequest {
     pub repo_key: Option<String>,
     pub manifest: Option<String>,
     pub keep: bool,
+    /// Swap out the disk alone even if it is a VM's (the VM swapout's own request). Without
+    /// it, a request for a VM's disk swaps out the whole VM.
+    pub disk_only: bool,
 }
 
 /// Carries out a swapout of the served disk for the control socket. It gets the request
@@ -259,16 +262,19 @@ fn parse_swapout(request: &Value) -> Result<SwapoutRequest, String> {
             Some(_) => Err(format!("\"{key}\" must be a non-empty string")),
         }
     };
-    let keep = match request.get("keep") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err("\"keep\" must be true or false".into()),
+    let flag = |key: &str| -> Result<bool, String> {
+        match request.get(key) {
+            None | Some(Value::Null) => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(_) => Err(format!("\"{key}\" must be true or false")),
+        }
     };
     Ok(SwapoutRequest {
         repo: text("repo")?,
         repo_key: text("repo_key")?,
         manifest: text("manifest")?,
-        keep,
+        keep: flag("keep")?,
+        disk_only: flag("disk_only")?,
     })
 }
 

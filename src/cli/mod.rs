@@ -1108,6 +1108,12 @@ fn swapout(
     json: bool,
 ) -> Result<(), Failure> {
     store.disk(name)?;
+    if let Some(vm) = crate::vm::owner_of_disk(store, name) {
+        return Err(Failure::Usage(format!(
+            "disk {name} is the disk of VM {vm}: swap out the VM (`stasis vm swapout {vm}`), \
+             its memory goes with it"
+        )));
+    }
     let manifest = manifest.unwrap_or_else(|| format!("{name}@{}", crate::repo::now_secs()));
     if crate::control::request(&store.control_socket(name), name, "status").is_ok() {
         return swapout_served(store, name, &repo_url(store, repo), &manifest, keep, json);

@@ -49,6 +49,27 @@ pub fn swapout_served(
 pub fn control_hook(store_root: PathBuf, name: String, served: Arc<Served<Disk>>) -> SwapoutHook {
     Arc::new(move |req: &SwapoutRequest, events: &mut dyn FnMut(Value)| {
         let store = Store::open(&store_root).map_err(|e| e.to_string())?;
+        // The disk of a VM: the whole VM goes (its memory with it), by a `stasis vm swapout`
+        // of its own, which asks us for the disk (disk_only) in turn. It runs detached: this
+        // server stops during it, and must not wait for it.
+        if !req.disk_only {
+            if let Some(vm) = crate::vm::owner_of_disk(&store, &name) {
+                if req.keep || req.manifest.is_some() {
+                    return Err(format!(
+                        "disk {name} is the disk of VM {vm}: its swapout is the VM's, which \
+                         takes neither \"keep\" nor \"manifest\""
+                    ));
+                }
+                let (pid, log) = crate::vm::spawn_swapout(
+                    &store,
+                    &vm,
+                    req.repo.as_deref(),
+                    req.repo_key.as_deref(),
+                )
+                .map_err(|e| e.to_string())?;
+                return Ok(json!({"vm": vm, "vm_swapout_pid": pid, "log": log}));
+            }
+        }
         let url = req
             .repo
             .clone()
@@ -116,7 +137,7 @@ pub fn request_served_swapout(
     keep: bool,
     on_progress: &mut dyn FnMut(&Value),
 ) -> Result<SwapoutSummary, SwapError> {
-    let mut request = json!({"cmd": "swapout", "repo": url, "manifest": manifest, "keep": keep, "progress": true});
+    let mut request = json!({"cmd": "swapout", "repo": url, "manifest": manifest, "keep": keep, "disk_only": true, "progress": true});
     if let Ok(key) = std::env::var(crate::repo::remote::KEY_ENV) {
         request["repo_key"] = json!(key);
     }

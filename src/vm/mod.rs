@@ -472,6 +472,51 @@ fn state_word(s: VmState) -> &'static str {
     }
 }
 
+/// The VM of this node whose disk is `disk` (running, or swapping out), if any.
+pub fn owner_of_disk(store: &Store, disk: &str) -> Option<String> {
+    list(store)
+        .ok()?
+        .into_iter()
+        .find(|v| v.spec.disk == disk && v.state != VmState::SwappedOut)
+        .map(|v| v.name)
+}
+
+/// Starts `stasis vm swapout NAME [--repo URL]` detached (the control socket's swapout of a
+/// VM's disk); its output goes to `<vm dir>/swapout.log`. Returns its pid and that path.
+pub fn spawn_swapout(
+    store: &Store,
+    name: &str,
+    repo: Option<&str>,
+    repo_key: Option<&str>,
+) -> Result<(u32, PathBuf), VmError> {
+    let log_path = vm_dir(store, name).join("swapout.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| VmError::io(&log_path, e))?;
+    let err = log.try_clone().map_err(|e| VmError::io(&log_path, e))?;
+    let exe = std::env::current_exe().map_err(|e| VmError::Failed(format!("own path: {e}")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--store")
+        .arg(store.root())
+        .args(["vm", "swapout", name]);
+    if let Some(url) = repo {
+        cmd.args(["--repo", url]);
+    }
+    if let Some(key) = repo_key {
+        cmd.env(crate::repo::remote::KEY_ENV, key);
+    }
+    cmd.stdin(Stdio::null()).stdout(log).stderr(err);
+    // SAFETY: setsid in the child before exec: it must outlive the server that starts it.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| VmError::Failed(format!("starting the VM swapout: {e}")))?;
+    Ok((child.id(), log_path))
+}
+
 /// Ends VM `name` here without saving it: the hypervisor is killed, the disk server stopped
 /// (the disk stays, with every write the guest had flushed), and the record removed.
 pub fn kill(store: &Store, name: &str) -> Result<(), VmError> {
@@ -692,8 +737,9 @@ fn swapout_disk_once(
         match swapout_disk(store, rec, &url, repo, disk_manifest, progress) {
             Ok(summary) => return Ok(Some(summary)),
             // The server is busy with the swapout a dead run asked for: it stops when that
-            // succeeds (then look again), or serves on if it failed (then ask again).
-            Err(e) if is_busy(&e) && Instant::now() < deadline => {
+            // succeeds (then look again), or serves on if it failed (then ask again). While
+            // it stops it no longer answers but still holds the disk.
+            Err(e) if (is_busy(&e) || stopping(store, rec)) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(200));
                 let gone = !rec
                     .server_pid
@@ -705,6 +751,14 @@ fn swapout_disk_once(
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Whether the VM's disk server still runs but no longer answers (it is stopping).
+fn stopping(store: &Store, rec: &VmRecord) -> bool {
+    let disk = &rec.spec.disk;
+    rec.server_pid
+        .is_some_and(|p| crate::swap::process_running(p as u64))
+        && crate::control::request(&store.control_socket(disk), disk, "status").is_err()
 }
 
 /// A served disk's refusal because its server is finishing another swapout or stopping.
