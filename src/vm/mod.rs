@@ -511,10 +511,13 @@ pub fn spawn_swapout(
             Ok(())
         });
     }
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .map_err(|e| VmError::Failed(format!("starting the VM swapout: {e}")))?;
-    Ok((child.id(), log_path))
+    let pid = child.id();
+    // Reaped here if it ends while we still run (else init reaps it): no zombie.
+    std::thread::spawn(move || child.wait());
+    Ok((pid, log_path))
 }
 
 /// Ends VM `name` here without saving it: the hypervisor is killed, the disk server stopped
