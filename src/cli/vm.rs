@@ -154,6 +154,9 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
                 _ => DriverConfig::Qemu {
                     // "auto": KVM if it works here, else TCG (decided at start, then kept).
                     accel: accel.unwrap_or_else(|| "auto".into()),
+                    // Pinned at start, unless the user chose one (--qemu-arg -machine ...
+                    // comes after ours and wins).
+                    machine: crate::hypervisor::default_machine(),
                     extra_args: qemu_args,
                 },
             };

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 mod exec;
 mod qemu;
-pub use qemu::default_accel;
+pub use qemu::{default_accel, default_machine};
 pub mod qmp;
 mod xen;
 
@@ -81,6 +81,11 @@ pub enum DriverConfig {
         /// Arguments added to QEMU's command line (the same on every restore).
         #[serde(default)]
         extra_args: Vec<String>,
+        /// The versioned machine type the VM started on (`pc` resolved, e.g.
+        /// "pc-i440fx-10.0"): a restore under a newer QEMU must build the same machine, or
+        /// the saved device state does not fit. None: QEMU's default (not resolvable).
+        #[serde(default)]
+        machine: Option<String>,
     },
     Exec {
         /// Directory of hook executables (kernel-notes/hypervisors.md).
@@ -182,9 +187,14 @@ pub enum Driver {
 impl Driver {
     pub fn for_spec(spec: &VmSpec) -> Driver {
         match &spec.driver {
-            DriverConfig::Qemu { accel, extra_args } => Driver::Qemu(QemuDriver {
+            DriverConfig::Qemu {
+                accel,
+                extra_args,
+                machine,
+            } => Driver::Qemu(QemuDriver {
                 accel: accel.clone(),
                 extra_args: extra_args.clone(),
+                machine: machine.clone(),
             }),
             DriverConfig::Exec { hooks } => Driver::Exec(ExecDriver {
                 hooks: hooks.clone(),

@@ -25,6 +25,27 @@ use super::{
 pub struct QemuDriver {
     pub accel: String,
     pub extra_args: Vec<String>,
+    pub machine: Option<String>,
+}
+
+/// The versioned machine type QEMU's `pc` stands for here (from `-machine help`: "pc ...
+/// (alias of pc-i440fx-10.0)"), or None if QEMU does not say.
+pub fn default_machine() -> Option<String> {
+    let out = Command::new(qemu_binary())
+        .args(["-machine", "help"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    pc_alias(&String::from_utf8_lossy(&out.stdout))
+}
+
+fn pc_alias(help: &str) -> Option<String> {
+    help.lines()
+        .find(|l| l.split_whitespace().next() == Some("pc"))
+        .and_then(|l| l.split_once("(alias of "))
+        .and_then(|(_, rest)| rest.split_once(')'))
+        .map(|(name, _)| name.trim().to_string())
+        .filter(|n| !n.is_empty() && !n.contains(','))
 }
 
 /// The QEMU binary: STASIS_QEMU, else qemu-system-x86_64 from PATH.
@@ -73,6 +94,8 @@ impl QemuDriver {
         let mut args: Vec<String> = vec![
             "-name".into(),
             format!("stasis-{},process=stasis-vm-{}", vm.name, vm.name),
+            "-machine".into(),
+            self.machine.clone().unwrap_or_else(|| "pc".into()),
             "-accel".into(),
             self.accel.clone(),
             "-m".into(),
@@ -293,5 +316,21 @@ impl Hypervisor for QemuDriver {
             Self::wait_exit(vm, Duration::from_secs(10))?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_pc_alias_is_read_from_machine_help() {
+        let help = "Supported machines are:\nmicrovm              microvm (i386)\n\
+                    pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-10.0)\n\
+                    pc-i440fx-10.0       Standard PC (i440FX + PIIX, 1996) (default)\n\
+                    q35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)\n";
+        assert_eq!(super::pc_alias(help).as_deref(), Some("pc-i440fx-10.0"));
+        assert_eq!(
+            super::pc_alias("Supported machines are:\npc-i440fx-9.2 x\n"),
+            None
+        );
     }
 }
