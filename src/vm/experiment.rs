@@ -298,7 +298,8 @@ fn find_manifest(repo: &RepoHandle, what: &str) -> Result<Manifest, VmError> {
     }
 }
 
-/// Swaps every member in (restored paused), then resumes them together.
+/// Swaps every member in (restored paused), then resumes them together. If one fails, those
+/// restored before it stay paused, and running it again restores the rest and resumes all.
 pub fn swapin(
     store: &Store,
     what: &str,
@@ -314,9 +315,15 @@ pub fn swapin(
         let vm_m = repo.find(Kind::Vm, vm_manifest)?.ok_or_else(|| {
             VmError::Failed(format!("the repository lacks VM manifest {vm_manifest}"))
         })?;
+        members.push(vm.clone());
+        // Restored (paused) by an earlier run that failed on a later member: keep it.
+        if load(store, vm).is_ok_and(|r| {
+            r.state == VmState::Running && r.manifest.as_deref() == Some(vm_manifest.as_str())
+        }) {
+            continue;
+        }
         let stage = |s: &str, d: u64, n: u64| progress(&format!("{vm}: {s}"), d, n);
         vms.push(super::swapin(store, repo, &vm_m, false, &stage)?);
-        members.push(vm.clone());
     }
     progress("resuming every VM", 0, 0);
     let (resumes, results) = together(&members, &|vm| super::resume(store, vm));
