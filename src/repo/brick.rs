@@ -37,10 +37,20 @@ const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
 
 /// What to store for `data` (compressed only if that saves at least 1/16).
 fn encode(data: &[u8]) -> Cow<'_, [u8]> {
-    match zstd::bulk::compress(data, ZSTD_LEVEL) {
-        Ok(c) if c.len() + data.len() / 16 < data.len() => Cow::Owned(c),
+    match COMPRESSOR.with(|c| c.borrow_mut().as_mut().map(|c| c.compress(data))) {
+        Some(Ok(c)) if c.len() + data.len() / 16 < data.len() => Cow::Owned(c),
         _ => Cow::Borrowed(data),
     }
+}
+
+// One zstd context per thread, made once: a context per chunk would allocate and set up
+// several hundred KiB for every 64 KiB stored or read. None if zstd could not make one (the
+// chunk is then stored raw, or read as raw).
+thread_local! {
+    static COMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Compressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Compressor::new(ZSTD_LEVEL).ok());
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        std::cell::RefCell::new(zstd::bulk::Decompressor::new().ok());
 }
 
 /// The chunk `hash` names, from what was stored for it; damage is an error, never data.
@@ -54,7 +64,12 @@ fn decode(
             .ok()
             .flatten();
         if let Some(size) = size.filter(|s| *s <= super::wire::MAX_CHUNK as u64) {
-            if let Ok(data) = zstd::bulk::decompress(&stored, size as usize) {
+            let data = DECOMPRESSOR.with(|d| {
+                d.borrow_mut()
+                    .as_mut()
+                    .map(|d| d.decompress(&stored, size as usize))
+            });
+            if let Some(Ok(data)) = data {
                 if hash.matches(&data) {
                     return Ok(data);
                 }
