@@ -116,9 +116,31 @@ impl From<VmError> for Failure {
     }
 }
 
-/// A progress bar whose message is the current stage; bytes when the stage knows a total.
-fn stage_bar(json: bool, what: &str) -> super::Progress {
-    progress_bar(json, what)
+/// The repository named by --repo / STASIS_REPO, else `recorded` (where the VM or the
+/// experiment went to or came from), else the store's own.
+fn repo_or_recorded(
+    store: &Store,
+    arg: &RepoArg,
+    recorded: Option<String>,
+    create: bool,
+) -> Result<crate::repo::RepoHandle, Failure> {
+    match (&arg.url, recorded) {
+        (None, Some(url)) => Ok(crate::repo::RepoHandle::open(&url, create)?),
+        _ => open_repo(store, arg, create),
+    }
+}
+
+/// The progress callback of `vm` and `experiment` operations: the bar's message is `what`
+/// and the current stage; bytes when the stage knows a total.
+fn stage_progress<'a>(
+    pb: &'a indicatif::ProgressBar,
+    what: &'a str,
+) -> impl Fn(&str, u64, u64) + Sync + 'a {
+    move |stage, done, total| {
+        pb.set_message(format!("{what}: {stage}"));
+        pb.set_length(total);
+        pb.set_position(done);
+    }
 }
 
 pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
@@ -188,23 +210,13 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
             Ok(())
         }
         VmCmd::Swapout { name, repo } => {
-            // By default a VM goes back to the repository it came from.
-            // Known here, before a repository is opened (created, for the store's own).
+            // By default a VM goes back to the repository it came from. The VM is looked
+            // up first: an unknown one must not create the store's repository.
             let rec = vm::load(store, &name)?;
-            let known = match &repo.url {
-                None => rec.repo.clone(),
-                Some(_) => None,
-            };
-            let handle = match known {
-                Some(u) => crate::repo::RepoHandle::open(&u, true)?,
-                None => open_repo(store, &repo, true)?,
-            };
-            let pb = stage_bar(json, &format!("swapout {name}"));
-            let show = |stage: &str, done: u64, total: u64| {
-                pb.set_message(format!("swapout {name}: {stage}"));
-                pb.set_length(total);
-                pb.set_position(done);
-            };
+            let handle = repo_or_recorded(store, &repo, rec.repo, true)?;
+            let what = format!("swapout {name}");
+            let pb = progress_bar(json, &what);
+            let show = stage_progress(&pb, &what);
             let s = vm::swapout(store, &name, &handle, None, &show);
             pb.finish_and_clear();
             let s = s?;
@@ -212,7 +224,7 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
                 print_json(&json!({ "vm_swapout": s }));
             } else {
                 println!(
-                    "swapped out VM {name} as {} in {:.2}s (paused in {:.1} ms, saved in {:.2}s): memory {} in {} pages, {} uploaded ({} pages already held); disk {} uploaded",
+                    "swapped out VM {name} as {} in {:.2}s (paused in {:.1} ms, saved in {:.2}s): memory {} in {} chunks, {} uploaded ({} chunks already held); disk {} uploaded",
                     s.manifest,
                     s.seconds,
                     s.pause_ms,
@@ -232,21 +244,15 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
         }
         VmCmd::Swapin { what, repo } => {
             // A VM swapped out from here knows its repository.
-            let url = match (&repo.url, vm::load(store, &what)) {
-                (None, Ok(rec)) if rec.state == VmState::SwappedOut => rec.repo.clone(),
-                _ => None,
-            };
-            let handle = match url {
-                Some(u) => crate::repo::RepoHandle::open(&u, false)?,
-                None => open_repo(store, &repo, false)?,
-            };
+            let recorded = vm::load(store, &what)
+                .ok()
+                .filter(|rec| rec.state == VmState::SwappedOut)
+                .and_then(|rec| rec.repo);
+            let handle = repo_or_recorded(store, &repo, recorded, false)?;
             let m = vm::find_vm_manifest(&handle, &what)?;
-            let pb = stage_bar(json, &format!("swapin {what}"));
-            let show = |stage: &str, done: u64, total: u64| {
-                pb.set_message(format!("swapin {what}: {stage}"));
-                pb.set_length(total);
-                pb.set_position(done);
-            };
+            let label = format!("swapin {what}");
+            let pb = progress_bar(json, &label);
+            let show = stage_progress(&pb, &label);
             let s = vm::swapin(store, &handle, &m, true, &show);
             pb.finish_and_clear();
             let s = s?;
@@ -254,7 +260,7 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
                 print_json(&json!({ "vm_swapin": s }));
             } else {
                 println!(
-                    "swapped in VM {} from {} in {:.2}s (memory rebuilt in {:.2}s, {} pages; restored in {:.2}s); it runs on, its disk arrives on demand",
+                    "swapped in VM {} from {} in {:.2}s (memory rebuilt in {:.2}s, {} chunks; restored in {:.2}s); it runs on, its disk arrives on demand",
                     s.vm, s.manifest, s.seconds, s.memory_seconds, s.memory_chunks, s.restore_seconds
                 );
             }
@@ -397,16 +403,10 @@ pub fn experiment_cmd(store: &Store, cmd: ExperimentCmd, json: bool) -> Result<(
         ExperimentCmd::Swapout { name, repo } => {
             // By default an experiment goes back to the repository it came from.
             let rec = experiment::load_experiment(store, &name)?;
-            let handle = match (&repo.url, rec.repo) {
-                (None, Some(u)) => crate::repo::RepoHandle::open(&u, true)?,
-                _ => open_repo(store, &repo, true)?,
-            };
-            let pb = stage_bar(json, &format!("swapout {name}"));
-            let show = |stage: &str, done: u64, total: u64| {
-                pb.set_message(format!("swapout {name}: {stage}"));
-                pb.set_length(total);
-                pb.set_position(done);
-            };
+            let handle = repo_or_recorded(store, &repo, rec.repo, true)?;
+            let what = format!("swapout {name}");
+            let pb = progress_bar(json, &what);
+            let show = stage_progress(&pb, &what);
             let s = experiment::swapout(store, &name, &handle, &show);
             pb.finish_and_clear();
             let s = s?;
@@ -422,7 +422,7 @@ pub fn experiment_cmd(store: &Store, cmd: ExperimentCmd, json: bool) -> Result<(
                 );
                 for v in &s.vms {
                     println!(
-                        "  {}: {} ({} memory uploaded, {} pages already held)",
+                        "  {}: {} ({} memory uploaded, {} chunks already held)",
                         v.vm,
                         v.manifest,
                         human(v.memory.bytes_uploaded),
@@ -436,20 +436,13 @@ pub fn experiment_cmd(store: &Store, cmd: ExperimentCmd, json: bool) -> Result<(
             }
         }
         ExperimentCmd::Swapin { what, repo } => {
-            let url = match (&repo.url, experiment::load_experiment(store, &what)) {
-                (None, Ok(rec)) => rec.repo.clone(),
-                _ => None,
-            };
-            let handle = match url {
-                Some(u) => crate::repo::RepoHandle::open(&u, false)?,
-                None => open_repo(store, &repo, false)?,
-            };
-            let pb = stage_bar(json, &format!("swapin {what}"));
-            let show = |stage: &str, done: u64, total: u64| {
-                pb.set_message(format!("swapin {what}: {stage}"));
-                pb.set_length(total);
-                pb.set_position(done);
-            };
+            let recorded = experiment::load_experiment(store, &what)
+                .ok()
+                .and_then(|rec| rec.repo);
+            let handle = repo_or_recorded(store, &repo, recorded, false)?;
+            let label = format!("swapin {what}");
+            let pb = progress_bar(json, &label);
+            let show = stage_progress(&pb, &label);
             let s = experiment::swapin(store, &what, &handle, &show);
             pb.finish_and_clear();
             let s = s?;

@@ -149,19 +149,19 @@ pub fn file_manifest(
 /// Rebuilds the file of manifest `name` at `path` (sparse: only its chunks are written),
 /// each chunk checked against its hash. Written to a temporary file and renamed: `path` is
 /// whole or absent; `durable`: synced before the rename (not for scratch files read at
-/// once). `progress(done, total)` in chunks.
+/// once). `progress(done, total)` in chunks. Returns how many chunks it wrote.
 pub fn restore_file(
     repo: &RepoHandle,
     name: &str,
     path: &Path,
     durable: bool,
     progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<(), SwapError> {
+) -> Result<u64, SwapError> {
     let m = repo.find(Kind::File, name)?.ok_or_else(|| {
         RepoError::NotFound(format!("file manifest {name:?} is not in {}", repo.url()))
     })?;
     let tmp = path.with_extension("partial");
-    let write = || -> Result<(), SwapError> {
+    let write = || -> Result<u64, SwapError> {
         let f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
         f.set_len(m.info.size).map_err(|e| io_err(&tmp, e))?;
         let cs = m.info.chunk_size as u64;
@@ -207,7 +207,7 @@ pub fn restore_file(
             f.sync_all().map_err(|e| io_err(&tmp, e))?;
         }
         std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))?;
-        Ok(())
+        Ok(m.entries.len() as u64)
     };
     let result = write();
     if result.is_err() {

@@ -30,7 +30,9 @@ use crate::store::{Store, StoreError, CHUNK_SIZE};
 mod file;
 mod served;
 pub use file::{file_manifest, restore_file, swapout_file, FileSummary};
-pub use served::{control_hook, process_running, request_served_swapout, swapout_served};
+pub use served::{
+    control_hook, process_running, request_served_swapout, swapout_served, wait_gone,
+};
 
 /// Hashes sent to the repository per question.
 const NEGOTIATE_BATCH: usize = 1024;

@@ -125,6 +125,18 @@ pub fn process_running(pid: u64) -> bool {
     }
 }
 
+/// Waits for process `pid` (if any) to end; false if it still runs after `limit`.
+pub fn wait_gone(pid: Option<u64>, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while pid.is_some_and(process_running) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
 /// The client side of a served disk's swapout: asks its server, through the control socket,
 /// to swap it out to repository `url` as `manifest` (then stop, and release it unless
 /// `keep`), and waits for the server to be gone. `on_progress` gets the server's progress
@@ -163,16 +175,12 @@ pub fn request_served_swapout(
             .map_err(|e| SwapError::Failed(format!("bad swapout reply: {e}")))?;
     // The manifest is committed; now the server stops and releases the disk.
     let pid = reply.get("pid").and_then(Value::as_u64);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while pid.is_some_and(process_running) {
-        if Instant::now() > deadline {
-            return Err(SwapError::Failed(format!(
-                "disk {name} is swapped out as {manifest}, but its server (pid {}) has not \
-                 stopped after 120 s",
-                pid.unwrap_or_default()
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if !wait_gone(pid, Duration::from_secs(120)) {
+        return Err(SwapError::Failed(format!(
+            "disk {name} is swapped out as {manifest}, but its server (pid {}) has not \
+             stopped after 120 s",
+            pid.unwrap_or_default()
+        )));
     }
     if !keep && store.disk(name).is_ok() {
         return Err(SwapError::Failed(format!(

@@ -277,27 +277,6 @@ pub fn swapout(
     })
 }
 
-/// The experiment manifest `what` names: a manifest name, or an experiment's (its newest).
-fn find_manifest(repo: &RepoHandle, what: &str) -> Result<Manifest, VmError> {
-    if let Some(m) = repo.find(Kind::Experiment, what)? {
-        return Ok(m);
-    }
-    let newest = repo
-        .list()?
-        .into_iter()
-        .filter(|(i, _)| i.kind == Kind::Experiment && i.source.as_deref() == Some(what))
-        .max_by_key(|(i, _)| (i.created_at, i.name.clone()));
-    match newest {
-        Some((info, _)) => repo
-            .find(Kind::Experiment, &info.name)?
-            .ok_or_else(|| VmError::Failed(format!("manifest {} vanished", info.name))),
-        None => Err(VmError::Usage(format!(
-            "no experiment manifest or swapped-out experiment named {what:?} in {}",
-            repo.url()
-        ))),
-    }
-}
-
 /// Swaps every member in (restored paused), then resumes them together. If one fails, those
 /// restored before it stay paused, and running it again restores the rest and resumes all.
 pub fn swapin(
@@ -307,7 +286,7 @@ pub fn swapin(
     progress: Progress,
 ) -> Result<ExperimentSwapinSummary, VmError> {
     let started = Instant::now();
-    let m = find_manifest(repo, what)?;
+    let m = super::find_named_or_newest(repo, Kind::Experiment, what)?;
     let name = m.info.source.clone().unwrap_or_else(|| what.to_string());
     let mut vms = Vec::new();
     let mut members = Vec::new();

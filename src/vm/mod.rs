@@ -277,34 +277,51 @@ pub fn counters(store: &Store, rec: &VmRecord) -> Result<crate::hypervisor::VmCo
     with_driver(store, rec, |d, c| d.counters(c))
 }
 
-/// Serves the VM's disk over NBD on its socket: a `stasis serve` of its own, detached, so
-/// the disk outlives this command (and a swapout goes through its control socket).
-fn start_disk_server(store: &Store, rec: &mut VmRecord) -> Result<(), VmError> {
-    let dir = vm_dir(store, &rec.name);
-    let sock = nbd_socket(store, &rec.name);
-    let log_path = dir.join("disk-server.log");
-    let log = std::fs::File::create(&log_path).map_err(|e| VmError::io(&log_path, e))?;
-    let err = log.try_clone().map_err(|e| VmError::io(&log_path, e))?;
+/// Runs `stasis --store <store> ARGS` in a session of its own (setsid: it is not signalled
+/// with us, a terminal's ^C, and outlives us), stdout and stderr to `log_path`.
+fn spawn_detached(
+    store: &Store,
+    args: &[&str],
+    env: &[(&str, &str)],
+    log_path: &Path,
+    what: &str,
+) -> Result<Child, VmError> {
+    let log = std::fs::File::create(log_path).map_err(|e| VmError::io(log_path, e))?;
+    let err = log.try_clone().map_err(|e| VmError::io(log_path, e))?;
     let exe = std::env::current_exe().map_err(|e| VmError::Failed(format!("own path: {e}")))?;
     let mut cmd = Command::new(exe);
     cmd.arg("--store")
         .arg(store.root())
-        .args(["serve", &rec.spec.disk, "--nbd"])
-        .arg(format!("unix:{}", sock.display()))
+        .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(err);
-    // SAFETY: setsid in the child before exec: the server leaves our session, so it is not
-    // signalled with us (a terminal's ^C) and outlives this command.
+    // SAFETY: setsid in the child between fork and exec (async-signal-safe).
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
             libc::setsid();
             Ok(())
         });
     }
-    let mut child: Child = cmd
-        .spawn()
-        .map_err(|e| VmError::Failed(format!("starting the disk server: {e}")))?;
+    cmd.spawn()
+        .map_err(|e| VmError::Failed(format!("starting {what}: {e}")))
+}
+
+/// Serves the VM's disk over NBD on its socket: a `stasis serve` of its own, detached, so
+/// the disk outlives this command (and a swapout goes through its control socket).
+fn start_disk_server(store: &Store, rec: &mut VmRecord) -> Result<(), VmError> {
+    let dir = vm_dir(store, &rec.name);
+    let sock = nbd_socket(store, &rec.name);
+    let log_path = dir.join("disk-server.log");
+    let nbd = format!("unix:{}", sock.display());
+    let mut child = spawn_detached(
+        store,
+        &["serve", &rec.spec.disk, "--nbd", &nbd],
+        &[],
+        &log_path,
+        "the disk server",
+    )?;
     let control = store.control_socket(&rec.spec.disk);
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -342,15 +359,11 @@ fn stop_disk_server(rec: &mut VmRecord) -> Result<(), VmError> {
         if crate::swap::process_running(pid as u64) {
             // SAFETY: signal to the server we started, which still runs.
             unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while crate::swap::process_running(pid as u64) {
-                if Instant::now() > deadline {
-                    return Err(VmError::Failed(format!(
-                        "the server of disk {} (pid {pid}) did not stop",
-                        rec.spec.disk
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(20));
+            if !wait_gone(Some(pid), Duration::from_secs(60)) {
+                return Err(VmError::Failed(format!(
+                    "the server of disk {} (pid {pid}) did not stop",
+                    rec.spec.disk
+                )));
             }
         }
     }
@@ -490,30 +503,13 @@ pub fn spawn_swapout(
     repo_key: Option<&str>,
 ) -> Result<(u32, PathBuf), VmError> {
     let log_path = vm_dir(store, name).join("swapout.log");
-    let log = std::fs::File::create(&log_path).map_err(|e| VmError::io(&log_path, e))?;
-    let err = log.try_clone().map_err(|e| VmError::io(&log_path, e))?;
-    let exe = std::env::current_exe().map_err(|e| VmError::Failed(format!("own path: {e}")))?;
-    let mut cmd = Command::new(exe);
-    cmd.arg("--store")
-        .arg(store.root())
-        .args(["vm", "swapout", name]);
-    if let Some(url) = repo {
-        cmd.args(["--repo", url]);
-    }
-    if let Some(key) = repo_key {
-        cmd.env(crate::repo::remote::KEY_ENV, key);
-    }
-    cmd.stdin(Stdio::null()).stdout(log).stderr(err);
-    // SAFETY: setsid in the child before exec: it must outlive the server that starts it.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| VmError::Failed(format!("starting the VM swapout: {e}")))?;
+    let mut args = vec!["vm", "swapout", name];
+    args.extend(repo.iter().flat_map(|url| ["--repo", url]));
+    let env: Vec<(&str, &str)> = repo_key
+        .map(|key| (crate::repo::remote::KEY_ENV, key))
+        .into_iter()
+        .collect();
+    let mut child = spawn_detached(store, &args, &env, &log_path, "the VM swapout")?;
     let pid = child.id();
     // Reaped here if it ends while we still run (else init reaps it): no zombie.
     std::thread::spawn(move || child.wait());
@@ -729,10 +725,8 @@ fn swapout_disk_once(
         }
         Ok(store.disk(disk).is_err() && repo.find(Kind::Disk, disk_manifest)?.is_some())
     };
-    if (!served && server_alive) || (!served && store.disk(disk).is_err()) {
-        if settle()? {
-            return Ok(None);
-        }
+    if !served && (server_alive || store.disk(disk).is_err()) && settle()? {
+        return Ok(None);
     }
     let url = repo.url();
     let deadline = Instant::now() + Duration::from_secs(300);
@@ -770,16 +764,9 @@ fn is_busy(e: &VmError) -> bool {
     text.contains("stopping") || text.contains("already running")
 }
 
-/// Waits for process `pid` to end; false if it still runs after `limit`.
+/// Waits for process `pid` (if any) to end; false if it still runs after `limit`.
 fn wait_gone(pid: Option<u32>, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    while pid.is_some_and(|p| crate::swap::process_running(p as u64)) {
-        if Instant::now() > deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    true
+    crate::swap::wait_gone(pid.map(u64::from), limit)
 }
 
 /// `NAME@UNIX-TIME`, or with a suffix if a swapout in the same second took that name.
@@ -861,20 +848,31 @@ fn store_boot_file(
 
 /// The VM manifest `what` names: a manifest name, or a VM's name (its newest swapout).
 pub fn find_vm_manifest(repo: &RepoHandle, what: &str) -> Result<Manifest, VmError> {
-    if let Some(m) = repo.find(Kind::Vm, what)? {
+    find_named_or_newest(repo, Kind::Vm, what)
+}
+
+/// The manifest of `kind` named `what`, else the newest of that kind whose `source` is
+/// `what` (a VM's or an experiment's name).
+pub(crate) fn find_named_or_newest(
+    repo: &RepoHandle,
+    kind: Kind,
+    what: &str,
+) -> Result<Manifest, VmError> {
+    if let Some(m) = repo.find(kind.clone(), what)? {
         return Ok(m);
     }
     let newest = repo
         .list()?
         .into_iter()
-        .filter(|(i, _)| i.kind == Kind::Vm && i.source.as_deref() == Some(what))
+        .filter(|(i, _)| i.kind == kind && i.source.as_deref() == Some(what))
         .max_by_key(|(i, _)| (i.created_at, i.name.clone()));
     match newest {
         Some((info, _)) => repo
-            .find(Kind::Vm, &info.name)?
+            .find(kind, &info.name)?
             .ok_or_else(|| VmError::Failed(format!("manifest {} vanished", info.name))),
         None => Err(VmError::Usage(format!(
-            "no VM manifest or swapped-out VM named {what:?} in {}",
+            "no {} manifest, nor a swapped-out {0} named {what:?}, in {}",
+            kind.as_str(),
             repo.url()
         ))),
     }
@@ -959,13 +957,10 @@ pub fn swapin(
     }
     let _scratch = RemoveOnDrop(&memory);
     let t = Instant::now();
-    crate::swap::restore_file(repo, &mem_manifest, &memory, false, &|d, n| {
+    let memory_chunks = crate::swap::restore_file(repo, &mem_manifest, &memory, false, &|d, n| {
         progress("memory", d, n)
     })?;
     let memory_seconds = t.elapsed().as_secs_f64();
-    let memory_chunks = repo
-        .find(Kind::File, &mem_manifest)?
-        .map_or(0, |f| f.entries.len() as u64);
     progress("disk", 0, 0);
     // A disk of that name here is used only if it is this swapout's (an earlier swapin of
     // it failed after bringing the disk in).
