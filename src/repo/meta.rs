@@ -6,16 +6,20 @@
 //! - `disk_manifests`, `image_manifests`, `file_manifests`, `vm_manifests`,
 //!   `experiment_manifests`: name -> encoded manifest (one table per kind).
 //!
-//! Like the store's registry, the database is opened per operation (redb allows one opener
-//! per file; a swapout and a `repo ls` must coexist), and operations in one process take
-//! turns.
+//! The database is opened once per handle, in redb's multi-writer mode: any number of
+//! processes (a swapout, a disk server hydrating, `repo ls`, `repo serve`) keep it open at
+//! once, and redb lets one write transaction run at a time. Opening it per operation, as
+//! before, cost three syncs per question (redb marks the file in use on open and clean on
+//! close), which made a swapout's negotiation and indexing wait on the disk.
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use redb::{
+    ConcurrencyMode, Database, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition,
+};
 
 use super::chunk::ChunkHash;
 use super::manifest::{Kind, Manifest, ManifestInfo};
@@ -60,7 +64,7 @@ impl From<RepoError> for TxErr {
 
 pub struct Meta {
     path: PathBuf,
-    turn: Mutex<()>,
+    db: Database,
 }
 
 fn table_for(kind: &Kind) -> TableDefinition<'static, &'static str, &'static [u8]> {
@@ -103,7 +107,7 @@ impl Meta {
     pub fn open(path: &Path) -> Result<Meta, RepoError> {
         let meta = Meta {
             path: path.to_path_buf(),
-            turn: Mutex::new(()),
+            db: Self::open_db(path)?,
         };
         meta.write(|txn| {
             let mut t = txn.open_table(META)?;
@@ -141,24 +145,28 @@ impl Meta {
         }
     }
 
-    fn open_db(&self) -> Result<Database, RepoError> {
+    fn open_db(path: &Path) -> Result<Database, RepoError> {
         let deadline = Instant::now() + OPEN_TIMEOUT;
+        let failed = |why: String| RepoError::Meta {
+            path: path.to_path_buf(),
+            why,
+        };
         loop {
-            let path = self.path.clone();
+            let owned = path.to_path_buf();
             // A file damaged outside redb may make it panic: contain that.
-            let opened = std::panic::catch_unwind(move || Database::builder().create(&path));
+            let opened = std::panic::catch_unwind(move || {
+                Database::builder()
+                    .set_concurrency_mode(ConcurrencyMode::MultiWriter)
+                    .create(&owned)
+            });
             match opened {
                 Ok(Ok(db)) => return Ok(db),
+                // Only a process in another mode (an older stasis) holds the whole file.
                 Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
                 }
-                Ok(Err(e)) => return Err(self.db_err(e)),
-                Err(_) => {
-                    return Err(RepoError::Meta {
-                        path: self.path.clone(),
-                        why: "the database file is damaged".into(),
-                    })
-                }
+                Ok(Err(e)) => return Err(failed(redb::Error::from(e).to_string())),
+                Err(_) => return Err(failed("the database file is damaged".into())),
             }
         }
     }
@@ -168,9 +176,7 @@ impl Meta {
         &self,
         f: impl FnOnce(&redb::WriteTransaction) -> Result<T, TxErr>,
     ) -> Result<T, RepoError> {
-        let _turn = self.turn.lock();
-        let db = self.open_db()?;
-        let txn = db.begin_write().map_err(|e| self.db_err(e))?;
+        let txn = self.db.begin_write().map_err(|e| self.db_err(e))?;
         match f(&txn) {
             Ok(v) => {
                 txn.commit().map_err(|e| self.db_err(e))?;
@@ -194,9 +200,7 @@ impl Meta {
         &self,
         f: impl FnOnce(&redb::ReadTransaction) -> Result<T, TxErr>,
     ) -> Result<T, RepoError> {
-        let _turn = self.turn.lock();
-        let db = self.open_db()?;
-        let txn = db.begin_read().map_err(|e| self.db_err(e))?;
+        let txn = self.db.begin_read().map_err(|e| self.db_err(e))?;
         f(&txn).map_err(|e| self.tx_err(e))
     }
 
