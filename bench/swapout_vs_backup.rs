@@ -134,6 +134,9 @@ fn main() {
     eprintln!("setup: 2 GiB written to the disk and to {}", raw.display());
 
     let repo = RepoHandle::open(repo_dir.to_str().unwrap(), true).unwrap();
+    // (bytes hashed, hashing seconds, reading seconds) of the hashing stage, summed over the
+    // incremental swapouts.
+    let stage = std::cell::Cell::new((0u64, 0f64, 0f64));
     let swapout = |manifest: &str| -> Sample {
         let before = du(&repo_dir);
         let (t0, c0) = (Instant::now(), cpu(libc::RUSAGE_SELF));
@@ -147,12 +150,18 @@ fn main() {
             bytes: du(&repo_dir) - before,
         };
         eprintln!(
-            "  stasis swapout {manifest}: {:.2}s, hashed {} MiB, reused {} hashes, uploaded {} MiB",
+            "  stasis swapout {manifest}: {:.2}s, hashed {} MiB ({:.3}s reading, {:.3}s hashing), reused {} hashes, uploaded {} MiB",
             sample.secs,
             s.bytes_hashed / MIB,
+            s.read_seconds,
+            s.hash_seconds,
             s.hashes_reused,
             s.bytes_uploaded / MIB
         );
+        if manifest != "m0" {
+            let (b, h, r) = stage.get();
+            stage.set((b + s.bytes_hashed, h + s.hash_seconds, r + s.read_seconds));
+        }
         sample
     };
 
@@ -289,19 +298,56 @@ fn main() {
     let brick = repo_dir.join("brick0");
     // Both reads start cold, as on a node that has not seen these chunks: with the page cache
     // warm from the swapouts, the raw read measures memory, not the repository.
+    // The raw read uses as many threads as hydration does, each reading every n-th file.
+    let workers = stasis::swap::HYDRATE_WORKERS;
     drop_caches();
     let t1 = Instant::now();
-    let mut raw_bytes = 0u64;
-    for (_, h) in &manifest.entries {
-        let hex = h.to_hex();
-        raw_bytes += std::fs::read(brick.join(&hex[..2]).join(&hex))
-            .unwrap()
-            .len() as u64;
-    }
+    let raw_bytes: u64 = std::thread::scope(|s| {
+        let (entries, brick) = (&manifest.entries, &brick);
+        let readers: Vec<_> = (0..workers)
+            .map(|w| {
+                s.spawn(move || {
+                    let mut bytes = 0u64;
+                    for (_, h) in entries.iter().skip(w).step_by(workers) {
+                        let hex = h.to_hex();
+                        bytes += std::fs::read(brick.join(&hex[..2]).join(&hex))
+                            .unwrap()
+                            .len() as u64;
+                    }
+                    bytes
+                })
+            })
+            .collect();
+        readers.into_iter().map(|r| r.join().unwrap()).sum()
+    });
     let raw_read = t1.elapsed();
+    // What this disk can do when hydration's writes share it with the repository: the same
+    // reads, each chunk written to its place in one file, synced once at the end (a plain
+    // parallel copy, no hashing).
+    drop_caches();
+    let copy_to = base.join("copy.raw");
+    let t_copy = Instant::now();
+    {
+        let out = File::create(&copy_to).unwrap();
+        std::thread::scope(|s| {
+            let (entries, brick, out) = (&manifest.entries, &brick, &out);
+            for w in 0..workers {
+                s.spawn(move || {
+                    for (k, (_, h)) in entries.iter().enumerate().skip(w).step_by(workers) {
+                        let hex = h.to_hex();
+                        let data = std::fs::read(brick.join(&hex[..2]).join(&hex)).unwrap();
+                        out.write_all_at(&data, k as u64 * 65536).unwrap();
+                    }
+                });
+            }
+        });
+        out.sync_data().unwrap();
+    }
+    let copy = t_copy.elapsed();
+    std::fs::remove_file(&copy_to).unwrap();
     drop_caches();
     let t2 = Instant::now();
-    let done = stasis::swap::hydrate(&disk, &AtomicBool::new(false), &|_, _| {}).unwrap();
+    let done = stasis::swap::hydrate(&disk, workers, &AtomicBool::new(false), &|_, _| {}).unwrap();
     assert!(done);
     let hydrate = t2.elapsed();
     disk.close().unwrap();
@@ -353,19 +399,28 @@ fn main() {
         fastest / st,
         sb / changed as f64
     );
+    let (hashed, hash_secs, read_secs) = stage.get();
+    let mib_s = |bytes: u64, secs: f64| bytes as f64 / secs / MIB as f64;
     println!(
-        "hashing during swapout (changed bytes / wall time, a lower bound): {:.0} MiB/s; single-core BLAKE3 on 64 KiB here: {:.0} MiB/s",
-        changed as f64 / st / MIB as f64,
-        blake3_rate / MIB as f64
+        "hashing stage of the incremental swapouts: {:.0} MiB/s hashing alone ({:.0}% of single-core BLAKE3 on 64 KiB here, {:.0} MiB/s; target >= 80%), {:.0} MiB/s with reading the changed chunks from the layers",
+        mib_s(hashed, hash_secs),
+        mib_s(hashed, hash_secs) / (blake3_rate / MIB as f64) * 100.0,
+        blake3_rate / MIB as f64,
+        mib_s(hashed, hash_secs + read_secs),
     );
     println!(
-        "\n### Swapin\n\nfirst read {:.1} ms after swapin started (target <= 200 ms); full hydration of {} MiB: {:.2}s = {:.0} MiB/s; the repository's raw read of the same chunk files: {:.0} MiB/s; ratio {:.2} (target >= 0.70)",
+        "\n### Swapin\n\nfirst read {:.1} ms after swapin started (target <= 200 ms); full hydration of {} MiB: {:.2}s = {:.0} MiB/s; the repository's raw read of the same chunk files ({workers} threads, as hydration): {:.0} MiB/s; ratio {:.2} (target >= 0.70)",
         first_read.as_secs_f64() * 1000.0,
         raw_bytes / MIB,
         hydrate.as_secs_f64(),
         raw_bytes as f64 / hydrate.as_secs_f64() / MIB as f64,
         raw_bytes as f64 / raw_read.as_secs_f64() / MIB as f64,
         raw_read.as_secs_f64() / hydrate.as_secs_f64()
+    );
+    println!(
+        "the same chunk files copied into one file ({workers} threads, one fdatasync): {:.0} MiB/s; hydration / copy: {:.2}",
+        raw_bytes as f64 / copy.as_secs_f64() / MIB as f64,
+        copy.as_secs_f64() / hydrate.as_secs_f64()
     );
     chunk_size_model();
     let _ = std::fs::remove_dir_all(&base);

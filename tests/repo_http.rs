@@ -184,6 +184,31 @@ fn a_served_repository_carries_a_disk_between_nodes() {
     );
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("wrong access key"));
+    // repo rm works remotely with the access key, and only with it; a session token is not
+    // enough.
+    let out = stasis_with(
+        &b,
+        &["repo", "rm", "d1", "--repo", &server.url],
+        &[("STASIS_REPO_KEY", "not-the-key-not-the-key")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let (_, token) = session(&server.url, "upload");
+    let (status, _) = http(
+        &server.url,
+        "POST",
+        "/v1/remove",
+        Some(&token),
+        br#"{"names":["d1"]}"#,
+    );
+    assert_eq!(status, 401);
+    let (status, _) = http(&server.url, "POST", "/v1/remove", Some(KEY), b"{");
+    assert_eq!(status, 400);
+    let out = run(&b, &["repo", "rm", "g", "--repo", &server.url]);
+    assert_eq!(out.status.code(), Some(2), "an image disk manifests name");
+    let rm = ok_json(&b, &["repo", "rm", "d1", "--repo", &server.url]);
+    assert_eq!(rm["removed"][0]["name"], "d1", "{rm}");
+    let ls = ok_json(&b, &["repo", "ls", "--repo", &server.url]);
+    assert_eq!(ls.as_array().unwrap().len(), 2, "{ls}");
 }
 
 fn session(url: &str, scope: &str) -> (String, String) {

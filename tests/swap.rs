@@ -180,6 +180,72 @@ fn an_unchanged_disk_uploads_nothing_and_equal_writes_are_stored_once() {
 }
 
 #[test]
+fn repo_rm_frees_what_no_manifest_names_and_refuses_what_is_still_needed() {
+    let n = nodes();
+    ok(&n.a, &["swapout", "d", "--repo", &n.repo, "--name", "d1"]);
+    // Node B swaps d1 in (lazily), changes one chunk and swaps out d2, keeping its disk,
+    // which still hydrates from d1.
+    ok(&n.b, &["swapin", "d1", "--as", "d", "--repo", &n.repo]);
+    // The chunk at 15 MiB holds bytes no other chunk has: d1 is the last to name them.
+    write_at(&n.b, "d", &n.work, &pattern(64 * 1024, 7), 15 * MIB);
+    ok(
+        &n.b,
+        &["swapout", "d", "--repo", &n.repo, "--name", "d2", "--keep"],
+    );
+    let ls = |root: &Path| -> Vec<String> {
+        let v = ok_json(root, &["repo", "ls", "--repo", &n.repo]);
+        let names = v.as_array().unwrap().iter();
+        let mut names: Vec<String> = names
+            .map(|m| m["info"]["name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = ls(&n.a);
+    // Refused, and nothing changes: the manifest B still hydrates from, an image disk
+    // manifests name, a name that is not there, a kind that does not match.
+    let err = fails(&n.b, &["repo", "rm", "d1", "--repo", &n.repo], 2);
+    assert!(err.contains("still being swapped in here"), "{err}");
+    let err = fails(&n.a, &["repo", "rm", "g", "--repo", &n.repo], 2);
+    assert!(err.contains("named by disk"), "{err}");
+    fails(&n.a, &["repo", "rm", "d1", "nope", "--repo", &n.repo], 2);
+    fails(
+        &n.a,
+        &["repo", "rm", "d1", "--kind", "vm", "--repo", &n.repo],
+        2,
+    );
+    fails(&n.a, &["repo", "rm", "--repo", &n.repo], 2);
+    assert_eq!(ls(&n.a), before);
+
+    // Once B's disk is hydrated, d1 can go; gc then frees the chunks only d1 named.
+    ok(&n.b, &["disk", "hydrate", "d"]);
+    let expected = export(&n.b, "d", &n.work.join("b.raw"));
+    let chunks = |root: &Path| {
+        ok_json(root, &["repo", "stat", "--repo", &n.repo])["chunks"]
+            .as_u64()
+            .unwrap()
+    };
+    let held = chunks(&n.a);
+    let out = ok_json(&n.b, &["repo", "rm", "d1", "--repo", &n.repo]);
+    assert_eq!(out["removed"][0]["name"], "d1", "{out}");
+    assert_eq!(ls(&n.a), ["d2", "g"]);
+    // gc keeps what was used in the current second even with no grace period.
+    let a_second = || std::thread::sleep(std::time::Duration::from_millis(1100));
+    a_second();
+    ok(&n.a, &["repo", "gc", "--repo", &n.repo, "--grace", "0"]);
+    assert_eq!(chunks(&n.a), held - 1, "the one chunk d2 replaced is freed");
+    ok(&n.a, &["repo", "verify", "--repo", &n.repo]);
+    // d2 still swaps in whole, on the node that never had it.
+    ok(&n.a, &["swapin", "d2", "--as", "d", "--repo", &n.repo]);
+    assert!(export(&n.a, "d", &n.work.join("a.raw")) == expected);
+    // With its last disk manifest gone, the image can go too.
+    ok(&n.a, &["repo", "rm", "d2", "g", "--repo", &n.repo]);
+    a_second();
+    ok(&n.a, &["repo", "gc", "--repo", &n.repo, "--grace", "0"]);
+    assert_eq!(chunks(&n.a), 0);
+}
+
+#[test]
 fn a_damaged_chunk_is_never_returned_as_data() {
     let n = nodes();
     ok(&n.a, &["swapout", "d", "--repo", &n.repo, "--name", "d1"]);

@@ -166,6 +166,22 @@ enum RepoCmd {
         #[arg(long, default_value_t = crate::repo::DEFAULT_GC_GRACE_SECS)]
         grace: u64,
     },
+    /// Remove manifests (their chunks are freed by a later `repo gc`); refused for one that
+    /// another manifest names, or that a disk of this store still hydrates from
+    Rm {
+        #[command(flatten)]
+        repo: RepoArg,
+        /// Manifest names
+        #[arg(required = true, value_name = "MANIFEST")]
+        names: Vec<String>,
+        /// The kind, when a name is taken by manifests of several kinds
+        #[arg(long, value_parser = ["disk", "image", "file", "vm", "experiment"])]
+        kind: Option<String>,
+        /// A VM's or an experiment's parts go too (disk, memory, boot files, member VMs),
+        /// except those another manifest still names
+        #[arg(long)]
+        with_parts: bool,
+    },
     /// Re-hash every chunk; report damaged chunks and the manifests they break
     Verify {
         #[command(flatten)]
@@ -1071,6 +1087,23 @@ fn export(store: &Store, disk: &str, file: &Path, json: bool) -> Result<(), Fail
 
 /// The repository's URL, a relative path made absolute: it is recorded in swapped-in disks
 /// and sent to servers, which do not share our working directory.
+/// The manifests of repository `url` that disks of this store are still hydrating from.
+fn hydrating_from(store: &Store, url: &str) -> Result<Vec<String>, Failure> {
+    let mut out = Vec::new();
+    for d in store.disks()? {
+        let info = store.disk_info(&d.name)?;
+        let Some(h) = info.delta.and_then(|d| d.hydration) else {
+            continue;
+        };
+        if let Some((from, manifest)) = h.origin.split_once('#') {
+            if from == url && h.chunks_present < h.chunks {
+                out.push(manifest.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn repo_url(store: &Store, arg: &RepoArg) -> String {
     let url = arg
         .url
@@ -1222,10 +1255,15 @@ fn hydrate(store: &Store, name: &str, json: bool) -> Result<(), Failure> {
     let disk = store.open_disk(name)?;
     let pb = progress_bar(json, &format!("hydrating {name}"));
     let stop = std::sync::atomic::AtomicBool::new(false);
-    let result = crate::swap::hydrate(&disk, &stop, &|done, total| {
-        let chunk = crate::store::CHUNK_SIZE as u64;
-        pb.report(done * chunk, total * chunk);
-    });
+    let result = crate::swap::hydrate(
+        &disk,
+        crate::swap::HYDRATE_WORKERS,
+        &stop,
+        &|done, total| {
+            let chunk = crate::store::CHUNK_SIZE as u64;
+            pb.report(done * chunk, total * chunk);
+        },
+    );
     pb.finish_and_clear();
     result?;
     let (done, total) = disk
@@ -1398,6 +1436,31 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
             data,
             token_ttl,
         } => repo_serve(store, listen, data, token_ttl, json)?,
+        RepoCmd::Rm {
+            repo,
+            names,
+            kind,
+            with_parts,
+        } => {
+            let repo = open_repo(store, &repo, false)?;
+            let kind = kind.as_deref().and_then(crate::repo::Kind::parse);
+            let in_use = hydrating_from(store, &repo.url())?;
+            let removed = repo.remove(&names, kind, with_parts, &in_use)?;
+            if json {
+                let v: Vec<_> = removed
+                    .iter()
+                    .map(|(k, n)| json!({"kind": k, "name": n}))
+                    .collect();
+                print_json(&json!({"repo": repo.url(), "removed": v}));
+            } else {
+                for (k, n) in &removed {
+                    println!("removed {} manifest {n}", k.as_str());
+                }
+                println!(
+                    "their chunks are freed by `stasis repo gc` once no manifest names them and the grace period has passed"
+                );
+            }
+        }
         RepoCmd::Verify { repo } => {
             let handle = open_repo(store, &repo, false)?;
             let repo = handle.local("repo verify")?;

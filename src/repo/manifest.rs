@@ -22,7 +22,7 @@ const VERSION: u32 = 1;
 const MAX_INFO: usize = 1 << 20;
 const ENTRY_LEN: usize = 40;
 
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Kind {
     Disk,

@@ -344,6 +344,105 @@ impl Meta {
         })
     }
 
+    /// Removes manifests, in one transaction; see [`super::Repo::remove`]. Returns what was
+    /// removed.
+    pub fn remove(
+        &self,
+        names: &[String],
+        kind: Option<Kind>,
+        with_parts: bool,
+        in_use: &[String],
+    ) -> Result<Vec<(Kind, String)>, RepoError> {
+        self.write(|txn| {
+            // Every manifest's references: its image (an image manifest) and its parts
+            // (names of any kind, as the commit checks them).
+            let mut all: Vec<(Kind, String, ManifestInfo)> = Vec::new();
+            for k in Kind::ALL {
+                let t = txn.open_table(table_for(&k))?;
+                for item in t.iter()? {
+                    let (name, v) = item?;
+                    let info = Manifest::decode(v.value())?.info;
+                    all.push((k, name.value().to_string(), info));
+                }
+            }
+            let refers_to = |info: &ManifestInfo, k: Kind, name: &str| {
+                (k == Kind::Image && info.image.as_deref() == Some(name))
+                    || info.parts.values().any(|p| p == name)
+            };
+            let named_by_user = super::resolve_removals(&all, names, kind)?;
+            let mut doomed: Vec<(Kind, String)> = named_by_user.clone();
+            if with_parts {
+                // The parts of what goes, and theirs, unless something that stays names them.
+                let mut i = 0;
+                while i < doomed.len() {
+                    let (k, n) = doomed[i].clone();
+                    if let Some((_, _, info)) = all.iter().find(|(ak, an, _)| *ak == k && *an == n)
+                    {
+                        for part in info.parts.values() {
+                            for (pk, pn, _) in all.iter().filter(|(_, an, _)| an == part) {
+                                if !doomed.iter().any(|(dk, dn)| dk == pk && dn == pn) {
+                                    doomed.push((*pk, pn.clone()));
+                                }
+                            }
+                        }
+                    }
+                    i += 1;
+                }
+                loop {
+                    let kept_by_others = doomed.iter().position(|(k, n)| {
+                        !named_by_user.contains(&(*k, n.clone()))
+                            && all.iter().any(|(ak, an, info)| {
+                                !doomed.iter().any(|(dk, dn)| dk == ak && dn == an)
+                                    && refers_to(info, *k, n)
+                            })
+                    });
+                    match kept_by_others {
+                        Some(i) => {
+                            doomed.remove(i);
+                        }
+                        None => break,
+                    }
+                }
+            }
+            for (k, n) in &named_by_user {
+                let users: Vec<String> = all
+                    .iter()
+                    .filter(|(ak, an, info)| {
+                        !doomed.iter().any(|(dk, dn)| dk == ak && dn == an)
+                            && refers_to(info, *k, n)
+                    })
+                    .map(|(ak, an, _)| format!("{} {an:?}", ak.as_str()))
+                    .collect();
+                if !users.is_empty() {
+                    return Err(TxErr::Repo(RepoError::Usage(format!(
+                        "{} manifest {n:?} is named by {}: remove {} first{}",
+                        k.as_str(),
+                        users.join(", "),
+                        if users.len() == 1 { "it" } else { "them" },
+                        if matches!(k, Kind::Image) {
+                            ""
+                        } else {
+                            " (--with-parts removes a VM or an experiment with its parts)"
+                        }
+                    ))));
+                }
+            }
+            if let Some((_, n)) = doomed
+                .iter()
+                .find(|(k, n)| *k == Kind::Disk && in_use.contains(n))
+            {
+                return Err(TxErr::Repo(RepoError::Usage(format!(
+                    "disk manifest {n:?} is still being swapped in here: a disk hydrates from it \
+                     (`stasis disk hydrate` completes it)"
+                ))));
+            }
+            for (k, n) in &doomed {
+                txn.open_table(table_for(k))?.remove(n.as_str())?;
+            }
+            Ok(doomed)
+        })
+    }
+
     pub fn manifest(&self, kind: Kind, name: &str) -> Result<Option<Manifest>, RepoError> {
         let bytes = self.read(|txn| {
             let t = txn.open_table(table_for(&kind))?;

@@ -372,6 +372,25 @@ impl Repo {
         self.meta.stat()
     }
 
+    /// Removes manifests `names` (of `kind`, or of whichever kind holds each name), at once
+    /// or not at all. A manifest another one names (an image its disks name, a part of a VM
+    /// or an experiment) is refused while that one stays. `with_parts`: a VM's or an
+    /// experiment's parts go with it, except those another remaining manifest names. The
+    /// chunks stay until `gc` finds them unnamed after the grace period. A manifest's parent
+    /// is history, not a reference: every manifest lists all of its chunks. `in_use`: disk
+    /// manifests the caller's disks still hydrate from, which are refused too (the
+    /// repository cannot see other nodes' disks: remove a manifest once its swapins are
+    /// hydrated).
+    pub fn remove(
+        &self,
+        names: &[String],
+        kind: Option<Kind>,
+        with_parts: bool,
+        in_use: &[String],
+    ) -> Result<Vec<(Kind, String)>, RepoError> {
+        self.meta.remove(names, kind, with_parts, in_use)
+    }
+
     /// Mark (every chunk a manifest names) and sweep (unreferenced chunks unused for
     /// `grace_secs`: out of the index first, then their files), holding the repository lock
     /// exclusively so no upload runs meanwhile.
@@ -578,6 +597,57 @@ impl RepoHandle {
             RepoHandle::Remote(r) => r.stat(),
         }
     }
+
+    pub fn remove(
+        &self,
+        names: &[String],
+        kind: Option<Kind>,
+        with_parts: bool,
+        in_use: &[String],
+    ) -> Result<Vec<(Kind, String)>, RepoError> {
+        match self {
+            RepoHandle::Local(r) => r.remove(names, kind, with_parts, in_use),
+            RepoHandle::Remote(r) => r.remove(names, kind, with_parts, in_use),
+        }
+    }
+}
+
+/// Which manifest each of `names` is, among `all` (kind, name, info): of `kind` if given,
+/// else the one kind that has the name.
+fn resolve_removals(
+    all: &[(Kind, String, ManifestInfo)],
+    names: &[String],
+    kind: Option<Kind>,
+) -> Result<Vec<(Kind, String)>, RepoError> {
+    let mut out: Vec<(Kind, String)> = Vec::new();
+    for name in names {
+        let kinds: Vec<Kind> = all
+            .iter()
+            .filter(|(k, n, _)| n == name && kind.is_none_or(|want| want == *k))
+            .map(|(k, _, _)| *k)
+            .collect();
+        match kinds.as_slice() {
+            [k] => {
+                if !out.contains(&(*k, name.clone())) {
+                    out.push((*k, name.clone()));
+                }
+            }
+            [] => {
+                return Err(RepoError::NotFound(format!(
+                    "no {}manifest {name:?}",
+                    kind.map_or(String::new(), |k| format!("{} ", k.as_str()))
+                )))
+            }
+            several => {
+                let kinds: Vec<&str> = several.iter().map(Kind::as_str).collect();
+                return Err(RepoError::Usage(format!(
+                    "{name:?} names a {} manifest: say which with --kind",
+                    kinds.join(" and a ")
+                )));
+            }
+        }
+    }
+    Ok(out)
 }
 
 fn parse_spec(spec: &str) -> Result<PathBuf, RepoError> {
@@ -623,4 +693,118 @@ pub fn now_secs() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest(kind: Kind, name: &str, parts: &[(&str, &str)]) -> Manifest {
+        Manifest {
+            info: ManifestInfo {
+                name: name.into(),
+                kind,
+                size: 0,
+                chunk_size: 65536,
+                image: None,
+                parent: None,
+                source: None,
+                created_at: 1,
+                parts: parts
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                config: None,
+            },
+            entries: Vec::new(),
+        }
+    }
+
+    fn names(repo: &Repo) -> Vec<String> {
+        let mut v: Vec<String> = repo.list().unwrap().into_iter().map(|m| m.0.name).collect();
+        v.sort();
+        v
+    }
+
+    /// Two VMs share a kernel; an experiment holds the first.
+    fn repo_with_vms() -> (tempfile::TempDir, Repo) {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = Repo::open(dir.path().to_str().unwrap()).unwrap();
+        for (kind, name) in [
+            (Kind::Disk, "a-disk"),
+            (Kind::File, "a-mem"),
+            (Kind::Disk, "b-disk"),
+            (Kind::File, "b-mem"),
+            (Kind::File, "kernel"),
+        ] {
+            repo.commit(&manifest(kind, name, &[])).unwrap();
+        }
+        for vm in ["a", "b"] {
+            let (disk, mem) = (format!("{vm}-disk"), format!("{vm}-mem"));
+            let parts = [
+                ("disk", disk.as_str()),
+                ("memory", &mem),
+                ("kernel", "kernel"),
+            ];
+            repo.commit(&manifest(Kind::Vm, vm, &parts)).unwrap();
+        }
+        repo.commit(&manifest(Kind::Experiment, "exp", &[("a", "a")]))
+            .unwrap();
+        (dir, repo)
+    }
+
+    #[test]
+    fn a_part_is_refused_while_what_names_it_stays_and_nothing_is_removed() {
+        let (_dir, repo) = repo_with_vms();
+        let before = names(&repo);
+        for name in ["a", "a-mem", "kernel"] {
+            let e = repo.remove(&[name.into()], None, false, &[]).unwrap_err();
+            assert!(e.is_usage(), "{e}");
+        }
+        // All or nothing: one refused name keeps the others too.
+        let e = repo
+            .remove(&["b-disk".into(), "a-mem".into()], None, false, &[])
+            .unwrap_err();
+        assert!(e.is_usage(), "{e}");
+        let e = repo.remove(&["nope".into()], None, false, &[]).unwrap_err();
+        assert!(matches!(e, RepoError::NotFound(_)), "{e}");
+        let e = repo
+            .remove(&["a-disk".into()], Some(Kind::File), false, &[])
+            .unwrap_err();
+        assert!(matches!(e, RepoError::NotFound(_)), "{e}");
+        assert_eq!(names(&repo), before);
+    }
+
+    #[test]
+    fn with_parts_removes_an_experiment_and_its_vms_but_keeps_shared_parts() {
+        let (_dir, repo) = repo_with_vms();
+        // A disk that a node still hydrates from holds the whole removal back.
+        let e = repo
+            .remove(&["exp".into()], None, true, &["a-disk".into()])
+            .unwrap_err();
+        assert!(e.is_usage(), "{e}");
+        let mut removed: Vec<String> = repo
+            .remove(&["exp".into()], None, true, &[])
+            .unwrap()
+            .into_iter()
+            .map(|(_, n)| n)
+            .collect();
+        removed.sort();
+        assert_eq!(removed, ["a", "a-disk", "a-mem", "exp"]);
+        // The kernel stays: VM b names it.
+        assert_eq!(names(&repo), ["b", "b-disk", "b-mem", "kernel"]);
+        repo.remove(&["b".into()], None, true, &[]).unwrap();
+        assert!(names(&repo).is_empty());
+    }
+
+    #[test]
+    fn a_name_two_kinds_share_needs_its_kind() {
+        let (_dir, repo) = repo_with_vms();
+        repo.commit(&manifest(Kind::File, "b", &[])).unwrap();
+        let e = repo.remove(&["b".into()], None, false, &[]).unwrap_err();
+        assert!(e.to_string().contains("--kind"), "{e}");
+        let removed = repo.remove(&["b".into()], Some(Kind::File), false, &[]);
+        assert_eq!(removed.unwrap(), [(Kind::File, "b".to_string())]);
+        assert!(repo.find(Kind::Vm, "b").unwrap().is_some(), "the VM stays");
+    }
 }

@@ -201,6 +201,42 @@ impl RemoteRepo {
         }
     }
 
+    /// Removes manifests (see [`super::Repo::remove`]); authorized by the access key.
+    pub fn remove(
+        &self,
+        names: &[String],
+        kind: Option<Kind>,
+        with_parts: bool,
+        in_use: &[String],
+    ) -> Result<Vec<(Kind, String)>, RepoError> {
+        let resp = self
+            .http
+            .post(format!("{}/v1/remove", self.base))
+            .bearer_auth(&self.access_key)
+            .body(
+                serde_json::json!({"names": names, "kind": kind, "with_parts": with_parts, "in_use": in_use})
+                    .to_string(),
+            )
+            .send()
+            .map_err(|e| remote_err(&self.base, e))?;
+        #[derive(serde::Deserialize)]
+        struct Removed {
+            kind: Kind,
+            name: String,
+        }
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            removed: Vec<Removed>,
+        }
+        let reply: Reply = serde_json::from_slice(&read_ok(resp)?)
+            .map_err(|e| RepoError::Remote(format!("bad remove reply: {e}")))?;
+        Ok(reply
+            .removed
+            .into_iter()
+            .map(|r| (r.kind, r.name))
+            .collect())
+    }
+
     pub fn list(&self) -> Result<Vec<(ManifestInfo, u64)>, RepoError> {
         let body = self.call(Scope::Download, |c, p| c.get(format!("{p}/list")))?;
         #[derive(serde::Deserialize)]

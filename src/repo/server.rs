@@ -250,6 +250,41 @@ async fn commit(auth: CanUpload, body: Bytes) -> Result<Response, ApiError> {
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+/// `repo rm` against a served repository: not a swap session's business, so it takes the
+/// access key itself, as opening a session does. Body: `{"names": [...], "kind": K|null,
+/// "with_parts": bool, "in_use": [...]}`; reply: `{"removed": [{"kind": K, "name": N}, ...]}`.
+async fn remove(
+    State(st): State<Arc<ServerState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if blake3::hash(bearer(&headers)?.as_bytes()) != st.access {
+        return Err(denied("wrong access key"));
+    }
+    #[derive(serde::Deserialize)]
+    struct Req {
+        names: Vec<String>,
+        kind: Option<Kind>,
+        #[serde(default)]
+        with_parts: bool,
+        #[serde(default)]
+        in_use: Vec<String>,
+    }
+    let req: Req = serde_json::from_slice(&body)
+        .map_err(|e| bad_request(format!("bad remove request: {e}")))?;
+    let removed = tokio::task::spawn_blocking(move || {
+        st.repo
+            .remove(&req.names, req.kind, req.with_parts, &req.in_use)
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "failed", e.to_string()))??;
+    let removed: Vec<_> = removed
+        .into_iter()
+        .map(|(kind, name)| serde_json::json!({"kind": kind, "name": name}))
+        .collect();
+    Ok(json(serde_json::json!({ "removed": removed })))
+}
+
 async fn list(auth: CanRead) -> Result<Response, ApiError> {
     let list = auth.run(|r| r.list()).await?;
     let v: Vec<_> = list
@@ -330,6 +365,7 @@ pub fn serve(
     });
     let app = Router::new()
         .route("/v1/sessions", post(open_session))
+        .route("/v1/remove", post(remove))
         .route("/v1/sessions/{id}", delete(end_session))
         .route("/v1/sessions/{id}/missing", post(missing))
         .route("/v1/sessions/{id}/chunks", post(put_chunks))
