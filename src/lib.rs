@@ -11,9 +11,11 @@
 //! - [`repo`]: the content-addressed repository: metadata (redb), bricks (directories, S3),
 //!   manifests, and its HTTP server and client with session tokens.
 //! - [`swap`]: swapout (hash, negotiate, upload, commit) and lazy swapin with prefetch.
+//! - [`hypervisor`]: checkpoint hooks (QEMU over QMP, Xen over `xl`, exec hooks), one trait
+//!   dispatched statically.
+//! - [`vm`]: whole-VM and experiment swapout and swapin over the drivers, the swap engine and
+//!   the repository.
 //! - [`cli`]: the `stasis` command.
-//!
-//! The hypervisor drivers (whole-VM swapout) come next (see README.md for the plan).
 
 pub mod blockdev;
 pub mod cli;

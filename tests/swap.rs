@@ -246,6 +246,49 @@ fn repo_rm_frees_what_no_manifest_names_and_refuses_what_is_still_needed() {
 }
 
 #[test]
+fn the_stores_configured_repository_is_used_when_no_option_names_one() {
+    let n = nodes();
+    let shown = ok_json(&n.a, &["config", "show"]);
+    assert_eq!(shown, serde_json::json!({}), "nothing set by default");
+    ok(&n.a, &["config", "set", "repo", &n.repo]);
+    ok(&n.b, &["config", "set", "repo", &n.repo]);
+    assert_eq!(ok_json(&n.a, &["config", "show"])["repo"], n.repo.as_str());
+    ok(&n.a, &["swapout", "d", "--name", "d1"]);
+    ok(&n.b, &["swapin", "d1", "--as", "d"]);
+    let names = ok_json(&n.b, &["repo", "ls", "--repo", &n.repo]);
+    assert_eq!(names.as_array().unwrap().len(), 2, "{names}");
+    assert!(
+        !n.a.join("repo").exists(),
+        "the store's own repository was not used"
+    );
+    // --repo still wins; unset goes back to STORE/repo.
+    let other = n.work.join("other-repo");
+    ok(
+        &n.b,
+        &[
+            "swapout",
+            "d",
+            "--name",
+            "d2",
+            "--keep",
+            "--repo",
+            s(&other),
+        ],
+    );
+    assert!(other.join("repo.json").exists());
+    ok(&n.b, &["config", "unset", "repo"]);
+    fails(&n.b, &["repo", "ls"], 2);
+    // Wrong use changes nothing; a damaged file is reported, not guessed at.
+    ok(&n.b, &["config", "set", "repo", &n.repo]);
+    fails(&n.b, &["config", "set", "repo", "s3://bucket"], 2);
+    fails(&n.b, &["config", "set", "colour", "blue"], 2);
+    assert_eq!(ok_json(&n.b, &["config", "show"])["repo"], n.repo.as_str());
+    std::fs::write(n.b.join("config.json"), b"{\"repo\": 7}").unwrap();
+    let err = fails(&n.b, &["repo", "ls"], 1);
+    assert!(err.contains("config.json"), "{err}");
+}
+
+#[test]
 fn a_damaged_chunk_is_never_returned_as_data() {
     let n = nodes();
     ok(&n.a, &["swapout", "d", "--repo", &n.repo, "--name", "d1"]);

@@ -106,6 +106,9 @@ enum Command {
     /// The repository: manifests, chunks, garbage collection, verification
     #[command(subcommand)]
     Repo(RepoCmd),
+    /// This store's settings (STORE/config.json): show, set or unset them
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Whole VMs: start one on a disk, swap it out (memory and disk) and in on any node
     #[command(subcommand)]
     Vm(vm::VmCmd),
@@ -205,6 +208,24 @@ enum RepoCmd {
 fn parse_listen(s: &str) -> Result<Listen, String> {
     s.parse()
         .map_err(|e: crate::frontend::nbd::NbdError| e.to_string())
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Print every setting
+    Show,
+    /// Set one: `repo URL` is the repository used when neither --repo nor STASIS_REPO is
+    /// given (file:///PATH, a path, or http://HOST:PORT)
+    Set {
+        #[arg(value_parser = ["repo"])]
+        key: String,
+        value: String,
+    },
+    /// Go back to the default of one setting
+    Unset {
+        #[arg(value_parser = ["repo"])]
+        key: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -479,6 +500,7 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Repo(cmd) => repo_cmd(&store, cmd, json),
+        Command::Config(cmd) => config_cmd(&store, cmd, json),
         Command::Vm(cmd) => vm::vm_cmd(&store, cmd, json),
         Command::Experiment(cmd) => vm::experiment_cmd(&store, cmd, json),
         Command::Qmp {
@@ -1085,8 +1107,6 @@ fn export(store: &Store, disk: &str, file: &Path, json: bool) -> Result<(), Fail
     Ok(())
 }
 
-/// The repository's URL, a relative path made absolute: it is recorded in swapped-in disks
-/// and sent to servers, which do not share our working directory.
 /// The manifests of repository `url` that disks of this store are still hydrating from.
 fn hydrating_from(store: &Store, url: &str) -> Result<Vec<String>, Failure> {
     let mut out = Vec::new();
@@ -1104,11 +1124,22 @@ fn hydrating_from(store: &Store, url: &str) -> Result<Vec<String>, Failure> {
     Ok(out)
 }
 
-fn repo_url(store: &Store, arg: &RepoArg) -> String {
-    let url = arg
-        .url
-        .clone()
-        .unwrap_or_else(|| store.root().join("repo").display().to_string());
+/// The repository's URL: --repo / STASIS_REPO, else the store's configured one (`stasis
+/// config set repo`), else STORE/repo.
+fn repo_url(store: &Store, arg: &RepoArg) -> Result<String, Failure> {
+    let url = match &arg.url {
+        Some(url) => url.clone(),
+        None => match store.config()?.repo {
+            Some(url) => url,
+            None => store.root().join("repo").display().to_string(),
+        },
+    };
+    Ok(absolute_repo_url(url))
+}
+
+/// A relative path made absolute: the URL is recorded in swapped-in disks and sent to
+/// servers, which do not share our working directory.
+fn absolute_repo_url(url: String) -> String {
     let path = url.strip_prefix("file://").unwrap_or(&url);
     if url.contains("://") && !url.starts_with("file://") || Path::new(path).is_absolute() {
         return url;
@@ -1119,15 +1150,15 @@ fn repo_url(store: &Store, arg: &RepoArg) -> String {
     }
 }
 
-/// The repository named by --repo / STASIS_REPO, or the store's own. Only a swapout may
-/// create it; everything else needs an existing one.
+/// The repository named by --repo / STASIS_REPO, or the store's configured one, or the
+/// store's own. Only a swapout may create it; everything else needs an existing one.
 fn open_repo(
     store: &Store,
     arg: &RepoArg,
     create: bool,
 ) -> Result<crate::repo::RepoHandle, Failure> {
     Ok(crate::repo::RepoHandle::open(
-        &repo_url(store, arg),
+        &repo_url(store, arg)?,
         create,
     )?)
 }
@@ -1149,7 +1180,7 @@ fn swapout(
     }
     let manifest = manifest.unwrap_or_else(|| format!("{name}@{}", crate::repo::now_secs()));
     if crate::control::request(&store.control_socket(name), name, "status").is_ok() {
-        return swapout_served(store, name, &repo_url(store, repo), &manifest, keep, json);
+        return swapout_served(store, name, &repo_url(store, repo)?, &manifest, keep, json);
     }
     let repo = open_repo(store, repo, true)?;
     let disk = store.open_disk(name)?;
@@ -1326,6 +1357,41 @@ fn repo_serve(
     Ok(())
 }
 
+fn config_cmd(store: &Store, cmd: ConfigCmd, json: bool) -> Result<(), Failure> {
+    let mut config = store.config()?;
+    match cmd {
+        ConfigCmd::Show => {}
+        ConfigCmd::Set { key, value } => {
+            debug_assert_eq!(key, "repo");
+            if value.contains("://")
+                && !["file://", "http://", "https://"]
+                    .iter()
+                    .any(|p| value.starts_with(p))
+            {
+                return Err(Failure::Usage(format!(
+                    "repository {value:?}: use file:///PATH, a path, or http://HOST:PORT"
+                )));
+            }
+            config.repo = Some(absolute_repo_url(value));
+            store.set_config(&config)?;
+        }
+        ConfigCmd::Unset { key } => {
+            debug_assert_eq!(key, "repo");
+            config.repo = None;
+            store.set_config(&config)?;
+        }
+    }
+    if json {
+        print_json(&json!(config));
+    } else {
+        println!(
+            "repo = {}",
+            config.repo.as_deref().unwrap_or("(unset: STORE/repo)")
+        );
+    }
+    Ok(())
+}
+
 fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
     match cmd {
         RepoCmd::Ls { repo } => {
@@ -1396,7 +1462,7 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
             s3_endpoint,
             s3_region,
         } => {
-            let url = repo_url(store, &repo);
+            let url = repo_url(store, &repo)?;
             if url.contains("://") && !url.starts_with("file://") {
                 return Err(Failure::Usage(format!(
                     "repo init makes a local repository; {url} is not one"

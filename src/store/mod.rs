@@ -15,6 +15,7 @@
 //! tmp/                    imports and folds in progress
 //! ```
 
+pub mod config;
 pub mod delta;
 pub mod disk;
 mod extents;
