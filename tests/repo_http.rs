@@ -211,6 +211,83 @@ fn a_served_repository_carries_a_disk_between_nodes() {
     assert_eq!(ls.as_array().unwrap().len(), 2, "{ls}");
 }
 
+#[test]
+fn a_repository_served_over_tls_is_reached_with_its_certificate_trusted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, w) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("w"),
+    );
+    node(&a, &w, 2 * MIB);
+    // A self-signed certificate for the loopback address (an end entity, not a CA: rustls
+    // refuses a CA certificate as a server's).
+    let (cert, key) = (w.join("cert.pem"), w.join("key.pem"));
+    let made = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "2"])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{made:?}");
+    // A key that is not a key is refused at start, as wrong use.
+    let out = stasis_with(
+        &a,
+        &[
+            "repo",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            s(&w.join("r2")),
+            "--tls-cert",
+            s(&cert),
+            "--tls-key",
+            s(&cert),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let server = serve(
+        &dir.path().join("repo"),
+        "127.0.0.1:0",
+        &["--tls-cert", s(&cert), "--tls-key", s(&key)],
+    );
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    let trusted = [("STASIS_REPO_KEY", KEY), ("STASIS_REPO_CA", s(&cert))];
+    // Not trusted without the certificate; plain HTTP to it fails too.
+    let out = run(&a, &["repo", "ls", "--repo", &server.url]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("certificate"),
+        "{out:?}"
+    );
+    let plain = server.url.replacen("https", "http", 1);
+    let out = run(&a, &["repo", "ls", "--repo", &plain]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let before = common::export_with(&a, "d", &w.join("a.raw"), &trusted);
+    common::ok_with(
+        &a,
+        &["swapout", "d", "--repo", &server.url, "--name", "d1"],
+        &trusted,
+    );
+    common::ok_with(
+        &b,
+        &["swapin", "d1", "--as", "d", "--repo", &server.url],
+        &trusted,
+    );
+    assert!(common::export_with(&b, "d", &w.join("b.raw"), &trusted) == before);
+}
+
 fn session(url: &str, scope: &str) -> (String, String) {
     let (status, body) = http(
         url,

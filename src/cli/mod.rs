@@ -202,6 +202,13 @@ enum RepoCmd {
         /// Lifetime of session tokens, in seconds
         #[arg(long, default_value_t = crate::repo::server::DEFAULT_TOKEN_TTL_SECS)]
         token_ttl: u64,
+        /// Serve https:// with this PEM certificate chain (clients trust the system's roots
+        /// and the certificates in STASIS_REPO_CA)
+        #[arg(long, value_name = "PEM", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert
+        #[arg(long, value_name = "PEM", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -1315,6 +1322,7 @@ fn repo_serve(
     listen: std::net::SocketAddr,
     data: Option<PathBuf>,
     token_ttl_secs: u64,
+    tls: Option<crate::repo::tls::TlsFiles>,
     json: bool,
 ) -> Result<(), Failure> {
     let signals = block_stop_signals();
@@ -1324,6 +1332,7 @@ fn repo_serve(
         data: data.clone(),
         listen,
         token_ttl_secs,
+        tls,
     };
     // The stop signal arrives on its own thread and ends the server gracefully.
     let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
@@ -1337,16 +1346,16 @@ fn repo_serve(
     });
     crate::repo::server::serve(
         &opts,
-        |addr, key_file| {
+        |url, key_file| {
             if json {
                 println!(
                     "{}",
-                    json!({"url": format!("http://{addr}"), "data": data, "access_key_file": key_file, "pid": std::process::id()})
+                    json!({"url": url, "data": data, "access_key_file": key_file, "pid": std::process::id()})
                 );
             } else {
-                println!("serving repository {} at http://{addr}", data.display());
+                println!("serving repository {} at {url}", data.display());
                 println!(
-                    "clients: STASIS_REPO_KEY=$(cat {}) stasis swapout DISK --repo http://{addr}",
+                    "clients: STASIS_REPO_KEY=$(cat {}) stasis swapout DISK --repo {url}",
                     key_file.display()
                 );
             }
@@ -1501,7 +1510,14 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
             listen,
             data,
             token_ttl,
-        } => repo_serve(store, listen, data, token_ttl, json)?,
+            tls_cert,
+            tls_key,
+        } => {
+            let tls = tls_cert
+                .zip(tls_key)
+                .map(|(cert, key)| crate::repo::tls::TlsFiles { cert, key });
+            repo_serve(store, listen, data, token_ttl, tls, json)?
+        }
         RepoCmd::Rm {
             repo,
             names,

@@ -19,6 +19,7 @@ pub mod manifest;
 mod meta;
 pub mod remote;
 pub mod server;
+pub mod tls;
 pub mod token;
 pub mod wire;
 

@@ -35,8 +35,16 @@ pub struct RemoteRepo {
     upload: Mutex<Option<Session>>,
 }
 
+/// The error and its causes: reqwest's own message says only that a request failed, the
+/// cause says why (refused, a certificate not trusted, a timeout).
 fn remote_err(what: &str, e: reqwest::Error) -> RepoError {
-    RepoError::Remote(format!("{what}: {e}"))
+    let mut msg = format!("{what}: {e}");
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        msg.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    RepoError::Remote(msg)
 }
 
 impl RemoteRepo {
@@ -52,11 +60,15 @@ impl RemoteRepo {
                 ))
             })?,
         };
-        let http = Client::builder()
+        super::tls::install_provider();
+        let mut builder = Client::builder()
+            .use_rustls_tls()
             .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(300))
-            .build()
-            .map_err(|e| remote_err(url, e))?;
+            .timeout(Duration::from_secs(300));
+        for cert in super::tls::extra_roots()? {
+            builder = builder.add_root_certificate(cert);
+        }
+        let http = builder.build().map_err(|e| remote_err(url, e))?;
         let repo = RemoteRepo {
             base,
             access_key: access_key.trim().to_string(),

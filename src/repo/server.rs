@@ -328,15 +328,20 @@ pub struct ServeOptions {
     pub data: PathBuf,
     pub listen: SocketAddr,
     pub token_ttl_secs: u64,
+    /// Serve https:// with this certificate and key; None: plain http://.
+    pub tls: Option<super::tls::TlsFiles>,
 }
 
 /// Serves the repository at `opts.data` (created if new) until `stop` resolves. `ready` is
-/// called with the bound address and the access key file once clients can connect.
+/// called with the URL clients use (`http://` or `https://` and the bound address) and the
+/// access key file once clients can connect.
 pub fn serve(
     opts: &ServeOptions,
-    ready: impl FnOnce(SocketAddr, &Path),
+    ready: impl FnOnce(&str, &Path),
     stop: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), RepoError> {
+    // Checked before anything is created: a bad certificate is wrong use.
+    let tls = opts.tls.as_ref().map(super::tls::acceptor).transpose()?;
     let repo = Repo::open(&opts.data.display().to_string())?;
     let access_path = opts.data.join(ACCESS_KEY_FILE);
     let access = key_file(&access_path, || {
@@ -382,6 +387,7 @@ pub fn serve(
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_io()
+        .enable_time()
         .build()
         .map_err(|e| RepoError::io(&opts.data, e))?;
     rt.block_on(async move {
@@ -391,10 +397,22 @@ pub fn serve(
         let addr = listener
             .local_addr()
             .map_err(|e| RepoError::io(&opts.data, e))?;
-        ready(addr, &access_path);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(stop)
-            .await
-            .map_err(|e| RepoError::io(&opts.data, e))
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        ready(&format!("{scheme}://{addr}"), &access_path);
+        match tls {
+            Some(acceptor) => {
+                let listener = super::tls::TlsListener::new(listener, acceptor)
+                    .map_err(|e| RepoError::io(&opts.data, e))?;
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+            None => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stop)
+                    .await
+            }
+        }
+        .map_err(|e| RepoError::io(&opts.data, e))
     })
 }

@@ -28,6 +28,8 @@ install_deps() {
     command -v fio >/dev/null || missing+=(fio)
     # The VM tests read JSON summaries with python3.
     command -v python3 >/dev/null || missing+=(python3)
+    # The TLS test of `repo serve` makes its certificate with openssl.
+    command -v openssl >/dev/null || missing+=(openssl)
     if ((${#missing[@]})); then
         step "installing Debian packages: ${missing[*]}"
         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
