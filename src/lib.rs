@@ -16,11 +16,13 @@
 //! - [`vm`]: whole-VM and experiment swapout and swapin over the drivers, the swap engine and
 //!   the repository.
 //! - [`cli`]: the `stasis` command.
+//! - [`fsutil`]: the durable small-file write every layer uses.
 
 pub mod blockdev;
 pub mod cli;
 pub mod control;
 pub mod frontend;
+pub mod fsutil;
 pub mod hypervisor;
 pub mod repo;
 pub mod store;

@@ -126,8 +126,9 @@ enum Command {
 
 #[derive(clap::Args, Debug, Clone)]
 struct RepoArg {
-    /// Repository: http://HOST:PORT (a served one; STASIS_REPO_KEY holds its access key),
-    /// file:///PATH or PATH [default: STORE/repo]
+    /// Repository: http(s)://HOST:PORT (a served one; STASIS_REPO_KEY holds its access key),
+    /// file:///PATH or PATH [default: the store's configured one (`stasis config set repo`),
+    /// else STORE/repo]
     #[arg(long = "repo", env = "STASIS_REPO", value_name = "URL")]
     url: Option<String>,
 }
@@ -1114,21 +1115,15 @@ fn export(store: &Store, disk: &str, file: &Path, json: bool) -> Result<(), Fail
     Ok(())
 }
 
-/// The manifests of repository `url` that disks of this store are still hydrating from.
-fn hydrating_from(store: &Store, url: &str) -> Result<Vec<String>, Failure> {
-    let mut out = Vec::new();
-    for d in store.disks()? {
-        let info = store.disk_info(&d.name)?;
-        let Some(h) = info.delta.and_then(|d| d.hydration) else {
-            continue;
-        };
-        if let Some((from, manifest)) = h.origin.split_once('#') {
-            if from == url && h.chunks_present < h.chunks {
-                out.push(manifest.to_string());
-            }
-        }
-    }
-    Ok(out)
+/// The manifests that disks of this store are still hydrating from, from any repository:
+/// matched by name only, since one repository has many spellings (a trailing slash, a
+/// symlink, another host name for its server), and refusing too often loses nothing.
+fn hydrating_manifests(store: &Store) -> Result<Vec<String>, Failure> {
+    Ok(store
+        .hydrating_origins()?
+        .into_iter()
+        .filter_map(|origin| crate::swap::origin_parts(&origin).1.map(str::to_string))
+        .collect())
 }
 
 /// The repository's URL: --repo / STASIS_REPO, else the store's configured one (`stasis
@@ -1136,10 +1131,7 @@ fn hydrating_from(store: &Store, url: &str) -> Result<Vec<String>, Failure> {
 fn repo_url(store: &Store, arg: &RepoArg) -> Result<String, Failure> {
     let url = match &arg.url {
         Some(url) => url.clone(),
-        None => match store.config()?.repo {
-            Some(url) => url,
-            None => store.root().join("repo").display().to_string(),
-        },
+        None => store.default_repo()?,
     };
     Ok(absolute_repo_url(url))
 }
@@ -1372,6 +1364,11 @@ fn config_cmd(store: &Store, cmd: ConfigCmd, json: bool) -> Result<(), Failure> 
         ConfigCmd::Show => {}
         ConfigCmd::Set { key, value } => {
             debug_assert_eq!(key, "repo");
+            if value.trim().is_empty() {
+                return Err(Failure::Usage(
+                    "an empty repository: give a URL or a path".into(),
+                ));
+            }
             if value.contains("://")
                 && !["file://", "http://", "https://"]
                     .iter()
@@ -1526,7 +1523,7 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
         } => {
             let repo = open_repo(store, &repo, false)?;
             let kind = kind.as_deref().and_then(crate::repo::Kind::parse);
-            let in_use = hydrating_from(store, &repo.url())?;
+            let in_use = hydrating_manifests(store)?;
             let removed = repo.remove(&names, kind, with_parts, &in_use)?;
             if json {
                 let v: Vec<_> = removed

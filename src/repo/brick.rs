@@ -33,18 +33,25 @@ fn in_parallel<T: Sync>(
     }
     let per_thread = items.len().div_ceil(PARALLEL_SYNCS);
     std::thread::scope(|s| {
-        let workers: Vec<_> = items
-            .chunks(per_thread)
-            .map(|part| s.spawn(|| part.iter().try_for_each(&f)))
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| {
-                w.join().unwrap_or_else(|_| {
-                    Err(RepoError::Usage("a brick sync thread panicked".into()))
+        let mut results = Vec::new();
+        let mut workers = Vec::new();
+        for part in items.chunks(per_thread) {
+            let run = || part.iter().try_for_each(&f);
+            // No thread to be had (a limit reached): this thread syncs that part itself.
+            match std::thread::Builder::new().spawn_scoped(s, run) {
+                Ok(w) => workers.push(w),
+                Err(_) => results.push(part.iter().try_for_each(&f)),
+            }
+        }
+        for w in workers {
+            results.push(w.join().unwrap_or_else(|_| {
+                Err(RepoError::Io {
+                    path: PathBuf::from("<brick>"),
+                    source: std::io::Error::other("a brick sync thread panicked"),
                 })
-            })
-            .collect()
+            }));
+        }
+        results.into_iter().collect()
     })
 }
 

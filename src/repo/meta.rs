@@ -369,6 +369,15 @@ impl Meta {
                 (k == Kind::Image && info.image.as_deref() == Some(name))
                     || info.parts.values().any(|p| p == name)
             };
+            // The manifests that stay and name manifest (k, n).
+            let users_of = |k: Kind, n: &str, doomed: &[(Kind, String)]| -> Vec<String> {
+                all.iter()
+                    .filter(|(ak, an, info)| {
+                        !doomed.iter().any(|(dk, dn)| dk == ak && dn == an) && refers_to(info, k, n)
+                    })
+                    .map(|(ak, an, _)| format!("{} {an:?}", ak.as_str()))
+                    .collect()
+            };
             let named_by_user = super::resolve_removals(&all, names, kind)?;
             let mut doomed: Vec<(Kind, String)> = named_by_user.clone();
             if with_parts {
@@ -379,40 +388,39 @@ impl Meta {
                     if let Some((_, _, info)) = all.iter().find(|(ak, an, _)| *ak == k && *an == n)
                     {
                         for part in info.parts.values() {
-                            for (pk, pn, _) in all.iter().filter(|(_, an, _)| an == part) {
-                                if !doomed.iter().any(|(dk, dn)| dk == pk && dn == pn) {
-                                    doomed.push((*pk, pn.clone()));
+                            let found: Vec<Kind> = all
+                                .iter()
+                                .filter(|(_, an, _)| an == part)
+                                .map(|(ak, _, _)| *ak)
+                                .collect();
+                            // A part is named without its kind: with two manifests of that
+                            // name, which one is the part is a guess, and a wrong guess would
+                            // free another manifest's chunks.
+                            if found.len() > 1 {
+                                return Err(TxErr::Repo(RepoError::Usage(format!(
+                                    "part {part:?} of {} {n:?} names manifests of several kinds: \
+                                     remove them by name, with --kind",
+                                    k.as_str()
+                                ))));
+                            }
+                            for pk in found {
+                                if !doomed.iter().any(|(dk, dn)| *dk == pk && dn == part) {
+                                    doomed.push((pk, part.clone()));
                                 }
                             }
                         }
                     }
                     i += 1;
                 }
-                loop {
-                    let kept_by_others = doomed.iter().position(|(k, n)| {
-                        !named_by_user.contains(&(*k, n.clone()))
-                            && all.iter().any(|(ak, an, info)| {
-                                !doomed.iter().any(|(dk, dn)| dk == ak && dn == an)
-                                    && refers_to(info, *k, n)
-                            })
-                    });
-                    match kept_by_others {
-                        Some(i) => {
-                            doomed.remove(i);
-                        }
-                        None => break,
-                    }
+                while let Some(i) = doomed.iter().position(|(k, n)| {
+                    !named_by_user.contains(&(*k, n.clone()))
+                        && !users_of(*k, n, &doomed).is_empty()
+                }) {
+                    doomed.remove(i);
                 }
             }
             for (k, n) in &named_by_user {
-                let users: Vec<String> = all
-                    .iter()
-                    .filter(|(ak, an, info)| {
-                        !doomed.iter().any(|(dk, dn)| dk == ak && dn == an)
-                            && refers_to(info, *k, n)
-                    })
-                    .map(|(ak, an, _)| format!("{} {an:?}", ak.as_str()))
-                    .collect();
+                let users = users_of(*k, n, &doomed);
                 if !users.is_empty() {
                     return Err(TxErr::Repo(RepoError::Usage(format!(
                         "{} manifest {n:?} is named by {}: remove {} first{}",

@@ -656,7 +656,7 @@ fn parse_spec(spec: &str) -> Result<PathBuf, RepoError> {
         Some(p) => p,
         None if spec.contains("://") => {
             return Err(RepoError::Usage(format!(
-                "repository {spec:?}: use http://HOST:PORT (a served repository), file:///PATH or a path"
+                "repository {spec:?}: use http(s)://HOST:PORT (a served repository), file:///PATH or a path"
             )))
         }
         None => spec,
@@ -671,23 +671,9 @@ fn no_manifest(m: Option<Manifest>, name: &str, url: &str) -> Result<Manifest, R
     m.ok_or_else(|| RepoError::NotFound(format!("no manifest {name:?} in {url}")))
 }
 
-/// Writes a small file whole or not at all, durably: a temporary file with `mode`, synced,
-/// renamed over `path`, and the directory synced (a crash leaves the old file or the new).
+/// [`crate::fsutil::write_durably`], its error as the repository's.
 pub(crate) fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> Result<(), RepoError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|_| f.sync_all()))
-        .and_then(|_| fs::rename(&tmp, path))
-        .and_then(|_| fs::File::open(dir)?.sync_all())
-        .map_err(|e| RepoError::io(path, e))
+    crate::fsutil::write_durably(path, bytes, mode).map_err(|e| RepoError::io(path, e))
 }
 
 pub fn now_secs() -> u64 {
@@ -807,5 +793,13 @@ mod tests {
         let removed = repo.remove(&["b".into()], Some(Kind::File), false, &[]);
         assert_eq!(removed.unwrap(), [(Kind::File, "b".to_string())]);
         assert!(repo.find(Kind::Vm, "b").unwrap().is_some(), "the VM stays");
+        // A part whose name two kinds share is not guessed at.
+        repo.commit(&manifest(Kind::File, "a", &[])).unwrap();
+        let e = repo.remove(&["exp".into()], None, true, &[]).unwrap_err();
+        assert!(
+            e.is_usage() && e.to_string().contains("several kinds"),
+            "{e}"
+        );
+        assert!(repo.find(Kind::Experiment, "exp").unwrap().is_some());
     }
 }

@@ -60,13 +60,17 @@ impl RemoteRepo {
                 ))
             })?,
         };
-        super::tls::install_provider();
         let mut builder = Client::builder()
-            .use_rustls_tls()
             .connect_timeout(Duration::from_secs(10))
             .timeout(Duration::from_secs(300));
-        for cert in super::tls::extra_roots()? {
-            builder = builder.add_root_certificate(cert);
+        // TLS only for https://: loading the system's roots costs every client, and a bad
+        // STASIS_REPO_CA must not break a plain repository.
+        if base.starts_with("https://") {
+            super::tls::install_provider();
+            builder = builder.use_rustls_tls();
+            for cert in super::tls::extra_roots()? {
+                builder = builder.add_root_certificate(cert);
+            }
         }
         let http = builder.build().map_err(|e| remote_err(url, e))?;
         let repo = RemoteRepo {

@@ -82,6 +82,15 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
 }
 
 impl ServerState {
+    /// The request's credential must be the access key itself (hashes compared in constant
+    /// time: blake3::Hash's `==`).
+    fn check_access(&self, headers: &HeaderMap) -> Result<(), ApiError> {
+        if blake3::hash(bearer(headers)?.as_bytes()) != self.access {
+            return Err(denied("wrong access key"));
+        }
+        Ok(())
+    }
+
     /// The request's token must verify, name this session (`id`, from the URL), be one the
     /// server opened and still holds, and allow `need`.
     fn authorize(&self, headers: &HeaderMap, id: &str, need: Scope) -> Result<Claims, ApiError> {
@@ -163,10 +172,7 @@ async fn open_session(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let key = bearer(&headers)?;
-    if blake3::hash(key.as_bytes()) != st.access {
-        return Err(denied("wrong access key"));
-    }
+    st.check_access(&headers)?;
     let req: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| bad_request(format!("not JSON: {e}")))?;
     let scope = req
@@ -258,9 +264,7 @@ async fn remove(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    if blake3::hash(bearer(&headers)?.as_bytes()) != st.access {
-        return Err(denied("wrong access key"));
-    }
+    st.check_access(&headers)?;
     #[derive(serde::Deserialize)]
     struct Req {
         names: Vec<String>,

@@ -106,7 +106,13 @@ impl TlsListener {
         let (tx, ready) = mpsc::channel(ACCEPT_QUEUE);
         tokio::spawn(async move {
             loop {
-                let (stream, addr) = match tcp.accept().await {
+                // Ends with the server: its listener (the receiver) is dropped at shutdown,
+                // and the port closes then, not at the next connection.
+                let accepted = tokio::select! {
+                    accepted = tcp.accept() => accepted,
+                    _ = tx.closed() => return,
+                };
+                let (stream, addr) = match accepted {
                     Ok(c) => c,
                     Err(e) => {
                         // Out of descriptors and the like: wait, as axum's own listener does.
@@ -121,13 +127,10 @@ impl TlsListener {
                         Ok(Ok(tls)) => {
                             let _ = handshaken.send((tls, addr)).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%addr, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
+                        Ok(Err(e)) => tracing::info!(%addr, "TLS handshake failed: {e}"),
+                        Err(_) => tracing::info!(%addr, "TLS handshake timed out"),
                     }
                 });
-                if tx.is_closed() {
-                    return;
-                }
             }
         });
         Ok(TlsListener { ready, local })

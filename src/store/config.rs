@@ -2,12 +2,11 @@
 //! environment variable says otherwise (kernel-notes/formats.md, "Store configuration").
 //! Today one: the repository swapouts go to and swapins come from.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use super::{format, Store, StoreError};
+use super::{Store, StoreError};
 
 const FILE: &str = "config.json";
 
@@ -35,16 +34,19 @@ impl Store {
         }
     }
 
-    /// Replaces the configuration, whole or not at all (a temporary file, synced, renamed).
+    /// The repository when no option names one: the configured one, else `<store>/repo`.
+    pub fn default_repo(&self) -> Result<String, StoreError> {
+        Ok(match self.config()?.repo {
+            Some(url) => url,
+            None => self.root().join("repo").display().to_string(),
+        })
+    }
+
+    /// Replaces the configuration, whole or not at all.
     pub fn set_config(&self, config: &StoreConfig) -> Result<(), StoreError> {
         let path = self.config_path();
-        let tmp = path.with_extension("json.tmp");
         let mut bytes = serde_json::to_vec_pretty(config).expect("a config serializes");
         bytes.push(b'\n');
-        std::fs::File::create(&tmp)
-            .and_then(|mut f| f.write_all(&bytes).and_then(|_| f.sync_all()))
-            .and_then(|_| std::fs::rename(&tmp, &path))
-            .map_err(|e| StoreError::io(&path, e))?;
-        format::sync_dir(path.parent().unwrap_or(Path::new(".")))
+        crate::fsutil::write_durably(&path, &bytes, 0o644).map_err(|e| StoreError::io(&path, e))
     }
 }

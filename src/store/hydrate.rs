@@ -102,6 +102,8 @@ pub struct Hydration {
     remaining: AtomicU64,
     /// Chunks written to the delta whose `present` byte is not written yet.
     unsynced: Mutex<Vec<u32>>,
+    /// Held by `persist` from taking `unsynced` to writing the map (see there).
+    persisting: Mutex<()>,
     stripes: Box<[Mutex<()>]>,
     source: RwLock<Option<Arc<dyn ChunkSource>>>,
     /// The last chunk a read had to wait for: the prefetcher continues from there.
@@ -173,6 +175,7 @@ impl Hydration {
             present: present.iter().map(|&b| AtomicBool::new(b == 1)).collect(),
             remaining: AtomicU64::new(remaining),
             unsynced: Mutex::new(Vec::new()),
+            persisting: Mutex::new(()),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             source: RwLock::new(None),
             hint: AtomicU64::new(0),
@@ -282,15 +285,20 @@ impl Hydration {
         let mut scanned = 0;
         while done < n && scanned < total && !self.is_complete() {
             let hint = self.hint.load(Ordering::Relaxed);
-            let k =
-                if hint > 0 && hint < total && !self.present[hint as usize].load(Ordering::Acquire)
-                {
-                    self.hint.store(hint + 1, Ordering::Relaxed);
-                    hint
-                } else {
-                    scanned += 1;
-                    self.cursor.fetch_add(1, Ordering::Relaxed) % total
-                };
+            // Claimed with a compare-exchange: two workers never both take the same chunk.
+            let k = if hint > 0
+                && hint < total
+                && !self.present[hint as usize].load(Ordering::Acquire)
+                && self
+                    .hint
+                    .compare_exchange(hint, hint + 1, Ordering::Relaxed, Ordering::Relaxed)
+                    .is_ok()
+            {
+                hint
+            } else {
+                scanned += 1;
+                self.cursor.fetch_add(1, Ordering::Relaxed) % total
+            };
             if !self.present[k as usize].load(Ordering::Acquire) {
                 self.fetch(k as usize)?;
                 done += 1;
@@ -299,16 +307,23 @@ impl Hydration {
         Ok(done)
     }
 
-    /// Records fetched chunks as present, durably: delta first, then the map.
+    /// Records fetched chunks as present, durably: delta first, then the map. One call at a
+    /// time (several hydration workers call it): Linux reports a writeback error to one
+    /// `fdatasync` only, so a second one running alongside could succeed and mark present
+    /// chunks whose pages the first one's error dropped.
     pub fn persist(&self) -> Result<(), StoreError> {
+        let _one_at_a_time = self.persisting.lock();
         let pending = std::mem::take(&mut *self.unsynced.lock());
         if pending.is_empty() {
             return Ok(());
         }
         if let Err(e) = self.data.sync_data() {
             // After a failed writeback the kernel may drop those pages, and the holes under
-            // them read as zeros: count the chunks as absent again, to be fetched anew.
-            for &k in &pending {
+            // them read as zeros: count the chunks as absent again, to be fetched anew; also
+            // those written since the take, whose pages the same writeback may have covered.
+            let mut lost = pending;
+            lost.append(&mut self.unsynced.lock());
+            for &k in &lost {
                 if self.present[k as usize].swap(false, Ordering::AcqRel) {
                     self.remaining.fetch_add(1, Ordering::Relaxed);
                 }

@@ -614,6 +614,29 @@ impl Store {
         made
     }
 
+    /// The origins (`<repository URL>#<manifest>`) of the deltas that are still hydrating,
+    /// read from the registry and the chunk maps without opening any disk. A chunk map that
+    /// exists but cannot be read counts as hydrating: callers use this to keep what such a
+    /// disk still needs.
+    pub fn hydrating_origins(&self) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        for disk in self.disks()? {
+            let Some(id) = disk.delta else { continue };
+            let Some(origin) = self.registry.read(|t| t.delta(&id))?.and_then(|d| d.origin) else {
+                continue;
+            };
+            let map = hydrate::chunks_path(&self.delta_path(&id));
+            let hydrating = match hydrate::map_progress(&map) {
+                Some((present, total)) => present < total,
+                None => map.exists(),
+            };
+            if hydrating && !out.contains(&origin) {
+                out.push(origin);
+            }
+        }
+        Ok(out)
+    }
+
     /// Where the disk's delta is hydrated from, if it came from a swapin.
     pub fn delta_origin(&self, disk: &str) -> Result<Option<String>, StoreError> {
         let rec = self.disk(disk)?;

@@ -397,7 +397,7 @@ pub fn swapout(
     )?;
     let parent = store
         .delta_origin(disk_name)?
-        .and_then(|o| o.split_once('#').map(|(_, m)| m.to_string()));
+        .and_then(|o| origin_parts(&o).1.map(str::to_string));
     let m = Manifest {
         info: ManifestInfo {
             name: manifest.into(),
@@ -504,15 +504,28 @@ pub fn swapin(
     }
     ensure_local_image(store, repo, &image)?;
     let entries: Vec<(u64, [u8; 32])> = m.entries.iter().map(|(i, h)| (*i, h.0)).collect();
-    let origin = format!("{}#{manifest}", repo.url());
+    let origin = origin_of(&repo.url(), manifest);
     Ok(store.create_hydrating_disk(as_disk, &image, m.info.size, &entries, &origin)?)
+}
+
+/// The origin a swapped-in disk records: `<repository URL>#<manifest>`.
+fn origin_of(url: &str, manifest: &str) -> String {
+    format!("{url}#{manifest}")
+}
+
+/// An origin's repository URL and manifest name (none in an origin without `#`).
+pub fn origin_parts(origin: &str) -> (&str, Option<&str>) {
+    match origin.split_once('#') {
+        Some((url, manifest)) => (url, Some(manifest)),
+        None => (origin, None),
+    }
 }
 
 /// How the store reaches the origin of a swapped-in disk ("<repository URL>#<manifest>"):
 /// give this to `Store::set_source_factory`.
 pub fn source_factory() -> crate::store::SourceFactory {
     Arc::new(|origin: &str| {
-        let url = origin.split_once('#').map_or(origin, |(u, _)| u);
+        let url = origin_parts(origin).0;
         let repo = RepoHandle::open(url, false).map_err(|e| e.to_string())?;
         Ok(Arc::new(RepoSource(repo)) as Arc<dyn ChunkSource>)
     })
@@ -620,8 +633,10 @@ pub fn hydrate(
         }
         result
     });
-    h.persist()?;
+    // What was fetched is kept either way; the workers' error, if any, is the one to report.
+    let persisted = h.persist();
     result?;
+    persisted?;
     let (done, total) = h.progress();
     progress(done, total);
     Ok(h.is_complete())

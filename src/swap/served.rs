@@ -70,10 +70,10 @@ pub fn control_hook(store_root: PathBuf, name: String, served: Arc<Served<Disk>>
                 return Ok(json!({"vm": vm, "vm_swapout_pid": pid, "log": log}));
             }
         }
-        let url = req
-            .repo
-            .clone()
-            .unwrap_or_else(|| store.root().join("repo").display().to_string());
+        let url = match req.repo.clone() {
+            Some(url) => url,
+            None => store.default_repo().map_err(|e| e.to_string())?,
+        };
         let repo = RepoHandle::open_with_key(&url, true, req.repo_key.as_deref())
             .map_err(|e| e.to_string())?;
         let manifest = req
