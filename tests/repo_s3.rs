@@ -1,7 +1,8 @@
 //! A repository whose brick is an S3 bucket (object_store), against a local S3 server on
 //! loopback (moto_server, from PyPI `moto[server]`; tools/test installs it): the swapout /
-//! swapin roundtrip between two nodes, and a bit flipped in a stored object caught at swapin
-//! and by `repo verify`.
+//! swapin roundtrip between two nodes, a bit flipped in a stored object caught at swapin
+//! and by `repo verify`, and nodes of a served repository reaching its bucket straight
+//! through presigned URLs.
 
 mod common;
 
@@ -185,4 +186,158 @@ fn an_s3_brick_carries_a_disk_between_nodes_and_damage_is_caught() {
         serde_json::json!(["d1"]),
         "{v}"
     );
+}
+
+/// A served repository whose brick is a bucket: nodes hold no S3 credentials, yet their
+/// chunks go to and come from the bucket straight, through presigned URLs the server hands
+/// out; what a node puts there is indexed only once the server has read it back and checked
+/// it.
+#[test]
+fn nodes_of_a_served_repository_reach_its_bucket_straight_through_presigned_urls() {
+    use std::io::{BufRead, BufReader};
+    const KEY: &str = "test-access-key-0123456789abcdef";
+    let moto = moto();
+    let endpoint = &moto.1;
+    assert_eq!(http(endpoint, "PUT", "/stasis-test", None, b"").0, 200);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, w, data) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("w"),
+        dir.path().join("repo"),
+    );
+    std::fs::create_dir_all(&w).unwrap();
+    ok(
+        &a,
+        &[
+            "repo",
+            "init",
+            "--repo",
+            s(&data),
+            "--brick",
+            "s3://stasis-test/served",
+            "--s3-endpoint",
+            endpoint,
+        ],
+    );
+    std::fs::write(data.join("access.key"), KEY).unwrap();
+    // The server has the credentials (and logs what it redirects); the nodes have none.
+    let server_log = w.join("server.log");
+    let mut server = common::command(
+        &dir.path().join("s0"),
+        &[
+            "--json",
+            "repo",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data",
+            s(&data),
+        ],
+        &AWS,
+    )
+    .env("STASIS_LOG", "stasis=debug")
+    .stdout(Stdio::piped())
+    .stderr(std::fs::File::create(&server_log).unwrap())
+    .spawn()
+    .unwrap();
+    let line = BufReader::new(server.stdout.take().unwrap())
+        .lines()
+        .next()
+        .unwrap()
+        .unwrap();
+    let url = serde_json::from_str::<serde_json::Value>(&line).unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let node = [("STASIS_REPO_KEY", KEY)];
+    std::fs::write(w.join("g.raw"), pattern(4 * MIB, 1)).unwrap();
+    common::ok_with(&a, &["image", "import", "g", s(&w.join("g.raw"))], &node);
+    common::ok_with(
+        &a,
+        &["disk", "create", "d", "--from", "g", "--size", "16M"],
+        &node,
+    );
+    std::fs::write(w.join("x.raw"), pattern(3 * MIB, 2)).unwrap();
+    common::ok_with(
+        &a,
+        &["disk", "write", "d", s(&w.join("x.raw")), "--offset", "5M"],
+        &node,
+    );
+    let before = common::export_with(&a, "d", &w.join("a.raw"), &node);
+    common::ok_with(&a, &["swapout", "d", "--repo", &url, "--name", "d1"], &node);
+    common::ok_with(&b, &["swapin", "d1", "--as", "d", "--repo", &url], &node);
+    common::ok_with(&b, &["disk", "hydrate", "d"], &node);
+    assert!(common::export_with(&b, "d", &w.join("b.raw"), &node) == before);
+    let log = std::fs::read_to_string(&server_log).unwrap();
+    assert!(
+        log.contains("indexed chunks stored straight into the bucket"),
+        "{log}"
+    );
+    assert!(log.contains("redirected to its bucket"), "{log}");
+
+    // A node that puts other bytes under a chunk's name: refused at the check, not indexed,
+    // and the object is gone.
+    let (status, body) = http(
+        &url,
+        "POST",
+        "/v1/sessions",
+        Some(KEY),
+        br#"{"scope":"upload"}"#,
+    );
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let (id, token) = (v["session"].as_str().unwrap(), v["token"].as_str().unwrap());
+    let claimed = *blake3::hash(b"what the chunk should be").as_bytes();
+    let (status, body) = http(
+        &url,
+        "POST",
+        &format!("/v1/sessions/{id}/upload-urls"),
+        Some(token),
+        &claimed,
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let put_url = v["urls"][0].as_str().expect("an S3 brick gets a URL");
+    let put = reqwest::blocking::Client::new()
+        .put(put_url)
+        .body("something else")
+        .send()
+        .unwrap();
+    assert!(put.status().is_success(), "{put:?}");
+    let (status, body) = http(
+        &url,
+        "POST",
+        &format!("/v1/sessions/{id}/uploaded"),
+        Some(token),
+        &claimed,
+    );
+    assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
+    let hex = blake3::Hash::from_bytes(claimed).to_hex();
+    let stat: serde_json::Value = serde_json::from_str(&common::ok_with(
+        &a,
+        &["--json", "repo", "stat", "--repo", &url],
+        &node,
+    ))
+    .unwrap();
+    let (status, listing) = http(
+        endpoint,
+        "GET",
+        "/stasis-test?list-type=2&prefix=served/",
+        None,
+        b"",
+    );
+    assert_eq!(status, 200);
+    let listing = String::from_utf8_lossy(&listing);
+    assert!(
+        !listing.contains(hex.as_str()),
+        "the refused object was removed"
+    );
+    assert_eq!(
+        stat["chunks"].as_u64().unwrap() as usize,
+        listing.matches("<Key>").count(),
+        "every object is an indexed chunk"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
 }

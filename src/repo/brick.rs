@@ -73,7 +73,7 @@ const ZSTD_LEVEL: i32 = 3;
 const ZSTD_MAGIC: [u8; 4] = [0x28, 0xB5, 0x2F, 0xFD];
 
 /// What to store for `data` (compressed only if that saves at least 1/16).
-fn encode(data: &[u8]) -> Cow<'_, [u8]> {
+pub(crate) fn encode(data: &[u8]) -> Cow<'_, [u8]> {
     match COMPRESSOR.with(|c| c.borrow_mut().as_mut().map(|c| c.compress(data))) {
         Some(Ok(c)) if c.len() + data.len() / 16 < data.len() => Cow::Owned(c),
         _ => Cow::Borrowed(data),
@@ -91,7 +91,7 @@ thread_local! {
 }
 
 /// The chunk `hash` names, from what was stored for it; damage is an error, never data.
-fn decode(
+pub(crate) fn decode(
     hash: &ChunkHash,
     stored: Vec<u8>,
     at: impl FnOnce() -> String,
@@ -383,6 +383,21 @@ impl S3Brick {
         })
     }
 
+    /// A presigned URL for one `GET` or `PUT` of the chunk's object, valid `ttl`: a node
+    /// given it reaches the bucket straight, without credentials of its own.
+    pub fn signed_url(
+        &self,
+        method: axum::http::Method,
+        hash: &ChunkHash,
+        ttl: std::time::Duration,
+    ) -> Result<String, RepoError> {
+        use object_store::signer::Signer;
+        self.rt
+            .block_on(self.store.signed_url(method, &self.key(hash), ttl))
+            .map(|u| u.to_string())
+            .map_err(|e| self.err(Some(hash), e))
+    }
+
     pub fn remove(&self, hash: &ChunkHash) -> Result<(), RepoError> {
         use object_store::ObjectStoreExt;
         match self.rt.block_on(self.store.delete(&self.key(hash))) {
@@ -432,6 +447,19 @@ impl Brick {
         match self {
             Brick::Dir(b) => b.put(chunks),
             Brick::S3(b) => chunks.iter().try_for_each(|(h, d)| b.put(h, d)),
+        }
+    }
+
+    /// A presigned URL for the chunk's object, for an S3 brick; None for a directory.
+    pub fn signed_url(
+        &self,
+        method: axum::http::Method,
+        hash: &ChunkHash,
+        ttl: std::time::Duration,
+    ) -> Result<Option<String>, RepoError> {
+        match self {
+            Brick::Dir(_) => Ok(None),
+            Brick::S3(b) => b.signed_url(method, hash, ttl).map(Some),
         }
     }
 

@@ -41,6 +41,8 @@ const FORMAT_VERSION: u32 = 1;
 /// Chunks no manifest references are kept this long after their last use (upload or a
 /// swapout finding them present), so that a swapout in flight never loses what it counted on.
 pub const DEFAULT_GC_GRACE_SECS: u64 = 3600;
+/// How long a presigned URL for one chunk stays valid: long enough for one transfer.
+const DIRECT_URL_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepoError {
@@ -326,6 +328,63 @@ impl Repo {
             .iter()
             .map(|(h, d)| (*h, self.brick_for(h), d.len() as u32))
             .collect();
+        self.meta.index(&entries, now_secs())
+    }
+
+    /// Presigned URLs that let a node fetch chunks straight from their S3 brick (one per
+    /// hash; None for a chunk in a directory brick, or not held).
+    pub fn download_urls(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<String>>, RepoError> {
+        hashes
+            .iter()
+            .map(|h| match self.meta.chunk(h)? {
+                Some((brick, _)) => match self.bricks.get(brick as usize) {
+                    Some(b) => b.signed_url(axum::http::Method::GET, h, DIRECT_URL_TTL),
+                    None => Ok(None),
+                },
+                None => Ok(None),
+            })
+            .collect()
+    }
+
+    /// Presigned URLs that let a node store chunks straight into their S3 brick (None for a
+    /// chunk whose brick is a directory: it goes through [`Repo::put_chunks`]). What a node
+    /// puts there is indexed only once [`Repo::index_uploaded`] has checked it.
+    pub fn upload_urls(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<String>>, RepoError> {
+        hashes
+            .iter()
+            .map(|h| {
+                self.bricks[self.brick_for(h) as usize].signed_url(
+                    axum::http::Method::PUT,
+                    h,
+                    DIRECT_URL_TTL,
+                )
+            })
+            .collect()
+    }
+
+    /// Indexes chunks a node stored straight into their S3 brick, after reading each back
+    /// and checking it against its hash: all of them, or none (a chunk that does not match,
+    /// or is not there, is refused and its object removed).
+    pub fn index_uploaded(&self, hashes: &[ChunkHash]) -> Result<(), RepoError> {
+        let mut entries = Vec::with_capacity(hashes.len());
+        for h in hashes {
+            let brick = self.brick_for(h);
+            let b = &self.bricks[brick as usize];
+            if !matches!(b, Brick::S3(_)) {
+                return Err(RepoError::Usage(format!(
+                    "chunk {h} belongs in a directory brick: upload it, not a URL"
+                )));
+            }
+            match b.get(h) {
+                Ok(data) => entries.push((*h, brick, data.len() as u32)),
+                Err(e) => {
+                    if matches!(e, RepoError::BadChunk { .. }) {
+                        let _ = b.remove(h);
+                    }
+                    return Err(e);
+                }
+            }
+        }
         self.meta.index(&entries, now_secs())
     }
 

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path as UrlPath, State};
+use axum::extract::{DefaultBodyLimit, Path as UrlPath, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -226,12 +226,53 @@ async fn put_chunks(auth: CanUpload, body: Bytes) -> Result<Response, ApiError> 
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[derive(serde::Deserialize)]
+struct ChunkQuery {
+    /// `direct=1`: the client can fetch from the bucket itself (a redirect is welcome).
+    #[serde(default)]
+    direct: u8,
+}
+
 async fn get_chunk(
     auth: CanRead,
     UrlPath((_, hash)): UrlPath<(String, String)>,
+    Query(q): Query<ChunkQuery>,
 ) -> Result<Response, ApiError> {
     let hash = ChunkHash::from_hex(&hash).ok_or_else(|| bad_request("bad chunk hash"))?;
+    if q.direct == 1 {
+        // A chunk in an S3 brick: the node fetches it from the bucket, not through us.
+        let url = auth.run(move |r| r.download_urls(&[hash])).await?;
+        if let Some(Some(url)) = url.into_iter().next() {
+            tracing::debug!(chunk = %hash, "redirected to its bucket");
+            return Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, url)]).into_response());
+        }
+    }
     Ok(auth.run(move |r| r.get_chunk(&hash)).await?.into_response())
+}
+
+/// Presigned PUT URLs for chunks whose brick is S3 (null for the others, which are uploaded
+/// to `chunks`). Body: a hash list (10.6.4); reply: `{"urls": [URL | null, ...]}`.
+async fn upload_urls(auth: CanUpload, body: Bytes) -> Result<Response, ApiError> {
+    let hashes = wire::decode_hashes(&body).map_err(bad_request)?;
+    let urls = auth.run(move |r| r.upload_urls(&hashes)).await?;
+    Ok(json(serde_json::json!({ "urls": urls })))
+}
+
+/// The chunks a node put in the bucket through those URLs: read back, checked, indexed.
+async fn uploaded(auth: CanUpload, body: Bytes) -> Result<Response, ApiError> {
+    let hashes = wire::decode_hashes(&body).map_err(bad_request)?;
+    let count = hashes.len();
+    auth.run(move |r| {
+        // Held while checking and indexing, as for an upload through us: gc waits.
+        let _lock = r.upload_lock()?;
+        r.index_uploaded(&hashes)
+    })
+    .await?;
+    tracing::debug!(
+        chunks = count,
+        "indexed chunks stored straight into the bucket"
+    );
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn get_manifest(
@@ -379,6 +420,8 @@ pub fn serve(
         .route("/v1/sessions/{id}/missing", post(missing))
         .route("/v1/sessions/{id}/chunks", post(put_chunks))
         .route("/v1/sessions/{id}/chunks/{hash}", get(get_chunk))
+        .route("/v1/sessions/{id}/upload-urls", post(upload_urls))
+        .route("/v1/sessions/{id}/uploaded", post(uploaded))
         .route(
             "/v1/sessions/{id}/manifests/{kind}/{name}",
             get(get_manifest),
