@@ -619,44 +619,65 @@ pub fn swapout(
     let memory_file_bytes = std::fs::metadata(&memory)
         .map_err(|e| VmError::io(&memory, e))?
         .len();
-    // The disk: through its server while it runs, else directly.
     let disk_manifest = format!("{manifest}.disk");
+    let mem_manifest = format!("{manifest}.memory");
+    // Memory, boot files, and the manifest naming them, under one upload session (a gc
+    // does not sweep what we counted on before the manifest names it).
+    let upload = repo.begin_upload()?;
+    // The disk step (through the disk's server while it runs, else here) and the memory
+    // step run at once: neither needs the other, and the disk step is mostly waiting (for
+    // the server's swapout, then for it to stop).
+    let (disk_step, memory_step) = std::thread::scope(|s| {
+        let disk = (!rec.disk_done).then(|| {
+            s.spawn(|| {
+                progress("disk", 0, 0);
+                swapout_disk_once(store, &rec, repo, &disk_manifest, progress)
+            })
+        });
+        let memory = (|| -> Result<_, VmError> {
+            let show = |c: &crate::swap::Counters| {
+                use std::sync::atomic::Ordering::Relaxed;
+                progress("memory", c.bytes_scanned.load(Relaxed), memory_file_bytes)
+            };
+            let (mem, summary) = crate::swap::swapout_file(
+                &memory,
+                MEMORY_CHUNK,
+                &mem_manifest,
+                &format!("memory of VM {name}"),
+                repo,
+                &upload,
+                &show,
+            )?;
+            repo.commit(&mem)?;
+            let mut boot = Vec::new();
+            for (role, file) in [("kernel", &rec.spec.kernel), ("initrd", &rec.spec.initrd)] {
+                if let Some(path) = file {
+                    boot.push((role, store_boot_file(repo, &upload, path)?));
+                }
+            }
+            Ok((summary, boot))
+        })();
+        let disk = disk.map(|d| {
+            d.join()
+                .unwrap_or_else(|_| Err(VmError::Failed("the disk step panicked".into())))
+        });
+        (disk, memory)
+    });
     let mut disk_summary = None;
-    if !rec.disk_done {
-        progress("disk", 0, 0);
-        disk_summary = swapout_disk_once(store, &rec, repo, &disk_manifest, progress)?;
+    if let Some(done) = disk_step {
+        disk_summary = done?;
         rec.server_pid = None;
         rec.disk_done = true;
         save_record(store, &rec)?;
     }
-    // Memory, boot files, and the manifest naming them, under one upload session (a gc
-    // does not sweep what we counted on before the manifest names it).
-    let upload = repo.begin_upload()?;
-    let mem_manifest = format!("{manifest}.memory");
-    let show = |c: &crate::swap::Counters| {
-        use std::sync::atomic::Ordering::Relaxed;
-        progress("memory", c.bytes_scanned.load(Relaxed), memory_file_bytes)
-    };
-    let (mem, memory_summary) = crate::swap::swapout_file(
-        &memory,
-        MEMORY_CHUNK,
-        &mem_manifest,
-        &format!("memory of VM {name}"),
-        repo,
-        &upload,
-        &show,
-    )?;
-    repo.commit(&mem)?;
+    let (memory_summary, boot) = memory_step?;
     let mut parts = std::collections::BTreeMap::new();
     parts.insert("disk".to_string(), disk_manifest);
     parts.insert("memory".to_string(), mem_manifest);
     let mut boot_files_uploaded = 0;
-    for (role, file) in [("kernel", &rec.spec.kernel), ("initrd", &rec.spec.initrd)] {
-        if let Some(path) = file {
-            let (name, uploaded) = store_boot_file(repo, &upload, path)?;
-            boot_files_uploaded += uploaded as u64;
-            parts.insert(role.to_string(), name);
-        }
+    for (role, (name, uploaded)) in boot {
+        boot_files_uploaded += uploaded as u64;
+        parts.insert(role.to_string(), name);
     }
     let vm_manifest = Manifest {
         info: ManifestInfo {
