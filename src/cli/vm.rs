@@ -42,6 +42,9 @@ pub enum VmCmd {
         /// For --driver exec: the directory of hook commands (kernel-notes/hypervisors.md)
         #[arg(long, value_name = "DIR", required_if_eq("driver", "exec"))]
         hooks: Option<PathBuf>,
+        /// For --driver exec: seconds a hook may run before it is killed and fails
+        #[arg(long, value_name = "SECS", default_value_t = crate::hypervisor::DEFAULT_HOOK_TIMEOUT_SECS)]
+        hook_timeout: u64,
         /// For --driver xen: the domain's xl configuration file
         #[arg(long, value_name = "FILE", required_if_eq("driver", "xen"))]
         xen_config: Option<PathBuf>,
@@ -156,6 +159,7 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
             boot_disk: _,
             driver,
             hooks,
+            hook_timeout,
             xen_config,
             accel,
             qemu_args,
@@ -169,6 +173,7 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
             let driver = match driver.as_str() {
                 "exec" => DriverConfig::Exec {
                     hooks: absolute(hooks).unwrap_or_default(),
+                    timeout_secs: hook_timeout,
                 },
                 "xen" => DriverConfig::Xen {
                     config: absolute(xen_config).unwrap_or_default(),

@@ -7,10 +7,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::{run_command, HvError, Hypervisor, VmContext, VmCounters, VmStatus};
+use super::{run_command_within, HvError, Hypervisor, VmContext, VmCounters, VmStatus};
 
 pub struct ExecDriver {
     pub hooks: PathBuf,
+    /// A hook that runs longer is killed and fails.
+    pub timeout: std::time::Duration,
 }
 
 impl ExecDriver {
@@ -49,7 +51,7 @@ impl ExecDriver {
             };
         }
         tracing::debug!(vm = vm.name, hook = name, "running hook");
-        run_command(&mut cmd)
+        run_command_within(&mut cmd, self.timeout)
     }
 
     fn has_hook(&self, name: &str) -> bool {

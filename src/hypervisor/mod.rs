@@ -90,6 +90,9 @@ pub enum DriverConfig {
     Exec {
         /// Directory of hook executables (kernel-notes/hypervisors.md).
         hooks: PathBuf,
+        /// A hook still running after this many seconds is killed and fails.
+        #[serde(default = "default_hook_timeout")]
+        timeout_secs: u64,
     },
     Xen {
         /// The domain's xl configuration file.
@@ -196,8 +199,12 @@ impl Driver {
                 extra_args: extra_args.clone(),
                 machine: machine.clone(),
             }),
-            DriverConfig::Exec { hooks } => Driver::Exec(ExecDriver {
+            DriverConfig::Exec {
+                hooks,
+                timeout_secs,
+            } => Driver::Exec(ExecDriver {
                 hooks: hooks.clone(),
+                timeout: std::time::Duration::from_secs(*timeout_secs),
             }),
             DriverConfig::Xen { config } => Driver::Xen(XenDriver {
                 config: config.clone(),
@@ -244,20 +251,78 @@ impl Hypervisor for Driver {
 }
 
 /// Runs `cmd`, returning its stdout; a failure carries its stderr.
+/// How long an exec hook may run unless its VM's driver says otherwise (a save of a large
+/// VM to slow storage takes minutes).
+pub const DEFAULT_HOOK_TIMEOUT_SECS: u64 = 900;
+
+fn default_hook_timeout() -> u64 {
+    DEFAULT_HOOK_TIMEOUT_SECS
+}
+
+/// Runs a command (QEMU's start, `xl`) to its end and returns its stdout; it fails unless it
+/// exits 0, or if it still runs after [`DEFAULT_HOOK_TIMEOUT_SECS`].
 fn run_command(cmd: &mut std::process::Command) -> Result<String, HvError> {
+    run_command_within(
+        cmd,
+        std::time::Duration::from_secs(DEFAULT_HOOK_TIMEOUT_SECS),
+    )
+}
+
+/// [`run_command`] with a time limit: past `limit` the command is killed (SIGKILL) and
+/// fails, so a hung hook or `xl` cannot hang a swapout forever.
+fn run_command_within(
+    cmd: &mut std::process::Command,
+    limit: std::time::Duration,
+) -> Result<String, HvError> {
+    use std::io::Read;
+    use std::process::Stdio;
     let shown = format!("{:?}", cmd.get_program());
-    let out = cmd
-        .stdin(std::process::Stdio::null())
-        .output()
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(|e| HvError::io(format!("running {shown}"), e))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
+    // Read on threads of their own: a command that fills one pipe while we wait would block.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = std::time::Instant::now() + limit;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                // The readers are left behind: a child of the command may hold the pipes.
+                return Err(HvError::Command {
+                    command: format!("{cmd:?}"),
+                    why: format!("still running after {} s: killed", limit.as_secs()),
+                });
+            }
+            Err(e) => return Err(HvError::io(format!("waiting for {shown}"), e)),
+        }
+    };
+    let out = stdout.join().unwrap_or_default();
+    let err = stderr.join().unwrap_or_default();
+    if !status.success() {
         return Err(HvError::Command {
             command: format!("{cmd:?}"),
-            why: format!("{}: {}", out.status, err.trim()),
+            why: format!("{status}: {}", String::from_utf8_lossy(&err).trim()),
         });
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// CPU seconds (user + system) process `pid` used, from /proc.
@@ -271,4 +336,39 @@ fn process_cpu_seconds(pid: u32) -> Option<f64> {
     // SAFETY: sysconf with a constant.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     Some((utime + stime) / hz.max(1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_command_past_its_limit_is_killed_and_fails() {
+        let t = Instant::now();
+        let e = run_command_within(Command::new("sleep").arg("30"), Duration::from_millis(300))
+            .unwrap_err();
+        assert!(e.to_string().contains("killed"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn output_larger_than_a_pipe_comes_back_whole_and_failures_carry_stderr() {
+        let out = run_command_within(
+            Command::new("sh").args([
+                "-c",
+                "head -c 1000000 /dev/zero | tr '\\0' x; echo oops >&2",
+            ]),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(out.len(), 1_000_000);
+        let e = run_command_within(
+            Command::new("sh").args(["-c", "echo why >&2; exit 3"]),
+            Duration::from_secs(30),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("why"), "{e}");
+    }
 }
