@@ -56,7 +56,22 @@ pub struct SwapoutRequest {
 /// and a sink for progress events, and returns the reply's fields (or the error's text).
 /// The serving side installs it: the control socket knows nothing of repositories.
 pub type SwapoutHook =
-    Arc<dyn Fn(&SwapoutRequest, &mut dyn FnMut(Value)) -> Result<Value, String> + Send + Sync>;
+    Arc<dyn Fn(&SwapoutRequest, &mut dyn FnMut(Value)) -> Result<Value, HookError> + Send + Sync>;
+
+/// Why a `swapout` request failed, as its reply says it: `{"ok": false, "error": ..., and
+/// "busy": true when the disk is busy with another swapout or its server is stopping (ask
+/// again later; nothing was done)}`.
+#[derive(Debug)]
+pub struct HookError {
+    pub error: String,
+    pub busy: bool,
+}
+
+impl From<String> for HookError {
+    fn from(error: String) -> Self {
+        HookError { error, busy: false }
+    }
+}
 
 /// What `status` reports besides the live state.
 #[derive(Clone, Debug)]
@@ -245,7 +260,10 @@ fn handle<D: BlockDevice>(
                     fields["ok"] = json!(true);
                     fields
                 }
-                Err(e) => json!({"ok": false, "error": e}),
+                Err(HookError { error, busy: true }) => {
+                    json!({"ok": false, "error": error, "busy": true})
+                }
+                Err(HookError { error, .. }) => json!({"ok": false, "error": error}),
             }
         }
         other => {

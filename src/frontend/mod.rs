@@ -92,6 +92,25 @@ impl Counter {
     }
 }
 
+/// Why a pinned freeze (a swapout's) was not taken.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PinError {
+    /// Another swapout holds the pin, or the server is stopping: nothing was done, and the
+    /// caller may ask again.
+    Busy(&'static str),
+    /// The flush before the swapout failed; the disk is served on, not pinned.
+    Flush(String),
+}
+
+impl std::fmt::Display for PinError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PinError::Busy(why) => f.write_str(why),
+            PinError::Flush(why) => f.write_str(why),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 pub struct OpStats {
     pub ops: u64,
@@ -209,15 +228,15 @@ impl<D: BlockDevice> Served<D> {
 
     /// Holds I/O for an operation that must see the disk still while it reads it (swapout):
     /// like `freeze`, but a control `thaw` cannot release it; it ends with `unpin` or
-    /// `retire`. Refused while another holds the pin or the server is stopping.
-    pub fn freeze_pinned(&self) -> Result<(), String> {
+    /// `retire`. Refused while another holds the pin or the server is stopping (busy).
+    pub fn freeze_pinned(&self) -> Result<(), PinError> {
         {
             let mut s = self.gate.state.lock();
             if s.pinned {
-                return Err("a swapout of this disk is already running".into());
+                return Err(PinError::Busy("a swapout of this disk is already running"));
             }
             if s.stopping {
-                return Err("the server is stopping".into());
+                return Err(PinError::Busy("the server is stopping"));
             }
             s.pinned = true;
             while s.in_flight > 0 {
@@ -226,7 +245,7 @@ impl<D: BlockDevice> Served<D> {
         }
         self.dev.flush().map_err(|e| {
             self.unpin();
-            format!("flush before swapout failed: {e}")
+            PinError::Flush(format!("flush before swapout failed: {e}"))
         })
     }
 

@@ -52,6 +52,10 @@ pub enum SwapError {
     Usage(String),
     #[error("{0}")]
     Failed(String),
+    /// A served disk refused: another swapout of it runs, or its server is stopping.
+    /// Nothing was done; asking again later may succeed.
+    #[error("{0}")]
+    Busy(String),
 }
 
 impl SwapError {
@@ -60,7 +64,7 @@ impl SwapError {
             SwapError::Store(e) => e.is_usage(),
             SwapError::Repo(e) => e.is_usage(),
             SwapError::Usage(_) => true,
-            SwapError::Failed(_) => false,
+            SwapError::Failed(_) | SwapError::Busy(_) => false,
         }
     }
 }

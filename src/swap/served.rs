@@ -29,7 +29,10 @@ pub fn swapout_served(
     release: bool,
     progress: &dyn Fn(&Counters),
 ) -> Result<SwapoutSummary, SwapError> {
-    served.freeze_pinned().map_err(SwapError::Failed)?;
+    served.freeze_pinned().map_err(|e| match e {
+        crate::frontend::PinError::Busy(why) => SwapError::Busy(why.to_string()),
+        crate::frontend::PinError::Flush(why) => SwapError::Failed(why),
+    })?;
     match swapout(store, disk_name, served.device(), repo, manifest, progress) {
         Ok(summary) => {
             served.retire(release);
@@ -58,7 +61,8 @@ pub fn control_hook(store_root: PathBuf, name: String, served: Arc<Served<Disk>>
                     return Err(format!(
                         "disk {name} is the disk of VM {vm}: its swapout is the VM's, which \
                          takes neither \"keep\" nor \"manifest\""
-                    ));
+                    )
+                    .into());
                 }
                 let (pid, log) = crate::vm::spawn_swapout(
                     &store,
@@ -99,7 +103,10 @@ pub fn control_hook(store_root: PathBuf, name: String, served: Arc<Served<Disk>>
         let summary = swapout_served(
             &store, &name, &served, &repo, &manifest, !req.keep, &progress,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::control::HookError {
+            busy: matches!(e, SwapError::Busy(_)),
+            error: e.to_string(),
+        })?;
         tracing::info!(disk = %name, manifest = %manifest, "swapped out; stopping the server");
         // SAFETY: kill to our own pid; `serve` has SIGTERM blocked and waits for it.
         unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
@@ -166,9 +173,14 @@ pub fn request_served_swapout(
             .get("error")
             .and_then(Value::as_str)
             .unwrap_or("no reason given");
-        return Err(SwapError::Failed(format!(
-            "swapout of served disk {name} failed: {why}"
-        )));
+        let why = format!("swapout of served disk {name} failed: {why}");
+        return Err(
+            if reply.get("busy").and_then(Value::as_bool) == Some(true) {
+                SwapError::Busy(why)
+            } else {
+                SwapError::Failed(why)
+            },
+        );
     }
     let summary: SwapoutSummary =
         serde_json::from_value(reply.get("swapout").cloned().unwrap_or_default())

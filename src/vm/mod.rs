@@ -779,10 +779,10 @@ fn stopping(store: &Store, rec: &VmRecord) -> bool {
         && crate::control::request(&store.control_socket(disk), disk, "status").is_err()
 }
 
-/// A served disk's refusal because its server is finishing another swapout or stopping.
+/// A served disk's refusal because its server is finishing another swapout or stopping
+/// (the control reply's `busy`).
 fn is_busy(e: &VmError) -> bool {
-    let text = e.to_string();
-    text.contains("stopping") || text.contains("already running")
+    matches!(e, VmError::Swap(SwapError::Busy(_)))
 }
 
 /// Waits for process `pid` (if any) to end; false if it still runs after `limit`.
