@@ -163,7 +163,7 @@ impl Disk {
                 }
             }
         }
-        for chunk in self.golden.verify(|n| progress(n))? {
+        for chunk in self.golden.verify(progress)? {
             report.damaged.push(format!(
                 "{}: chunk {chunk} does not match its BLAKE3 hash",
                 self.golden.path().display()

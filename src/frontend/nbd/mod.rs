@@ -138,12 +138,15 @@ impl Drop for Listener {
     }
 }
 
+/// The open connections and the threads serving them (joined at stop).
+type Connections = Mutex<Vec<(Conn, Option<JoinHandle<()>>)>>;
+
 /// A running NBD server. `stop` (or drop) closes the listener and every connection, after
 /// the requests in flight have been carried out.
 pub struct NbdServer {
     stopping: Arc<AtomicBool>,
     accept_thread: Option<JoinHandle<()>>,
-    conns: Arc<Mutex<Vec<(Conn, Option<JoinHandle<()>>)>>>,
+    conns: Arc<Connections>,
     pub uri: String,
     pub connections_served: Arc<AtomicU64>,
 }
@@ -188,8 +191,7 @@ impl NbdServer {
             }
         };
         let stopping = Arc::new(AtomicBool::new(false));
-        let conns: Arc<Mutex<Vec<(Conn, Option<JoinHandle<()>>)>>> =
-            Arc::new(Mutex::new(Vec::new()));
+        let conns: Arc<Connections> = Arc::new(Mutex::new(Vec::new()));
         let served = Arc::new(AtomicU64::new(0));
         let name = name.to_string();
         let accept_thread = {
@@ -241,7 +243,7 @@ fn accept_loop<D: BlockDevice + 'static>(
     name: &str,
     dev: Arc<D>,
     stopping: &AtomicBool,
-    conns: &Mutex<Vec<(Conn, Option<JoinHandle<()>>)>>,
+    conns: &Connections,
     served: &AtomicU64,
 ) {
     while !stopping.load(Ordering::SeqCst) {
