@@ -1523,8 +1523,12 @@ fn repo_cmd(store: &Store, cmd: RepoCmd, json: bool) -> Result<(), Failure> {
         } => {
             let repo = open_repo(store, &repo, false)?;
             let kind = kind.as_deref().and_then(crate::repo::Kind::parse);
-            let in_use = hydrating_manifests(store)?;
-            let removed = repo.remove(&names, kind, with_parts, &in_use)?;
+            let removed = repo.remove(&crate::repo::Removal {
+                names,
+                kind,
+                with_parts,
+                in_use: hydrating_manifests(store)?,
+            })?;
             if json {
                 let v: Vec<_> = removed
                     .iter()

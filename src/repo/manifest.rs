@@ -37,6 +37,20 @@ pub enum Kind {
     Experiment,
 }
 
+/// What `repo rm` asks: the manifests `names` (of `kind`, or of whichever kind holds each
+/// name), with their parts if `with_parts`; `in_use` names the disk manifests the caller's
+/// disks still hydrate from, which are refused. Also the body of `POST /v1/remove`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+pub struct Removal {
+    pub names: Vec<String>,
+    #[serde(default)]
+    pub kind: Option<Kind>,
+    #[serde(default)]
+    pub with_parts: bool,
+    #[serde(default)]
+    pub in_use: Vec<String>,
+}
+
 impl Kind {
     pub const ALL: [Kind; 5] = [
         Kind::Disk,

@@ -346,13 +346,13 @@ impl Meta {
 
     /// Removes manifests, in one transaction; see [`super::Repo::remove`]. Returns what was
     /// removed.
-    pub fn remove(
-        &self,
-        names: &[String],
-        kind: Option<Kind>,
-        with_parts: bool,
-        in_use: &[String],
-    ) -> Result<Vec<(Kind, String)>, RepoError> {
+    pub fn remove(&self, what: &super::Removal) -> Result<Vec<(Kind, String)>, RepoError> {
+        let super::Removal {
+            names,
+            kind,
+            with_parts,
+            in_use,
+        } = what;
         self.write(|txn| {
             // Every manifest's references: its image (an image manifest) and its parts
             // (names of any kind, as the commit checks them).
@@ -378,9 +378,9 @@ impl Meta {
                     .map(|(ak, an, _)| format!("{} {an:?}", ak.as_str()))
                     .collect()
             };
-            let named_by_user = super::resolve_removals(&all, names, kind)?;
+            let named_by_user = super::resolve_removals(&all, names, *kind)?;
             let mut doomed: Vec<(Kind, String)> = named_by_user.clone();
-            if with_parts {
+            if *with_parts {
                 // The parts of what goes, and theirs, unless something that stays names them.
                 let mut i = 0;
                 while i < doomed.len() {

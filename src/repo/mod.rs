@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use chunk::ChunkHash;
-pub use manifest::{Kind, Manifest, ManifestInfo};
+pub use manifest::{Kind, Manifest, ManifestInfo, Removal};
 
 use brick::{Brick, DirBrick};
 use meta::Meta;
@@ -432,23 +432,15 @@ impl Repo {
         self.meta.stat()
     }
 
-    /// Removes manifests `names` (of `kind`, or of whichever kind holds each name), at once
-    /// or not at all. A manifest another one names (an image its disks name, a part of a VM
-    /// or an experiment) is refused while that one stays. `with_parts`: a VM's or an
-    /// experiment's parts go with it, except those another remaining manifest names. The
-    /// chunks stay until `gc` finds them unnamed after the grace period. A manifest's parent
-    /// is history, not a reference: every manifest lists all of its chunks. `in_use`: disk
-    /// manifests the caller's disks still hydrate from, which are refused too (the
-    /// repository cannot see other nodes' disks: remove a manifest once its swapins are
-    /// hydrated).
-    pub fn remove(
-        &self,
-        names: &[String],
-        kind: Option<Kind>,
-        with_parts: bool,
-        in_use: &[String],
-    ) -> Result<Vec<(Kind, String)>, RepoError> {
-        self.meta.remove(names, kind, with_parts, in_use)
+    /// Removes manifests (see [`Removal`]), at once or not at all. A manifest another one
+    /// names (an image its disks name, a part of a VM or an experiment) is refused while that
+    /// one stays. With `with_parts`, a VM's or an experiment's parts go with it, except those
+    /// another remaining manifest names. The chunks stay until `gc` finds them unnamed after
+    /// the grace period. A manifest's parent is history, not a reference: every manifest
+    /// lists all of its chunks. Disk manifests in `in_use` are refused too (the repository
+    /// cannot see other nodes' disks: remove a manifest once its swapins are hydrated).
+    pub fn remove(&self, what: &Removal) -> Result<Vec<(Kind, String)>, RepoError> {
+        self.meta.remove(what)
     }
 
     /// Mark (every chunk a manifest names) and sweep (unreferenced chunks unused for
@@ -658,16 +650,10 @@ impl RepoHandle {
         }
     }
 
-    pub fn remove(
-        &self,
-        names: &[String],
-        kind: Option<Kind>,
-        with_parts: bool,
-        in_use: &[String],
-    ) -> Result<Vec<(Kind, String)>, RepoError> {
+    pub fn remove(&self, what: &Removal) -> Result<Vec<(Kind, String)>, RepoError> {
         match self {
-            RepoHandle::Local(r) => r.remove(names, kind, with_parts, in_use),
-            RepoHandle::Remote(r) => r.remove(names, kind, with_parts, in_use),
+            RepoHandle::Local(r) => r.remove(what),
+            RepoHandle::Remote(r) => r.remove(what),
         }
     }
 }
@@ -766,6 +752,15 @@ mod tests {
         }
     }
 
+    fn rm(names: &[String], kind: Option<Kind>, with_parts: bool, in_use: &[String]) -> Removal {
+        Removal {
+            names: names.to_vec(),
+            kind,
+            with_parts,
+            in_use: in_use.to_vec(),
+        }
+    }
+
     fn names(repo: &Repo) -> Vec<String> {
         let mut v: Vec<String> = repo.list().unwrap().into_iter().map(|m| m.0.name).collect();
         v.sort();
@@ -804,18 +799,22 @@ mod tests {
         let (_dir, repo) = repo_with_vms();
         let before = names(&repo);
         for name in ["a", "a-mem", "kernel"] {
-            let e = repo.remove(&[name.into()], None, false, &[]).unwrap_err();
+            let e = repo
+                .remove(&rm(&[name.into()], None, false, &[]))
+                .unwrap_err();
             assert!(e.is_usage(), "{e}");
         }
         // All or nothing: one refused name keeps the others too.
         let e = repo
-            .remove(&["b-disk".into(), "a-mem".into()], None, false, &[])
+            .remove(&rm(&["b-disk".into(), "a-mem".into()], None, false, &[]))
             .unwrap_err();
         assert!(e.is_usage(), "{e}");
-        let e = repo.remove(&["nope".into()], None, false, &[]).unwrap_err();
+        let e = repo
+            .remove(&rm(&["nope".into()], None, false, &[]))
+            .unwrap_err();
         assert!(matches!(e, RepoError::NotFound(_)), "{e}");
         let e = repo
-            .remove(&["a-disk".into()], Some(Kind::File), false, &[])
+            .remove(&rm(&["a-disk".into()], Some(Kind::File), false, &[]))
             .unwrap_err();
         assert!(matches!(e, RepoError::NotFound(_)), "{e}");
         assert_eq!(names(&repo), before);
@@ -826,11 +825,11 @@ mod tests {
         let (_dir, repo) = repo_with_vms();
         // A disk that a node still hydrates from holds the whole removal back.
         let e = repo
-            .remove(&["exp".into()], None, true, &["a-disk".into()])
+            .remove(&rm(&["exp".into()], None, true, &["a-disk".into()]))
             .unwrap_err();
         assert!(e.is_usage(), "{e}");
         let mut removed: Vec<String> = repo
-            .remove(&["exp".into()], None, true, &[])
+            .remove(&rm(&["exp".into()], None, true, &[]))
             .unwrap()
             .into_iter()
             .map(|(_, n)| n)
@@ -839,7 +838,7 @@ mod tests {
         assert_eq!(removed, ["a", "a-disk", "a-mem", "exp"]);
         // The kernel stays: VM b names it.
         assert_eq!(names(&repo), ["b", "b-disk", "b-mem", "kernel"]);
-        repo.remove(&["b".into()], None, true, &[]).unwrap();
+        repo.remove(&rm(&["b".into()], None, true, &[])).unwrap();
         assert!(names(&repo).is_empty());
     }
 
@@ -847,14 +846,18 @@ mod tests {
     fn a_name_two_kinds_share_needs_its_kind() {
         let (_dir, repo) = repo_with_vms();
         repo.commit(&manifest(Kind::File, "b", &[])).unwrap();
-        let e = repo.remove(&["b".into()], None, false, &[]).unwrap_err();
+        let e = repo
+            .remove(&rm(&["b".into()], None, false, &[]))
+            .unwrap_err();
         assert!(e.to_string().contains("--kind"), "{e}");
-        let removed = repo.remove(&["b".into()], Some(Kind::File), false, &[]);
+        let removed = repo.remove(&rm(&["b".into()], Some(Kind::File), false, &[]));
         assert_eq!(removed.unwrap(), [(Kind::File, "b".to_string())]);
         assert!(repo.find(Kind::Vm, "b").unwrap().is_some(), "the VM stays");
         // A part whose name two kinds share is not guessed at.
         repo.commit(&manifest(Kind::File, "a", &[])).unwrap();
-        let e = repo.remove(&["exp".into()], None, true, &[]).unwrap_err();
+        let e = repo
+            .remove(&rm(&["exp".into()], None, true, &[]))
+            .unwrap_err();
         assert!(
             e.is_usage() && e.to_string().contains("several kinds"),
             "{e}"

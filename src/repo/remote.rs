@@ -268,21 +268,12 @@ impl RemoteRepo {
     }
 
     /// Removes manifests (see [`super::Repo::remove`]); authorized by the access key.
-    pub fn remove(
-        &self,
-        names: &[String],
-        kind: Option<Kind>,
-        with_parts: bool,
-        in_use: &[String],
-    ) -> Result<Vec<(Kind, String)>, RepoError> {
+    pub fn remove(&self, what: &super::Removal) -> Result<Vec<(Kind, String)>, RepoError> {
         let resp = self
             .http
             .post(format!("{}/v1/remove", self.base))
             .bearer_auth(&self.access_key)
-            .body(
-                serde_json::json!({"names": names, "kind": kind, "with_parts": with_parts, "in_use": in_use})
-                    .to_string(),
-            )
+            .body(serde_json::to_vec(what).expect("a removal serializes"))
             .send()
             .map_err(|e| remote_err(&self.base, e))?;
         #[derive(serde::Deserialize)]

@@ -306,23 +306,11 @@ async fn remove(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     st.check_access(&headers)?;
-    #[derive(serde::Deserialize)]
-    struct Req {
-        names: Vec<String>,
-        kind: Option<Kind>,
-        #[serde(default)]
-        with_parts: bool,
-        #[serde(default)]
-        in_use: Vec<String>,
-    }
-    let req: Req = serde_json::from_slice(&body)
+    let req: super::Removal = serde_json::from_slice(&body)
         .map_err(|e| bad_request(format!("bad remove request: {e}")))?;
-    let removed = tokio::task::spawn_blocking(move || {
-        st.repo
-            .remove(&req.names, req.kind, req.with_parts, &req.in_use)
-    })
-    .await
-    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "failed", e.to_string()))??;
+    let removed = tokio::task::spawn_blocking(move || st.repo.remove(&req))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "failed", e.to_string()))??;
     let removed: Vec<_> = removed
         .into_iter()
         .map(|(kind, name)| serde_json::json!({"kind": kind, "name": name}))
