@@ -38,8 +38,20 @@ fn moto() -> Moto {
         .spawn()
         .expect("moto_server (PyPI moto[server]) is installed: tools/test installs it");
     let addr = format!("127.0.0.1:{port}");
+    // Ready when it answers a request, not when it accepts a connection: it accepts (and
+    // resets) for a moment before it serves, on a busy machine.
+    let answers = || -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut c) = TcpStream::connect(&addr) else {
+            return false;
+        };
+        let mut reply = Vec::new();
+        c.write_all(b"GET / HTTP/1.0\r\n\r\n").is_ok()
+            && c.read_to_end(&mut reply).is_ok()
+            && reply.starts_with(b"HTTP/")
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while TcpStream::connect(&addr).is_err() {
+    while !answers() {
         assert!(Instant::now() < deadline, "moto_server did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
