@@ -95,6 +95,7 @@ impl Hypervisor for ExecDriver {
         Ok(match self.hook(vm, "status", None)?.trim() {
             "running" => VmStatus::Running,
             "paused" => VmStatus::Paused,
+            "saved" => VmStatus::Saved,
             "stopped" => VmStatus::Stopped,
             _ => VmStatus::Other,
         })

@@ -139,6 +139,8 @@ impl VmContext<'_> {
 pub enum VmStatus {
     Running,
     Paused,
+    /// Paused after a save that completed (QEMU's `postmigrate`): the image is whole.
+    Saved,
     /// The hypervisor has no such VM running.
     Stopped,
     /// Neither: migrating, booting, an error state, ...
@@ -150,6 +152,7 @@ impl VmStatus {
         match self {
             VmStatus::Running => "running",
             VmStatus::Paused => "paused",
+            VmStatus::Saved => "saved",
             VmStatus::Stopped => "stopped",
             VmStatus::Other => "other",
         }
@@ -169,7 +172,9 @@ pub trait Hypervisor {
     fn start(&self, vm: &VmContext) -> Result<(), HvError>;
     /// Stops the guest's CPUs (and its disk I/O: the hypervisor drains it).
     fn pause(&self, vm: &VmContext) -> Result<(), HvError>;
-    /// Saves a paused VM's memory and device state to `file`; the VM does not run after.
+    /// Saves a paused VM's memory and device state to `file`. The VM stays, paused, until
+    /// `kill`: the caller kills it once it has made the file durable and recorded it, so a
+    /// crash in between leaves a VM that is saved again, not one lost.
     fn save(&self, vm: &VmContext, file: &Path) -> Result<(), HvError>;
     /// Starts the VM from `file`, paused.
     fn restore(&self, vm: &VmContext, file: &Path) -> Result<(), HvError>;

@@ -250,9 +250,10 @@ impl Hypervisor for QemuDriver {
             json!({ "uri": format!("file:{}", file.display()) }),
         )?;
         let r = Self::wait_migration(&mut q, "saving the VM")?;
+        // QEMU stays, paused (postmigrate), until the caller has recorded the file and
+        // kills it: a crash before that finds the VM still here and saves it again.
         tracing::info!(vm = vm.name, total_ms = ?r.get("total-time"), "saved");
-        q.execute("quit", json!({}))?;
-        Self::wait_exit(vm, Duration::from_secs(60))
+        Ok(())
     }
 
     fn restore(&self, vm: &VmContext, file: &Path) -> Result<(), HvError> {
@@ -293,7 +294,8 @@ impl Hypervisor for QemuDriver {
         let s = self.qmp(vm)?.execute("query-status", json!({}))?;
         Ok(match s.get("status").and_then(Value::as_str) {
             Some("running") => VmStatus::Running,
-            Some("paused") | Some("postmigrate") => VmStatus::Paused,
+            Some("paused") => VmStatus::Paused,
+            Some("postmigrate") => VmStatus::Saved,
             _ => VmStatus::Other,
         })
     }

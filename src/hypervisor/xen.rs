@@ -55,8 +55,8 @@ impl Hypervisor for XenDriver {
     /// The image carries the domain's configuration as created (with its name): no config
     /// file is passed here or at restore, which would replace it.
     fn save(&self, vm: &VmContext, file: &Path) -> Result<(), HvError> {
-        run_command(xl().args(["save", "-p", vm.name]).arg(file))?;
-        run_command(xl().args(["destroy", vm.name])).map(drop)
+        // `-p`: the domain stays, paused, until the caller kills it (see the trait).
+        run_command(xl().args(["save", "-p", vm.name]).arg(file)).map(drop)
     }
 
     fn restore(&self, _vm: &VmContext, file: &Path) -> Result<(), HvError> {

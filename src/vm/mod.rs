@@ -79,6 +79,9 @@ impl VmError {
 pub enum VmState {
     /// Started or swapped in here: its hypervisor and disk server should be running.
     Running,
+    /// A swapout is saving it (`memory_path`, `manifest` and `repo` are chosen): its
+    /// hypervisor still holds it, paused, and perhaps saved already.
+    Saving,
     /// A swapout is under way (or failed half way): the VM is saved, not yet all stored.
     SwappingOut,
     /// In the repository (`manifest`), nothing of it runs here.
@@ -480,6 +483,7 @@ fn adopt_boot_files(dir: &Path, spec: &mut VmSpec) -> Result<(), VmError> {
 fn state_word(s: VmState) -> &'static str {
     match s {
         VmState::Running => "running",
+        VmState::Saving => "being saved",
         VmState::SwappingOut => "swapping out",
         VmState::SwappedOut => "swapped out",
     }
@@ -573,38 +577,65 @@ pub fn swapout(
                 rec.manifest.as_deref().unwrap_or("?")
             )))
         }
-        VmState::Running => {
-            if with_driver(store, &rec, |d, c| d.status(c))? == VmStatus::Stopped {
+        VmState::Running | VmState::Saving => {
+            let status = with_driver(store, &rec, |d, c| d.status(c))?;
+            if status == VmStatus::Stopped {
+                let when = if rec.state == VmState::Saving {
+                    "its hypervisor ended while it was being saved"
+                } else {
+                    "its hypervisor stopped: crashed, or the node rebooted"
+                };
                 return Err(VmError::Failed(format!(
-                    "VM {name} is not running here (its hypervisor stopped: crashed, or the \
-                     node rebooted); its disk {} holds what the guest flushed. `stasis vm kill \
-                     {name}` removes the VM, then start it again from its disk",
+                    "VM {name} is not running here ({when}); its disk {} holds what the guest \
+                     flushed. `stasis vm kill {name}` removes the VM, then start it again from \
+                     its disk",
                     rec.spec.disk
                 )));
             }
-            if paused.is_none() {
-                progress("pausing", 0, 0);
-                pause_ms = pause(store, name)?.as_secs_f64() * 1000.0;
+            let before = rec.clone();
+            if rec.state == VmState::Running {
+                if paused.is_none() {
+                    progress("pausing", 0, 0);
+                    pause_ms = pause(store, name)?.as_secs_f64() * 1000.0;
+                }
+                // Recorded before the save: where the image goes and under which name, so
+                // that a run that dies during or after the save is finished by the next.
+                rec.state = VmState::Saving;
+                rec.memory_path = Some(memory.clone());
+                rec.manifest = Some(unused_manifest_name(repo, name)?);
+                rec.repo = Some(repo.url());
+                rec.disk_done = false;
+                save_record(store, &rec)?;
+            } else if rec.repo.as_deref() != Some(repo.url().as_str()) {
+                return Err(VmError::Usage(format!(
+                    "VM {name} is half swapped out to {}: finish it there",
+                    rec.repo.as_deref().unwrap_or("?")
+                )));
             }
-            progress("saving memory and device state", 0, 0);
-            let t = Instant::now();
-            if let Err(e) = with_driver(store, &rec, |d, c| d.save(c, &memory)) {
-                let _ = std::fs::remove_file(&memory);
-                return Err(e);
+            // A run that died after its save completed left the VM saved, and paused: the
+            // image is whole (the hypervisor says so), and is not made again.
+            if status != VmStatus::Saved {
+                progress("saving memory and device state", 0, 0);
+                let t = Instant::now();
+                if let Err(e) = with_driver(store, &rec, |d, c| d.save(c, &memory)) {
+                    let _ = std::fs::remove_file(&memory);
+                    // Nothing was stored: the VM is as it was (paused), under its old record.
+                    save_record(store, &before)?;
+                    return Err(e);
+                }
+                save_seconds = t.elapsed().as_secs_f64();
             }
-            save_seconds = t.elapsed().as_secs_f64();
             // From here the VM exists only in this file and its disk: make the file durable
             // (QEMU does not; free on /dev/shm, where a reboot loses it and a rerun then
-            // says so instead of storing a damaged image), then record where it is.
+            // says so instead of storing a damaged image), then record that it is whole.
             std::fs::File::open(&memory)
                 .and_then(|f| f.sync_all())
                 .map_err(|e| VmError::io(&memory, e))?;
             rec.state = VmState::SwappingOut;
-            rec.memory_path = Some(memory.clone());
-            rec.manifest = Some(unused_manifest_name(repo, name)?);
-            rec.repo = Some(repo.url());
-            rec.disk_done = false;
             save_record(store, &rec)?;
+            // Recorded: the hypervisor, paused since the save, can go now (a crash before
+            // this line left it paused and saved, and a rerun goes on from here).
+            with_driver(store, &rec, |d, c| d.kill(c))?;
         }
         VmState::SwappingOut => {
             if rec.repo.as_deref() != Some(repo.url().as_str()) {
@@ -612,6 +643,10 @@ pub fn swapout(
                     "VM {name} is half swapped out to {}: finish it there",
                     rec.repo.as_deref().unwrap_or("?")
                 )));
+            }
+            // A run that died between the record and the kill left the hypervisor paused.
+            if with_driver(store, &rec, |d, c| d.status(c))? != VmStatus::Stopped {
+                with_driver(store, &rec, |d, c| d.kill(c))?;
             }
         }
     }
