@@ -3,14 +3,15 @@
 //! documents so that dumps stay readable; a field added later must be `Option` or carry
 //! `#[serde(default)]` so that older records still load. Layout: kernel-notes/formats.md.
 //!
-//! redb lets one process open a database file at a time, and a served disk lives for days, so
-//! no process keeps the registry open: every operation opens it, runs one transaction and
-//! closes it, retrying briefly while another process holds it.
+//! Every process that uses the store (the CLI, disk servers that live for days, VM commands)
+//! keeps the registry open from `Store::open` on, in redb's multi-writer mode, which runs one
+//! write transaction at a time across them. Opening it per operation, as before, cost three
+//! syncs and an integrity check each time.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{ConcurrencyMode, Database, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::delta::DeltaStats;
@@ -84,6 +85,7 @@ impl DeltaRecord {
 
 pub struct Registry {
     path: PathBuf,
+    db: Database,
 }
 
 /// One registry transaction. Nothing is written unless the closure given to
@@ -102,6 +104,7 @@ impl Registry {
     pub fn open(path: &Path) -> Result<Registry, StoreError> {
         let reg = Registry {
             path: path.to_path_buf(),
+            db: Self::open_db(path)?,
         };
         reg.update(|t| {
             let mut meta = t.txn.open_table(META).map_err(|e| db_err(t.path, e))?;
@@ -133,14 +136,15 @@ impl Registry {
         Ok(reg)
     }
 
-    fn open_db(&self) -> Result<Database, StoreError> {
+    fn open_db(at: &Path) -> Result<Database, StoreError> {
         let deadline = Instant::now() + OPEN_TIMEOUT;
         loop {
-            let path = self.path.clone();
+            let path = at.to_path_buf();
             // redb documents that a file damaged outside redb may make it panic: contain that.
             let opened = std::panic::catch_unwind(move || {
                 Database::builder()
                     .set_check_integrity_on_open(true)
+                    .set_concurrency_mode(ConcurrencyMode::MultiWriter)
                     .create(&path)
             });
             match opened {
@@ -148,17 +152,18 @@ impl Registry {
                 Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(5));
                 }
+                // Only a process in another mode (an older stasis) holds the whole file.
                 Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
                     return Err(StoreError::Busy(format!(
                         "registry {} is held by another process",
-                        self.path.display()
+                        at.display()
                     )))
                 }
                 Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))) => {
-                    return Err(StoreError::io(&self.path, e))
+                    return Err(StoreError::io(at, e))
                 }
-                Ok(Err(e)) => return Err(db_err(&self.path, e)),
-                Err(_) => return Err(db_err(&self.path, "the database file is damaged")),
+                Ok(Err(e)) => return Err(db_err(at, e)),
+                Err(_) => return Err(db_err(at, "the database file is damaged")),
             }
         }
     }
@@ -168,8 +173,7 @@ impl Registry {
         &self,
         f: impl FnOnce(&mut Txn) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let db = self.open_db()?;
-        let txn = db.begin_write().map_err(|e| db_err(&self.path, e))?;
+        let txn = self.db.begin_write().map_err(|e| db_err(&self.path, e))?;
         let out = f(&mut Txn {
             txn: &txn,
             path: &self.path,
@@ -188,8 +192,7 @@ impl Registry {
 
     /// Runs `f` in a transaction that is never committed.
     pub fn read<T>(&self, f: impl FnOnce(&Txn) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let db = self.open_db()?;
-        let txn = db.begin_write().map_err(|e| db_err(&self.path, e))?;
+        let txn = self.db.begin_write().map_err(|e| db_err(&self.path, e))?;
         let out = f(&Txn {
             txn: &txn,
             path: &self.path,
