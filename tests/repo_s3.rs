@@ -289,7 +289,8 @@ fn nodes_of_a_served_repository_reach_its_bucket_straight_through_presigned_urls
     assert!(log.contains("redirected to its bucket"), "{log}");
 
     // A node that puts other bytes under a chunk's name: refused at the check, not indexed,
-    // and the object is gone.
+    // and nothing is left of it. Put right, it is taken in; a replay of the URL afterwards
+    // (still valid for minutes) writes only to the staging key, never over the chunk.
     let (status, body) = http(
         &url,
         "POST",
@@ -300,32 +301,60 @@ fn nodes_of_a_served_repository_reach_its_bucket_straight_through_presigned_urls
     assert_eq!(status, 200);
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let (id, token) = (v["session"].as_str().unwrap(), v["token"].as_str().unwrap());
-    let claimed = *blake3::hash(b"what the chunk should be").as_bytes();
-    let (status, body) = http(
-        &url,
-        "POST",
-        &format!("/v1/sessions/{id}/upload-urls"),
-        Some(token),
-        &claimed,
-    );
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let put_url = v["urls"][0].as_str().expect("an S3 brick gets a URL");
-    let put = reqwest::blocking::Client::new()
-        .put(put_url)
-        .body("something else")
-        .send()
-        .unwrap();
-    assert!(put.status().is_success(), "{put:?}");
-    let (status, body) = http(
-        &url,
-        "POST",
-        &format!("/v1/sessions/{id}/uploaded"),
-        Some(token),
-        &claimed,
-    );
-    assert_eq!(status, 422, "{}", String::from_utf8_lossy(&body));
+    let right: &[u8] = b"what the chunk should be";
+    let claimed = *blake3::hash(right).as_bytes();
     let hex = blake3::Hash::from_bytes(claimed).to_hex();
+    let put_url = || -> String {
+        let (status, body) = http(
+            &url,
+            "POST",
+            &format!("/v1/sessions/{id}/upload-urls"),
+            Some(token),
+            &claimed,
+        );
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        v["urls"][0]
+            .as_str()
+            .expect("an S3 brick gets a URL")
+            .to_string()
+    };
+    let put = |to: &str, bytes: &'static [u8]| {
+        let r = reqwest::blocking::Client::new()
+            .put(to)
+            .body(bytes)
+            .send()
+            .unwrap();
+        assert!(r.status().is_success(), "{r:?}");
+    };
+    let uploaded = || {
+        http(
+            &url,
+            "POST",
+            &format!("/v1/sessions/{id}/uploaded"),
+            Some(token),
+            &claimed,
+        )
+        .0
+    };
+    let first = put_url();
+    assert!(first.contains("/staging/"), "{first}");
+    put(&first, b"something else");
+    assert_eq!(uploaded(), 422);
+    let second = put_url();
+    put(&second, b"what the chunk should be");
+    assert_eq!(uploaded(), 204);
+    put(&second, b"garbage over a chunk already taken in");
+    let (status, got) = http(
+        &url,
+        "GET",
+        &format!("/v1/sessions/{id}/chunks/{hex}"),
+        Some(token),
+        b"",
+    );
+    assert_eq!((status, got.as_slice()), (200, right));
+    // Naming it again drops the replayed staging object, unread; the chunk stays as it was.
+    assert_eq!(uploaded(), 204);
     let stat: serde_json::Value = serde_json::from_str(&common::ok_with(
         &a,
         &["--json", "repo", "stat", "--repo", &url],
@@ -342,8 +371,8 @@ fn nodes_of_a_served_repository_reach_its_bucket_straight_through_presigned_urls
     assert_eq!(status, 200);
     let listing = String::from_utf8_lossy(&listing);
     assert!(
-        !listing.contains(hex.as_str()),
-        "the refused object was removed"
+        !listing.contains("/staging/"),
+        "no staging object is left: {listing}"
     );
     assert_eq!(
         stat["chunks"].as_u64().unwrap() as usize,

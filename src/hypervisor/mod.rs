@@ -264,25 +264,29 @@ fn default_hook_timeout() -> u64 {
     DEFAULT_HOOK_TIMEOUT_SECS
 }
 
+/// How long QEMU's start or an `xl` command may run: `xl save` of a large domain to slow
+/// storage takes long, and killing it half way leaves the domain suspended.
+const COMMAND_TIMEOUT_SECS: u64 = 4 * 3600;
+
 /// Runs a command (QEMU's start, `xl`) to its end and returns its stdout; it fails unless it
-/// exits 0, or if it still runs after [`DEFAULT_HOOK_TIMEOUT_SECS`].
+/// exits 0, or if it still runs after [`COMMAND_TIMEOUT_SECS`].
 fn run_command(cmd: &mut std::process::Command) -> Result<String, HvError> {
-    run_command_within(
-        cmd,
-        std::time::Duration::from_secs(DEFAULT_HOOK_TIMEOUT_SECS),
-    )
+    run_command_within(cmd, std::time::Duration::from_secs(COMMAND_TIMEOUT_SECS))
 }
 
-/// [`run_command`] with a time limit: past `limit` the command is killed (SIGKILL) and
-/// fails, so a hung hook or `xl` cannot hang a swapout forever.
+/// [`run_command`] with a time limit: past `limit` the command and what it started (its
+/// process group) are killed (SIGKILL), and it fails, so a hung hook or `xl` cannot hang a
+/// swapout forever. Its output is read until it closes, for at most 30 s after it exits.
 fn run_command_within(
     cmd: &mut std::process::Command,
     limit: std::time::Duration,
 ) -> Result<String, HvError> {
     use std::io::Read;
+    use std::os::unix::process::CommandExt;
     use std::process::Stdio;
     let shown = format!("{:?}", cmd.get_program());
     let mut child = cmd
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -290,13 +294,15 @@ fn run_command_within(
         .map_err(|e| HvError::io(format!("running {shown}"), e))?;
     // Read on threads of their own: a command that fills one pipe while we wait would block.
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut bytes = Vec::new();
             if let Some(mut p) = pipe {
                 let _ = p.read_to_end(&mut bytes);
             }
-            bytes
-        })
+            let _ = tx.send(bytes);
+        });
+        rx
     };
     let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
     let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
@@ -308,7 +314,9 @@ fn run_command_within(
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Ok(None) => {
-                let _ = child.kill();
+                // SAFETY: kill of the process group we made the child lead (its pgid is its
+                // pid), which it and what it started are in.
+                unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                 let _ = child.wait();
                 // The readers are left behind: a child of the command may hold the pipes.
                 return Err(HvError::Command {
@@ -319,8 +327,23 @@ fn run_command_within(
             Err(e) => return Err(HvError::io(format!("waiting for {shown}"), e)),
         }
     };
-    let out = stdout.join().unwrap_or_default();
-    let err = stderr.join().unwrap_or_default();
+    // A process the command left behind may hold its output open: wait for it a while only.
+    let done_by = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        rx.recv_timeout(done_by.saturating_duration_since(std::time::Instant::now()))
+    };
+    let (out, err) = match (collect(stdout), collect(stderr)) {
+        (Ok(out), Ok(err)) => (out, err),
+        _ => {
+            return Err(HvError::Command {
+                command: format!("{cmd:?}"),
+                why: format!(
+                    "exited ({status}), but something it started still holds its output open \
+                     after 30 s"
+                ),
+            })
+        }
+    };
     if !status.success() {
         return Err(HvError::Command {
             command: format!("{cmd:?}"),
@@ -355,6 +378,19 @@ mod tests {
         let e = run_command_within(Command::new("sleep").arg("30"), Duration::from_millis(300))
             .unwrap_err();
         assert!(e.to_string().contains("killed"), "{e}");
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn what_a_command_started_dies_with_it_at_the_limit() {
+        let t = Instant::now();
+        let e = run_command_within(
+            Command::new("sh").args(["-c", "sleep 30 & sleep 30"]),
+            Duration::from_millis(300),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("killed"), "{e}");
+        // The background sleep held the output pipes: had it lived, this would wait 30 s.
         assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     }
 

@@ -243,12 +243,22 @@ impl Hypervisor for QemuDriver {
                 vm.name
             )));
         }
-        let _ = std::fs::remove_file(file);
-        Self::set_caps(&mut q)?;
-        q.execute(
-            "migrate",
-            json!({ "uri": format!("file:{}", file.display()) }),
-        )?;
+        // A save a dead run started goes on in QEMU without its client (to the same file: the
+        // record names it): wait for that one instead of starting another, which QEMU would
+        // refuse, over a file it is still writing.
+        let under_way = q.execute("query-migrate", json!({}))?;
+        let active = matches!(
+            under_way.get("status").and_then(Value::as_str),
+            Some("setup" | "active" | "pre-switchover" | "device" | "wait-unplug")
+        );
+        if !active {
+            let _ = std::fs::remove_file(file);
+            Self::set_caps(&mut q)?;
+            q.execute(
+                "migrate",
+                json!({ "uri": format!("file:{}", file.display()) }),
+            )?;
+        }
         let r = Self::wait_migration(&mut q, "saving the VM")?;
         // QEMU stays, paused (postmigrate), until the caller has recorded the file and
         // kills it: a crash before that finds the VM still here and saves it again.

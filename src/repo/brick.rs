@@ -300,6 +300,10 @@ pub struct S3Spec {
     pub region: Option<String>,
 }
 
+/// The key level under an S3 brick's prefix where nodes' direct uploads land before the
+/// server checks them.
+const STAGING: &str = "staging";
+
 pub struct S3Brick {
     spec: S3Spec,
     store: object_store::aws::AmazonS3,
@@ -383,19 +387,111 @@ impl S3Brick {
         })
     }
 
-    /// A presigned URL for one `GET` or `PUT` of the chunk's object, valid `ttl`: a node
-    /// given it reaches the bucket straight, without credentials of its own.
-    pub fn signed_url(
+    fn prefixed(&self, rest: &str) -> object_store::path::Path {
+        let prefix = self.spec.prefix.trim_matches('/');
+        if prefix.is_empty() {
+            object_store::path::Path::from(rest)
+        } else {
+            object_store::path::Path::from(format!("{prefix}/{rest}"))
+        }
+    }
+
+    /// Where a node's direct upload of a chunk lands first (`<prefix>/staging/<session>/
+    /// <hash>`): never the chunk's own key, which only the server writes, after checking.
+    fn staging_key(&self, session: &str, hash: &ChunkHash) -> object_store::path::Path {
+        self.prefixed(&format!("{STAGING}/{session}/{}", hash.to_hex()))
+    }
+
+    /// A presigned `GET` of the chunk's object, valid `ttl`: a node given it reads the
+    /// bucket straight, without credentials of its own.
+    pub fn download_url(
+        &self,
+        hash: &ChunkHash,
+        ttl: std::time::Duration,
+    ) -> Result<String, RepoError> {
+        self.sign(axum::http::Method::GET, &self.key(hash), hash, ttl)
+    }
+
+    /// A presigned `PUT` to the chunk's staging key for `session`, valid `ttl`.
+    pub fn upload_url(
+        &self,
+        session: &str,
+        hash: &ChunkHash,
+        ttl: std::time::Duration,
+    ) -> Result<String, RepoError> {
+        self.sign(
+            axum::http::Method::PUT,
+            &self.staging_key(session, hash),
+            hash,
+            ttl,
+        )
+    }
+
+    fn sign(
         &self,
         method: axum::http::Method,
+        key: &object_store::path::Path,
         hash: &ChunkHash,
         ttl: std::time::Duration,
     ) -> Result<String, RepoError> {
         use object_store::signer::Signer;
         self.rt
-            .block_on(self.store.signed_url(method, &self.key(hash), ttl))
+            .block_on(self.store.signed_url(method, key, ttl))
             .map(|u| u.to_string())
             .map_err(|e| self.err(Some(hash), e))
+    }
+
+    /// Takes in a chunk a node put at its staging key: read, checked against its hash, then
+    /// copied (server side) to the chunk's own key; the staging object is removed either way.
+    pub fn accept_staged(&self, session: &str, hash: &ChunkHash) -> Result<u32, RepoError> {
+        use object_store::ObjectStoreExt;
+        let staged = self.staging_key(session, hash);
+        let checked = self
+            .rt
+            .block_on(async { self.store.get(&staged).await?.bytes().await })
+            .map_err(|e| self.err(Some(hash), e))
+            .and_then(|data| {
+                decode(hash, Vec::from(data), || {
+                    format!("s3://{}/{staged}", self.spec.bucket)
+                })
+            });
+        let result = checked.and_then(|data| {
+            self.rt
+                .block_on(self.store.copy(&staged, &self.key(hash)))
+                .map(|_| data.len() as u32)
+                .map_err(|e| self.err(Some(hash), e))
+        });
+        let _ = self.rt.block_on(self.store.delete(&staged));
+        result
+    }
+
+    /// Drops what a node put at a chunk's staging key, unread.
+    pub fn discard_staged(&self, session: &str, hash: &ChunkHash) {
+        use object_store::ObjectStoreExt;
+        let _ = self
+            .rt
+            .block_on(self.store.delete(&self.staging_key(session, hash)));
+    }
+
+    /// Staging objects older than `cutoff` (uploads never taken in): removed.
+    fn remove_stale_staging(&self, cutoff: u64) -> Result<u64, RepoError> {
+        use futures_util::TryStreamExt;
+        use object_store::{ObjectStore, ObjectStoreExt};
+        let staging = self.prefixed(STAGING);
+        let metas: Vec<object_store::ObjectMeta> = self
+            .rt
+            .block_on(self.store.list(Some(&staging)).try_collect())
+            .map_err(|e| self.err(None, e))?;
+        let mut removed = 0;
+        for m in metas {
+            if (m.last_modified.timestamp().max(0) as u64) < cutoff {
+                match self.rt.block_on(self.store.delete(&m.location)) {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => removed += 1,
+                    Err(e) => return Err(self.err(None, e)),
+                }
+            }
+        }
+        Ok(removed)
     }
 
     pub fn remove(&self, hash: &ChunkHash) -> Result<(), RepoError> {
@@ -426,8 +522,10 @@ impl S3Brick {
             .rt
             .block_on(self.store.list(prefix.as_ref()).try_collect())
             .map_err(|e| self.err(None, e))?;
+        let staging = self.prefixed(STAGING);
         Ok(metas
             .into_iter()
+            .filter(|m| !m.location.prefix_matches(&staging))
             .filter_map(|m| {
                 let hash = ChunkHash::from_hex(m.location.filename()?)?;
                 Some((hash, m.last_modified.timestamp().max(0) as u64))
@@ -447,19 +545,6 @@ impl Brick {
         match self {
             Brick::Dir(b) => b.put(chunks),
             Brick::S3(b) => chunks.iter().try_for_each(|(h, d)| b.put(h, d)),
-        }
-    }
-
-    /// A presigned URL for the chunk's object, for an S3 brick; None for a directory.
-    pub fn signed_url(
-        &self,
-        method: axum::http::Method,
-        hash: &ChunkHash,
-        ttl: std::time::Duration,
-    ) -> Result<Option<String>, RepoError> {
-        match self {
-            Brick::Dir(_) => Ok(None),
-            Brick::S3(b) => b.signed_url(method, hash, ttl).map(Some),
         }
     }
 
@@ -493,11 +578,12 @@ impl Brick {
         }
     }
 
-    /// See [`DirBrick::remove_stale_tmp`]; an S3 PUT leaves no temporary object.
+    /// See [`DirBrick::remove_stale_tmp`]; an S3 brick's are the staging objects of direct
+    /// uploads never taken in.
     pub fn remove_stale_tmp(&self, cutoff: u64) -> Result<u64, RepoError> {
         match self {
             Brick::Dir(b) => b.remove_stale_tmp(cutoff),
-            Brick::S3(_) => Ok(0),
+            Brick::S3(b) => b.remove_stale_staging(cutoff),
         }
     }
 

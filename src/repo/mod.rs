@@ -331,59 +331,58 @@ impl Repo {
         self.meta.index(&entries, now_secs())
     }
 
-    /// Presigned URLs that let a node fetch chunks straight from their S3 brick (one per
-    /// hash; None for a chunk in a directory brick, or not held).
-    pub fn download_urls(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<String>>, RepoError> {
+    /// A presigned URL that lets a node fetch a chunk straight from its S3 brick; None for
+    /// a chunk in a directory brick, or not held.
+    pub fn download_url(&self, hash: &ChunkHash) -> Result<Option<String>, RepoError> {
+        match self.meta.chunk(hash)? {
+            Some((brick, _)) => match self.bricks.get(brick as usize) {
+                Some(Brick::S3(b)) => b.download_url(hash, DIRECT_URL_TTL).map(Some),
+                _ => Ok(None),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// Presigned URLs that let upload session `session` put chunks straight into their S3
+    /// brick, at a staging key of that session (never the chunk's own key). None for a chunk
+    /// whose brick is a directory, or that is held already: those go through
+    /// [`Repo::put_chunks`]. What a node puts there counts only once [`Repo::take_uploaded`]
+    /// has checked it.
+    pub fn upload_urls(
+        &self,
+        session: &str,
+        hashes: &[ChunkHash],
+    ) -> Result<Vec<Option<String>>, RepoError> {
         hashes
             .iter()
-            .map(|h| match self.meta.chunk(h)? {
-                Some((brick, _)) => match self.bricks.get(brick as usize) {
-                    Some(b) => b.signed_url(axum::http::Method::GET, h, DIRECT_URL_TTL),
-                    None => Ok(None),
-                },
-                None => Ok(None),
+            .map(|h| match &self.bricks[self.brick_for(h) as usize] {
+                Brick::S3(b) if self.meta.chunk(h)?.is_none() => {
+                    b.upload_url(session, h, DIRECT_URL_TTL).map(Some)
+                }
+                _ => Ok(None),
             })
             .collect()
     }
 
-    /// Presigned URLs that let a node store chunks straight into their S3 brick (None for a
-    /// chunk whose brick is a directory: it goes through [`Repo::put_chunks`]). What a node
-    /// puts there is indexed only once [`Repo::index_uploaded`] has checked it.
-    pub fn upload_urls(&self, hashes: &[ChunkHash]) -> Result<Vec<Option<String>>, RepoError> {
-        hashes
-            .iter()
-            .map(|h| {
-                self.bricks[self.brick_for(h) as usize].signed_url(
-                    axum::http::Method::PUT,
-                    h,
-                    DIRECT_URL_TTL,
-                )
-            })
-            .collect()
-    }
-
-    /// Indexes chunks a node stored straight into their S3 brick, after reading each back
-    /// and checking it against its hash: all of them, or none (a chunk that does not match,
-    /// or is not there, is refused and its object removed).
-    pub fn index_uploaded(&self, hashes: &[ChunkHash]) -> Result<(), RepoError> {
+    /// Takes in chunks session `session` put at their staging keys: each is read, checked
+    /// against its hash and copied to its own key by the server, then the batch is indexed.
+    /// A chunk held already is not touched (its staging object is dropped). A chunk that is
+    /// missing or does not match fails the call, and nothing of the batch is indexed.
+    pub fn take_uploaded(&self, session: &str, hashes: &[ChunkHash]) -> Result<(), RepoError> {
         let mut entries = Vec::with_capacity(hashes.len());
         for h in hashes {
             let brick = self.brick_for(h);
-            let b = &self.bricks[brick as usize];
-            if !matches!(b, Brick::S3(_)) {
+            let Brick::S3(b) = &self.bricks[brick as usize] else {
                 return Err(RepoError::Usage(format!(
                     "chunk {h} belongs in a directory brick: upload it, not a URL"
                 )));
+            };
+            if self.meta.chunk(h)?.is_some() {
+                b.discard_staged(session, h);
+                continue;
             }
-            match b.get(h) {
-                Ok(data) => entries.push((*h, brick, data.len() as u32)),
-                Err(e) => {
-                    if matches!(e, RepoError::BadChunk { .. }) {
-                        let _ = b.remove(h);
-                    }
-                    return Err(e);
-                }
-            }
+            let size = b.accept_staged(session, h)?;
+            entries.push((*h, brick, size));
         }
         self.meta.index(&entries, now_secs())
     }

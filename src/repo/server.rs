@@ -241,8 +241,8 @@ async fn get_chunk(
     let hash = ChunkHash::from_hex(&hash).ok_or_else(|| bad_request("bad chunk hash"))?;
     if q.direct == 1 {
         // A chunk in an S3 brick: the node fetches it from the bucket, not through us.
-        let url = auth.run(move |r| r.download_urls(&[hash])).await?;
-        if let Some(Some(url)) = url.into_iter().next() {
+        // No URL (or none could be signed): the chunk comes through us, as without `direct`.
+        if let Ok(Some(url)) = auth.run(move |r| r.download_url(&hash)).await {
             tracing::debug!(chunk = %hash, "redirected to its bucket");
             return Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, url)]).into_response());
         }
@@ -254,7 +254,8 @@ async fn get_chunk(
 /// to `chunks`). Body: a hash list (10.6.4); reply: `{"urls": [URL | null, ...]}`.
 async fn upload_urls(auth: CanUpload, body: Bytes) -> Result<Response, ApiError> {
     let hashes = wire::decode_hashes(&body).map_err(bad_request)?;
-    let urls = auth.run(move |r| r.upload_urls(&hashes)).await?;
+    let session = hex::encode(auth.claims.session);
+    let urls = auth.run(move |r| r.upload_urls(&session, &hashes)).await?;
     Ok(json(serde_json::json!({ "urls": urls })))
 }
 
@@ -262,10 +263,11 @@ async fn upload_urls(auth: CanUpload, body: Bytes) -> Result<Response, ApiError>
 async fn uploaded(auth: CanUpload, body: Bytes) -> Result<Response, ApiError> {
     let hashes = wire::decode_hashes(&body).map_err(bad_request)?;
     let count = hashes.len();
+    let session = hex::encode(auth.claims.session);
     auth.run(move |r| {
         // Held while checking and indexing, as for an upload through us: gc waits.
         let _lock = r.upload_lock()?;
-        r.index_uploaded(&hashes)
+        r.take_uploaded(&session, &hashes)
     })
     .await?;
     tracing::debug!(

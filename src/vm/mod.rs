@@ -593,6 +593,19 @@ pub fn swapout(
                 )));
             }
             let before = rec.clone();
+            let was_saving = rec.state == VmState::Saving;
+            if status == VmStatus::Saved && !(was_saving && memory.is_file()) {
+                // A completed save this record does not name (or whose image is gone): QEMU
+                // will not save again from there, and the image is not ours to trust.
+                return Err(VmError::Failed(format!(
+                    "VM {name}'s hypervisor holds a completed save that this node has no whole \
+                     image of; `stasis vm resume {name}` lets it run again, then swap it out"
+                )));
+            }
+            if was_saving && status == VmStatus::Running {
+                // Resumed by hand since the run that recorded `saving`: pause it again.
+                with_driver(store, &rec, |d, c| d.pause(c))?;
+            }
             if rec.state == VmState::Running {
                 if paused.is_none() {
                     progress("pausing", 0, 0);
