@@ -145,6 +145,9 @@ const TMP_PREFIX: &str = "tmp.";
 pub struct DirBrick {
     dir: PathBuf,
     tmp_counter: AtomicU64,
+    /// A fan-out directory was created since the brick directory was last synced: its
+    /// entry there is not durable yet (`sync_dirs` syncs the brick directory too).
+    fanout_made: std::sync::atomic::AtomicBool,
 }
 
 impl DirBrick {
@@ -153,6 +156,7 @@ impl DirBrick {
         Ok(DirBrick {
             dir: dir.to_path_buf(),
             tmp_counter: AtomicU64::new(0),
+            fanout_made: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -174,7 +178,11 @@ impl DirBrick {
                 refuse_mismatch(hash, data)?;
                 let dest = self.chunk_path(hash);
                 let parent = dest.parent().expect("chunk paths have a fan-out directory");
-                fs::create_dir_all(parent).map_err(|e| RepoError::io(parent, e))?;
+                match fs::create_dir(parent) {
+                    Ok(()) => self.fanout_made.store(true, Ordering::Release),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(RepoError::io(parent, e)),
+                }
                 let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
                 // In the chunk's own directory: the rename stays in one directory, and
                 // concurrent uploads do not all contend for one.
@@ -205,7 +213,8 @@ impl DirBrick {
     }
 
     /// Makes the renames of chunks stored so far durable (see [`Brick::sync`]): each fan-out
-    /// directory they touched is synced once.
+    /// directory they touched is synced once, and the brick directory if a fan-out directory
+    /// was created since it was last synced.
     pub fn sync_dirs<'a>(
         &self,
         hashes: impl Iterator<Item = &'a ChunkHash>,
@@ -215,6 +224,9 @@ impl DirBrick {
             .collect();
         dirs.sort();
         dirs.dedup();
+        if self.fanout_made.swap(false, Ordering::AcqRel) {
+            dirs.push(self.dir.clone());
+        }
         in_parallel(&dirs, |d| {
             fs::File::open(d)
                 .and_then(|f| f.sync_all())
