@@ -23,5 +23,16 @@ pub fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()
     if written.is_err() {
         let _ = fs::remove_file(tmp);
     }
-    written.and_then(|_| fs::File::open(dir)?.sync_all())
+    written.and_then(|_| sync_dir(dir))
+}
+
+/// fsync a directory, so that a file created or renamed in it is durable.
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// fsync a file and then its directory: the file's data and its name are durable.
+pub fn sync_file_and_dir(path: &Path) -> std::io::Result<()> {
+    fs::File::open(path)?.sync_all()?;
+    sync_dir(path.parent().unwrap_or(Path::new(".")))
 }

@@ -228,9 +228,7 @@ impl DirBrick {
             dirs.push(self.dir.clone());
         }
         in_parallel(&dirs, |d| {
-            fs::File::open(d)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| RepoError::io(d, e))
+            crate::fsutil::sync_dir(d).map_err(|e| RepoError::io(d, e))
         })
     }
 

@@ -174,9 +174,7 @@ pub fn read_exact_at(
 
 /// fsync a directory so that a rename or create inside it is durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StoreError::io(dir, e))
+    crate::fsutil::sync_dir(dir).map_err(|e| StoreError::io(dir, e))
 }
 
 #[cfg(test)]

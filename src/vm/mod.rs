@@ -225,8 +225,7 @@ pub fn load(store: &Store, name: &str) -> Result<VmRecord, VmError> {
 fn save_record(store: &Store, rec: &VmRecord) -> Result<(), VmError> {
     let path = record_path(store, &rec.name);
     let bytes = serde_json::to_vec_pretty(rec).map_err(|e| VmError::Failed(e.to_string()))?;
-    crate::repo::write_durably(&path, &bytes, 0o644)?;
-    Ok(())
+    crate::fsutil::write_durably(&path, &bytes, 0o644).map_err(|e| VmError::io(&path, e))
 }
 
 /// Every VM this node knows, by name.
@@ -638,12 +637,11 @@ pub fn swapout(
                 }
                 save_seconds = t.elapsed().as_secs_f64();
             }
-            // From here the VM exists only in this file and its disk: make the file durable
-            // (QEMU does not; free on /dev/shm, where a reboot loses it and a rerun then
-            // says so instead of storing a damaged image), then record that it is whole.
-            std::fs::File::open(&memory)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| VmError::io(&memory, e))?;
+            // From here the VM exists only in this file and its disk: make the file and its
+            // name durable (QEMU does not; free on /dev/shm, where a reboot loses it and a
+            // rerun then says so instead of storing a damaged image), then record that it is
+            // whole.
+            crate::fsutil::sync_file_and_dir(&memory).map_err(|e| VmError::io(&memory, e))?;
             rec.state = VmState::SwappingOut;
             save_record(store, &rec)?;
             // Recorded: the hypervisor, paused since the save, can go now (a crash before
