@@ -243,15 +243,21 @@ impl Hypervisor for QemuDriver {
                 vm.name
             )));
         }
-        // A save a dead run started goes on in QEMU without its client (to the same file: the
-        // record names it): wait for that one instead of starting another, which QEMU would
-        // refuse, over a file it is still writing.
-        let under_way = q.execute("query-migrate", json!({}))?;
-        let active = matches!(
-            under_way.get("status").and_then(Value::as_str),
-            Some("setup" | "active" | "pre-switchover" | "device" | "wait-unplug")
-        );
-        if !active {
+        // A save a dead run started goes on in QEMU without its client, to the same file (the
+        // record names it): wait for it, or take it if it has just completed, rather than
+        // start another, which QEMU refuses after a completed one and which would write over
+        // the file.
+        let previous = q.execute("query-migrate", json!({}))?;
+        let previous = previous.get("status").and_then(Value::as_str);
+        let taken_over = match previous {
+            Some("setup" | "active" | "pre-switchover" | "device" | "wait-unplug") => true,
+            Some("completed") => {
+                status.get("status").and_then(Value::as_str) == Some("postmigrate")
+                    && file.is_file()
+            }
+            _ => false,
+        };
+        if !taken_over {
             let _ = std::fs::remove_file(file);
             Self::set_caps(&mut q)?;
             q.execute(

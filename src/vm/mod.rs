@@ -569,97 +569,85 @@ pub fn swapout(
     let memory = memory_file(store, &rec);
     let mut pause_ms = paused.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
     let mut save_seconds = 0.0;
-    match rec.state {
-        VmState::SwappedOut => {
-            return Err(VmError::Usage(format!(
-                "VM {name} is already swapped out (as {})",
-                rec.manifest.as_deref().unwrap_or("?")
-            )))
+    if rec.state == VmState::SwappedOut {
+        return Err(VmError::Usage(format!(
+            "VM {name} is already swapped out (as {})",
+            rec.manifest.as_deref().unwrap_or("?")
+        )));
+    }
+    if rec.state != VmState::Running && rec.repo.as_deref() != Some(repo.url().as_str()) {
+        return Err(VmError::Usage(format!(
+            "VM {name} is half swapped out to {}: finish it there",
+            rec.repo.as_deref().unwrap_or("?")
+        )));
+    }
+    let status = with_driver(store, &rec, |d, c| d.status(c))?;
+    if rec.state != VmState::SwappingOut {
+        // Running, or Saving (a run died during or after its save): save, record, kill.
+        if status == VmStatus::Stopped {
+            let when = if rec.state == VmState::Saving {
+                "its hypervisor ended while it was being saved"
+            } else {
+                "its hypervisor stopped: crashed, or the node rebooted"
+            };
+            return Err(VmError::Failed(format!(
+                "VM {name} is not running here ({when}); its disk {} holds what the guest \
+                 flushed. `stasis vm kill {name}` removes the VM, then start it again from \
+                 its disk",
+                rec.spec.disk
+            )));
         }
-        VmState::Running | VmState::Saving => {
-            let status = with_driver(store, &rec, |d, c| d.status(c))?;
-            if status == VmStatus::Stopped {
-                let when = if rec.state == VmState::Saving {
-                    "its hypervisor ended while it was being saved"
-                } else {
-                    "its hypervisor stopped: crashed, or the node rebooted"
-                };
-                return Err(VmError::Failed(format!(
-                    "VM {name} is not running here ({when}); its disk {} holds what the guest \
-                     flushed. `stasis vm kill {name}` removes the VM, then start it again from \
-                     its disk",
-                    rec.spec.disk
-                )));
-            }
-            let before = rec.clone();
-            let was_saving = rec.state == VmState::Saving;
-            if status == VmStatus::Saved && !(was_saving && memory.is_file()) {
-                // A completed save this record does not name (or whose image is gone): QEMU
-                // will not save again from there, and the image is not ours to trust.
-                return Err(VmError::Failed(format!(
-                    "VM {name}'s hypervisor holds a completed save that this node has no whole \
-                     image of; `stasis vm resume {name}` lets it run again, then swap it out"
-                )));
-            }
-            if was_saving && status == VmStatus::Running {
-                // Resumed by hand since the run that recorded `saving`: pause it again.
-                with_driver(store, &rec, |d, c| d.pause(c))?;
-            }
-            if rec.state == VmState::Running {
-                if paused.is_none() {
-                    progress("pausing", 0, 0);
-                    pause_ms = pause(store, name)?.as_secs_f64() * 1000.0;
-                }
-                // Recorded before the save: where the image goes and under which name, so
-                // that a run that dies during or after the save is finished by the next.
-                rec.state = VmState::Saving;
-                rec.memory_path = Some(memory.clone());
-                rec.manifest = Some(unused_manifest_name(repo, name)?);
-                rec.repo = Some(repo.url());
-                rec.disk_done = false;
-                save_record(store, &rec)?;
-            } else if rec.repo.as_deref() != Some(repo.url().as_str()) {
-                return Err(VmError::Usage(format!(
-                    "VM {name} is half swapped out to {}: finish it there",
-                    rec.repo.as_deref().unwrap_or("?")
-                )));
-            }
-            // A run that died after its save completed left the VM saved, and paused: the
-            // image is whole (the hypervisor says so), and is not made again.
-            if status != VmStatus::Saved {
-                progress("saving memory and device state", 0, 0);
-                let t = Instant::now();
-                if let Err(e) = with_driver(store, &rec, |d, c| d.save(c, &memory)) {
-                    let _ = std::fs::remove_file(&memory);
-                    // Nothing was stored: the VM is as it was (paused), under its old record.
-                    save_record(store, &before)?;
-                    return Err(e);
-                }
-                save_seconds = t.elapsed().as_secs_f64();
-            }
-            // From here the VM exists only in this file and its disk: make the file and its
-            // name durable (QEMU does not; free on /dev/shm, where a reboot loses it and a
-            // rerun then says so instead of storing a damaged image), then record that it is
-            // whole.
-            crate::fsutil::sync_file_and_dir(&memory).map_err(|e| VmError::io(&memory, e))?;
-            rec.state = VmState::SwappingOut;
+        // A run that died after its save completed left the VM saved and paused, the image
+        // whole (the hypervisor says so): it is taken as it is. A completed save this
+        // record does not name is not ours to trust.
+        let already_saved = status == VmStatus::Saved;
+        if already_saved && !(rec.state == VmState::Saving && memory.is_file()) {
+            return Err(VmError::Failed(format!(
+                "VM {name}'s hypervisor holds a completed save that this node has no whole \
+                 image of; `stasis vm resume {name}` lets it run again, then swap it out"
+            )));
+        }
+        // Running: not paused by the caller (an experiment pauses all first), or resumed by
+        // hand since a run recorded `saving`.
+        if status == VmStatus::Running {
+            progress("pausing", 0, 0);
+            let t = Instant::now();
+            with_driver(store, &rec, |d, c| d.pause(c))?;
+            pause_ms = t.elapsed().as_secs_f64() * 1000.0;
+        }
+        let before = rec.clone();
+        if rec.state == VmState::Running {
+            // Recorded before the save: where the image goes and under which name, so that a
+            // run that dies during or after the save is finished by the next.
+            rec.state = VmState::Saving;
+            rec.memory_path = Some(memory.clone());
+            rec.manifest = Some(unused_manifest_name(repo, name)?);
+            rec.repo = Some(repo.url());
+            rec.disk_done = false;
             save_record(store, &rec)?;
-            // Recorded: the hypervisor, paused since the save, can go now (a crash before
-            // this line left it paused and saved, and a rerun goes on from here).
-            with_driver(store, &rec, |d, c| d.kill(c))?;
         }
-        VmState::SwappingOut => {
-            if rec.repo.as_deref() != Some(repo.url().as_str()) {
-                return Err(VmError::Usage(format!(
-                    "VM {name} is half swapped out to {}: finish it there",
-                    rec.repo.as_deref().unwrap_or("?")
-                )));
+        if !already_saved {
+            progress("saving memory and device state", 0, 0);
+            let t = Instant::now();
+            if let Err(e) = with_driver(store, &rec, |d, c| d.save(c, &memory)) {
+                let _ = std::fs::remove_file(&memory);
+                // Nothing was stored: the VM is as it was (paused), under its old record.
+                save_record(store, &before)?;
+                return Err(e);
             }
-            // A run that died between the record and the kill left the hypervisor paused.
-            if with_driver(store, &rec, |d, c| d.status(c))? != VmStatus::Stopped {
-                with_driver(store, &rec, |d, c| d.kill(c))?;
-            }
+            save_seconds = t.elapsed().as_secs_f64();
         }
+        // From here the VM exists only in this file and its disk: make the file and its name
+        // durable (QEMU does not; free on /dev/shm, where a reboot loses it and a rerun then
+        // says so instead of storing a damaged image), then record that it is whole.
+        crate::fsutil::sync_file_and_dir(&memory).map_err(|e| VmError::io(&memory, e))?;
+        rec.state = VmState::SwappingOut;
+        save_record(store, &rec)?;
+    }
+    // Recorded: the hypervisor, paused since the save, can go now; also on a rerun whose run
+    // died between that record and this kill.
+    if status != VmStatus::Stopped {
+        with_driver(store, &rec, |d, c| d.kill(c))?;
     }
     let manifest = rec.manifest.clone().unwrap_or_default();
     let memory_file_bytes = std::fs::metadata(&memory)
