@@ -361,6 +361,13 @@ impl Store {
         DiskLock::acquire_blocking(&self.root.join("locks").join("store.lock"))
     }
 
+    /// `locks/<what>.lock`, exclusively, if no other holder has it (None then): for layers
+    /// above the store that need one command at a time on a thing of theirs (a VM).
+    pub fn try_lock(&self, what: &str) -> Result<Option<DiskLock>, StoreError> {
+        validate_name(what)?;
+        DiskLock::try_acquire(&self.root.join("locks").join(format!("{what}.lock")))
+    }
+
     fn lock_disk(&self, name: &str) -> Result<DiskLock, StoreError> {
         DiskLock::try_acquire(&self.root.join("locks").join(format!("disk-{name}.lock")))?
             .ok_or_else(|| StoreError::DiskInUse(name.to_string()))

@@ -57,6 +57,12 @@ pub fn control_hook(store_root: PathBuf, name: String, served: Arc<Served<Disk>>
         // server stops during it, and must not wait for it.
         if !req.disk_only {
             if let Some(vm) = crate::vm::owner_of_disk(&store, &name) {
+                if crate::vm::is_locked(&store, &vm) {
+                    return Err(crate::control::HookError {
+                        error: format!("VM {vm} is busy: a swapout of it is already running"),
+                        busy: true,
+                    });
+                }
                 if req.keep || req.manifest.is_some() {
                     return Err(format!(
                         "disk {name} is the disk of VM {vm}: its swapout is the VM's, which \

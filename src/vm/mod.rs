@@ -44,6 +44,9 @@ pub enum VmError {
     Usage(String),
     #[error("{0}")]
     Failed(String),
+    /// Another command is working on the VM (its lock is held): nothing was done.
+    #[error("{0}")]
+    Busy(String),
     #[error("VM {vm}: {source}")]
     Hypervisor {
         vm: String,
@@ -521,7 +524,23 @@ pub fn spawn_swapout(
 
 /// Ends VM `name` here without saving it: the hypervisor is killed, the disk server stopped
 /// (the disk stays, with every write the guest had flushed), and the record removed.
+/// Held by a command that changes a VM's state (swapout, swapin, kill) for its whole run:
+/// two at once would write over each other's record and memory image.
+fn lock_vm(store: &Store, name: &str) -> Result<crate::store::DiskLock, VmError> {
+    store.try_lock(&format!("vm-{name}"))?.ok_or_else(|| {
+        VmError::Busy(format!(
+            "VM {name} is busy: another stasis command is swapping it out or in, or killing it"
+        ))
+    })
+}
+
+/// Whether another command holds VM `name` (see [`lock_vm`]).
+pub fn is_locked(store: &Store, name: &str) -> bool {
+    matches!(lock_vm(store, name), Err(VmError::Busy(_)))
+}
+
 pub fn kill(store: &Store, name: &str) -> Result<(), VmError> {
+    let _one_at_a_time = lock_vm(store, name)?;
     let mut rec = load(store, name)?;
     if rec.state != VmState::SwappedOut {
         with_driver(store, &rec, |d, c| d.kill(c))?;
@@ -565,6 +584,7 @@ pub fn swapout(
     progress: Progress,
 ) -> Result<VmSwapoutSummary, VmError> {
     let started = Instant::now();
+    let _one_at_a_time = lock_vm(store, name)?;
     let mut rec = load(store, name)?;
     let memory = memory_file(store, &rec);
     let mut pause_ms = paused.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
@@ -949,6 +969,7 @@ pub fn swapin(
         .clone()
         .ok_or_else(|| VmError::Failed(format!("VM manifest {} names no VM", m.info.name)))?;
     crate::store::validate_name(&name)?;
+    let _one_at_a_time = lock_vm(store, &name)?;
     let spec: VmSpec = m
         .info
         .config
