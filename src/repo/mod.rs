@@ -334,6 +334,10 @@ impl Repo {
     /// A presigned URL that lets a node fetch a chunk straight from its S3 brick; None for
     /// a chunk in a directory brick, or not held.
     pub fn download_url(&self, hash: &ChunkHash) -> Result<Option<String>, RepoError> {
+        // A repository of directories answers without an index lookup.
+        if !self.has_s3_bricks() {
+            return Ok(None);
+        }
         match self.meta.chunk(hash)? {
             Some((brick, _)) => match self.bricks.get(brick as usize) {
                 Some(Brick::S3(b)) => b.download_url(hash, DIRECT_URL_TTL).map(Some),
@@ -343,11 +347,17 @@ impl Repo {
         }
     }
 
+    /// Whether any brick is an S3 bucket: only then do nodes of a served repository move
+    /// chunks straight to and from a brick.
+    pub fn has_s3_bricks(&self) -> bool {
+        self.bricks.iter().any(|b| matches!(b, Brick::S3(_)))
+    }
+
     /// Presigned URLs that let upload session `session` put chunks straight into their S3
     /// brick, at a staging key of that session (never the chunk's own key). None for a chunk
-    /// whose brick is a directory, or that is held already: those go through
-    /// [`Repo::put_chunks`]. What a node puts there counts only once [`Repo::take_uploaded`]
-    /// has checked it.
+    /// whose brick is a directory: it goes through [`Repo::put_chunks`]. What a node puts
+    /// there counts only once [`Repo::take_uploaded`] has checked it (and dropped it unread
+    /// if the chunk is held by then).
     pub fn upload_urls(
         &self,
         session: &str,
@@ -356,10 +366,8 @@ impl Repo {
         hashes
             .iter()
             .map(|h| match &self.bricks[self.brick_for(h) as usize] {
-                Brick::S3(b) if self.meta.chunk(h)?.is_none() => {
-                    b.upload_url(session, h, DIRECT_URL_TTL).map(Some)
-                }
-                _ => Ok(None),
+                Brick::S3(b) => b.upload_url(session, h, DIRECT_URL_TTL).map(Some),
+                Brick::Dir(_) => Ok(None),
             })
             .collect()
     }

@@ -25,6 +25,9 @@ struct Session {
     id: String,
     token: String,
     expires_at: u64,
+    /// The server hands out direct upload URLs (its repository has S3 bricks); a server
+    /// that does not say so gets every chunk itself.
+    direct_upload: bool,
 }
 
 pub struct RemoteRepo {
@@ -109,6 +112,7 @@ impl RemoteRepo {
                 id,
                 token,
                 expires_at,
+                direct_upload: v.get("direct_upload").and_then(|x| x.as_bool()) == Some(true),
             }),
             _ => Err(RepoError::Remote(format!("bad session reply: {v}"))),
         }
@@ -178,6 +182,9 @@ impl RemoteRepo {
     /// URLs the server hands out (then the server checks and indexes them); the rest through
     /// the server.
     pub fn put_chunks(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
+        if !self.session(Scope::Upload, false)?.direct_upload {
+            return self.put_through_server(chunks);
+        }
         let hashes: Vec<ChunkHash> = chunks.iter().map(|c| c.0).collect();
         let body = Bytes::from(wire::encode_hashes(&hashes));
         let reply = self.call(Scope::Upload, |c, p| {
@@ -228,12 +235,18 @@ impl RemoteRepo {
             })?;
         }
         if !through_server.is_empty() {
-            let body = Bytes::from(wire::encode_chunks(&through_server));
-            self.call(Scope::Upload, |c, p| {
-                c.post(format!("{p}/chunks")).body(body.clone())
-            })?;
+            self.put_through_server(&through_server)?;
         }
         Ok(())
+    }
+
+    /// Sends chunks to the server, which checks and stores them.
+    fn put_through_server(&self, chunks: &[(ChunkHash, &[u8])]) -> Result<(), RepoError> {
+        let body = Bytes::from(wire::encode_chunks(chunks));
+        self.call(Scope::Upload, |c, p| {
+            c.post(format!("{p}/chunks")).body(body.clone())
+        })
+        .map(drop)
     }
 
     /// A chunk, checked against its hash. The server may redirect to a presigned URL of its

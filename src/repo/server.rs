@@ -197,6 +197,8 @@ async fn open_session(
         "scope": scope.as_str(),
         "token": st.key.mint(&claims),
         "expires_at": claims.expires_at,
+        // Whether `upload-urls` can give direct URLs: else clients skip asking.
+        "direct_upload": st.repo.has_s3_bricks(),
     })))
 }
 
@@ -239,15 +241,30 @@ async fn get_chunk(
     Query(q): Query<ChunkQuery>,
 ) -> Result<Response, ApiError> {
     let hash = ChunkHash::from_hex(&hash).ok_or_else(|| bad_request("bad chunk hash"))?;
-    if q.direct == 1 {
-        // A chunk in an S3 brick: the node fetches it from the bucket, not through us.
-        // No URL (or none could be signed): the chunk comes through us, as without `direct`.
-        if let Ok(Some(url)) = auth.run(move |r| r.download_url(&hash)).await {
-            tracing::debug!(chunk = %hash, "redirected to its bucket");
-            return Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, url)]).into_response());
-        }
+    enum Reply {
+        Bytes(Vec<u8>),
+        Redirect(String),
     }
-    Ok(auth.run(move |r| r.get_chunk(&hash)).await?.into_response())
+    let direct = q.direct == 1;
+    let reply = auth
+        .run(move |r| {
+            // A chunk in an S3 brick: the node fetches it from the bucket, not through us.
+            // No URL (or none could be signed): the chunk comes through us.
+            if direct {
+                if let Ok(Some(url)) = r.download_url(&hash) {
+                    return Ok(Reply::Redirect(url));
+                }
+            }
+            r.get_chunk(&hash).map(Reply::Bytes)
+        })
+        .await?;
+    Ok(match reply {
+        Reply::Bytes(bytes) => bytes.into_response(),
+        Reply::Redirect(url) => {
+            tracing::debug!(chunk = %hash, "redirected to its bucket");
+            (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, url)]).into_response()
+        }
+    })
 }
 
 /// Presigned PUT URLs for chunks whose brick is S3 (null for the others, which are uploaded
