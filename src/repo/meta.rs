@@ -109,6 +109,35 @@ impl Meta {
             path: path.to_path_buf(),
             db: Self::open_db(path)?,
         };
+        // Nothing to write when the file holds this version's tables already (the usual
+        // case): checked in a read transaction, without a commit.
+        let ready = meta.read(|txn| {
+            let t = match txn.open_table(META) {
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+                other => other?,
+            };
+            let get = |k: &str| -> Result<Option<String>, TxErr> {
+                Ok(t.get(k)?.map(|v| v.value().to_string()))
+            };
+            if get("format")?.as_deref() != Some(FORMAT_NAME)
+                || get("version")?.as_deref() != Some(FORMAT_VERSION)
+            {
+                return Ok(false);
+            }
+            // A table added by a later version (a kind of manifest) is made below.
+            let present = |opened: Result<_, redb::TableError>| match opened {
+                Err(redb::TableError::TableDoesNotExist(_)) => Ok(false),
+                other => other.map(|_| true),
+            };
+            let mut all = present(txn.open_table(CHUNKS).map(drop))?;
+            for kind in Kind::ALL {
+                all &= present(txn.open_table(table_for(&kind)).map(drop))?;
+            }
+            Ok(all)
+        })?;
+        if ready {
+            return Ok(meta);
+        }
         meta.write(|txn| {
             let mut t = txn.open_table(META)?;
             let format = t.get("format")?.map(|v| v.value().to_string());

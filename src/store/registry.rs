@@ -106,6 +106,22 @@ impl Registry {
             path: path.to_path_buf(),
             db: Self::open_db(path)?,
         };
+        // Nothing to write when the file is a registry of this version already (the usual
+        // case): checked without a commit.
+        let ready = reg.read(|t| {
+            let meta = t.txn.open_table(META).map_err(|e| db_err(t.path, e))?;
+            let get = |k: &str| -> Result<Option<String>, StoreError> {
+                Ok(meta
+                    .get(k)
+                    .map_err(|e| db_err(t.path, e))?
+                    .map(|v| v.value().to_string()))
+            };
+            Ok(get("format")?.as_deref() == Some(FORMAT_NAME)
+                && get("version")?.as_deref() == Some(FORMAT_VERSION))
+        })?;
+        if ready {
+            return Ok(reg);
+        }
         reg.update(|t| {
             let mut meta = t.txn.open_table(META).map_err(|e| db_err(t.path, e))?;
             let name = meta.get("format").map_err(|e| db_err(t.path, e))?.map(|v| v.value().to_string());
