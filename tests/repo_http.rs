@@ -7,56 +7,16 @@ mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 
-use common::{command, http, pattern, s, stasis_with};
+use common::{command, http, open_session, pattern, s, stasis_with, RepoServer};
 
 const MIB: usize = 1 << 20;
-const KEY: &str = "test-access-key-0123456789abcdef";
+const KEY: &str = common::REPO_KEY;
 
-/// A running `stasis repo serve`; killed when dropped.
-struct Server {
-    child: Child,
-    url: String,
-    data: PathBuf,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Serves repository `data` on a free loopback port, with the test's access key.
-fn serve(data: &Path, listen: &str, extra: &[&str]) -> Server {
-    std::fs::create_dir_all(data).unwrap();
-    std::fs::write(data.join("access.key"), format!("{KEY}\n")).unwrap();
-    let mut args = vec![
-        "--json",
-        "repo",
-        "serve",
-        "--listen",
-        listen,
-        "--data",
-        s(data),
-    ];
-    args.extend_from_slice(extra);
-    let mut child = command(&data.join("unused-store"), &args, &[])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let line = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .next()
-        .expect("repo serve prints its address")
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    Server {
-        child,
-        url: v["url"].as_str().unwrap().to_string(),
-        data: data.to_path_buf(),
-    }
+/// Serves repository `data` on `listen` with the test's access key.
+fn serve(data: &Path, listen: &str, extra: &[&str]) -> RepoServer {
+    common::serve_repo(data, listen, extra, &[], None)
 }
 
 const ENV: [(&str, &str); 1] = [("STASIS_REPO_KEY", KEY)];
@@ -107,7 +67,7 @@ struct Nodes {
     a: PathBuf,
     b: PathBuf,
     w: PathBuf,
-    server: Server,
+    server: RepoServer,
 }
 
 fn nodes(written: usize) -> Nodes {
@@ -192,7 +152,7 @@ fn a_served_repository_carries_a_disk_between_nodes() {
         &[("STASIS_REPO_KEY", "not-the-key-not-the-key")],
     );
     assert_eq!(out.status.code(), Some(2));
-    let (_, token) = session(&server.url, "upload");
+    let (_, token) = open_session(&server.url, "upload");
     let (status, _) = http(
         &server.url,
         "POST",
@@ -288,22 +248,6 @@ fn a_repository_served_over_tls_is_reached_with_its_certificate_trusted() {
     assert!(common::export_with(&b, "d", &w.join("b.raw"), &trusted) == before);
 }
 
-fn session(url: &str, scope: &str) -> (String, String) {
-    let (status, body) = http(
-        url,
-        "POST",
-        "/v1/sessions",
-        Some(KEY),
-        format!("{{\"scope\":\"{scope}\"}}").as_bytes(),
-    );
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    (
-        v["session"].as_str().unwrap().to_string(),
-        v["token"].as_str().unwrap().to_string(),
-    )
-}
-
 #[test]
 fn tokens_are_checked_and_chunks_verified_before_they_are_stored() {
     let dir = tempfile::tempdir().unwrap();
@@ -319,7 +263,7 @@ fn tokens_are_checked_and_chunks_verified_before_they_are_stored() {
         stasis::repo::ChunkHash(*hash.as_bytes()),
         &data[..],
     )]);
-    let (id, token) = session(url, "upload");
+    let (id, token) = open_session(url, "upload");
     let chunk_path = format!("/v1/sessions/{id}/chunks/{}", hash.to_hex());
     let missing = |auth: Option<&str>, sid: &str| {
         http(
@@ -338,7 +282,7 @@ fn tokens_are_checked_and_chunks_verified_before_they_are_stored() {
     let last = forged.pop().unwrap();
     forged.push(if last == '0' { '1' } else { '0' });
     assert_eq!(missing(Some(&forged), &id).0, 401);
-    let (down_id, down) = session(url, "download");
+    let (down_id, down) = open_session(url, "download");
     let widened = down.replacen(".download.", ".upload.", 1);
     assert_eq!(missing(Some(&widened), &down_id).0, 401);
     assert_eq!(missing(Some("v1.x.y.z.w"), &id).0, 401);

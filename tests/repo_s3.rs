@@ -24,7 +24,8 @@ impl Drop for Moto {
     }
 }
 
-/// Starts moto_server on a free loopback port; returns it and its endpoint.
+/// Starts moto_server on a free loopback port with bucket `stasis-test`; returns it and its
+/// endpoint.
 fn moto() -> Moto {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -55,7 +56,9 @@ fn moto() -> Moto {
         assert!(Instant::now() < deadline, "moto_server did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
-    Moto(child, format!("http://{addr}"))
+    let endpoint = format!("http://{addr}");
+    assert_eq!(http(&endpoint, "PUT", "/stasis-test", None, b"").0, 200);
+    Moto(child, endpoint)
 }
 
 /// Reads object `key` of the test bucket, flips one bit, writes it back (signed requests,
@@ -112,7 +115,6 @@ fn export(root: &Path, disk: &str, to: &Path) -> Vec<u8> {
 fn an_s3_brick_carries_a_disk_between_nodes_and_damage_is_caught() {
     let moto = moto();
     let endpoint = &moto.1;
-    assert_eq!(http(endpoint, "PUT", "/stasis-test", None, b"").0, 200);
     let dir = tempfile::tempdir().unwrap();
     let (a, b, c, w) = (
         dir.path().join("a"),
@@ -206,11 +208,9 @@ fn an_s3_brick_carries_a_disk_between_nodes_and_damage_is_caught() {
 /// it.
 #[test]
 fn nodes_of_a_served_repository_reach_its_bucket_straight_through_presigned_urls() {
-    use std::io::{BufRead, BufReader};
-    const KEY: &str = "test-access-key-0123456789abcdef";
+    const KEY: &str = common::REPO_KEY;
     let moto = moto();
     let endpoint = &moto.1;
-    assert_eq!(http(endpoint, "PUT", "/stasis-test", None, b"").0, 200);
     let dir = tempfile::tempdir().unwrap();
     let (a, b, w, data) = (
         dir.path().join("a"),
@@ -232,36 +232,16 @@ fn nodes_of_a_served_repository_reach_its_bucket_straight_through_presigned_urls
             endpoint,
         ],
     );
-    std::fs::write(data.join("access.key"), KEY).unwrap();
     // The server has the credentials (and logs what it redirects); the nodes have none.
     let server_log = w.join("server.log");
-    let mut server = common::command(
-        &dir.path().join("s0"),
-        &[
-            "--json",
-            "repo",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--data",
-            s(&data),
-        ],
-        &AWS,
-    )
-    .env("STASIS_LOG", "stasis=debug")
-    .stdout(Stdio::piped())
-    .stderr(std::fs::File::create(&server_log).unwrap())
-    .spawn()
-    .unwrap();
-    let line = BufReader::new(server.stdout.take().unwrap())
-        .lines()
-        .next()
-        .unwrap()
-        .unwrap();
-    let url = serde_json::from_str::<serde_json::Value>(&line).unwrap()["url"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let server = common::serve_repo(
+        &data,
+        "127.0.0.1:0",
+        &[],
+        &[AWS[0], AWS[1], AWS[2], ("STASIS_LOG", "stasis=debug")],
+        Some(&server_log),
+    );
+    let url = server.url.clone();
     let node = [("STASIS_REPO_KEY", KEY)];
     std::fs::write(w.join("g.raw"), pattern(4 * MIB, 1)).unwrap();
     common::ok_with(&a, &["image", "import", "g", s(&w.join("g.raw"))], &node);
@@ -291,16 +271,8 @@ fn nodes_of_a_served_repository_reach_its_bucket_straight_through_presigned_urls
     // A node that puts other bytes under a chunk's name: refused at the check, not indexed,
     // and nothing is left of it. Put right, it is taken in; a replay of the URL afterwards
     // (still valid for minutes) writes only to the staging key, never over the chunk.
-    let (status, body) = http(
-        &url,
-        "POST",
-        "/v1/sessions",
-        Some(KEY),
-        br#"{"scope":"upload"}"#,
-    );
-    assert_eq!(status, 200);
-    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    let (id, token) = (v["session"].as_str().unwrap(), v["token"].as_str().unwrap());
+    let (id, token) = common::open_session(&url, "upload");
+    let (id, token) = (id.as_str(), token.as_str());
     let right: &[u8] = b"what the chunk should be";
     let claimed = *blake3::hash(right).as_bytes();
     let hex = blake3::Hash::from_bytes(claimed).to_hex();
@@ -379,6 +351,4 @@ fn nodes_of_a_served_repository_reach_its_bucket_straight_through_presigned_urls
         listing.matches("<Key>").count(),
         "every object is an indexed chunk"
     );
-    let _ = server.kill();
-    let _ = server.wait();
 }

@@ -126,3 +126,78 @@ pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
         })
         .collect()
 }
+
+/// The access key the tests' served repositories use.
+pub const REPO_KEY: &str = "test-access-key-0123456789abcdef";
+
+/// A running `stasis repo serve`; killed when dropped (also when a test fails first).
+pub struct RepoServer {
+    pub child: std::process::Child,
+    pub url: String,
+    pub data: std::path::PathBuf,
+}
+
+impl Drop for RepoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Serves repository `data` (its access key set to [`REPO_KEY`]) on `listen`, with `extra`
+/// arguments and `env`; the server's stderr goes to `log` if given.
+pub fn serve_repo(
+    data: &Path,
+    listen: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+    log: Option<&Path>,
+) -> RepoServer {
+    use std::io::BufRead;
+    std::fs::create_dir_all(data).unwrap();
+    std::fs::write(data.join("access.key"), format!("{REPO_KEY}\n")).unwrap();
+    let mut args = vec![
+        "--json",
+        "repo",
+        "serve",
+        "--listen",
+        listen,
+        "--data",
+        s(data),
+    ];
+    args.extend_from_slice(extra);
+    let mut cmd = command(&data.join("unused-store"), &args, env);
+    cmd.stdout(std::process::Stdio::piped());
+    if let Some(log) = log {
+        cmd.stderr(std::fs::File::create(log).unwrap());
+    }
+    let mut child = cmd.spawn().unwrap();
+    let line = std::io::BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .next()
+        .expect("repo serve prints its address")
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    RepoServer {
+        child,
+        url: v["url"].as_str().unwrap().to_string(),
+        data: data.to_path_buf(),
+    }
+}
+
+/// Opens a session of `scope` on the served repository at `url`: (session id, token).
+pub fn open_session(url: &str, scope: &str) -> (String, String) {
+    let (status, body) = http(
+        url,
+        "POST",
+        "/v1/sessions",
+        Some(REPO_KEY),
+        format!("{{\"scope\":\"{scope}\"}}").as_bytes(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    (
+        v["session"].as_str().unwrap().to_string(),
+        v["token"].as_str().unwrap().to_string(),
+    )
+}
