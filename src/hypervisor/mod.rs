@@ -255,7 +255,6 @@ impl Hypervisor for Driver {
     }
 }
 
-/// Runs `cmd`, returning its stdout; a failure carries its stderr.
 /// How long an exec hook may run unless its VM's driver says otherwise (a save of a large
 /// VM to slow storage takes minutes).
 pub const DEFAULT_HOOK_TIMEOUT_SECS: u64 = 900;

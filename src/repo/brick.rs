@@ -353,12 +353,13 @@ impl S3Brick {
 
     fn key(&self, hash: &ChunkHash) -> object_store::path::Path {
         let hex = hash.to_hex();
+        self.prefixed(&format!("{}/{hex}", &hex[..2]))
+    }
+
+    /// The brick's prefix as a listing root (None: the whole bucket).
+    fn root(&self) -> Option<object_store::path::Path> {
         let prefix = self.spec.prefix.trim_matches('/');
-        if prefix.is_empty() {
-            object_store::path::Path::from(format!("{}/{hex}", &hex[..2]))
-        } else {
-            object_store::path::Path::from(format!("{prefix}/{}/{hex}", &hex[..2]))
-        }
+        (!prefix.is_empty()).then(|| object_store::path::Path::from(prefix))
     }
 
     fn err(&self, hash: Option<&ChunkHash>, e: object_store::Error) -> RepoError {
@@ -515,10 +516,8 @@ impl S3Brick {
     /// One listing of the fan-out level: fails if the bucket is missing or refuses us.
     fn probe(&self) -> Result<(), RepoError> {
         use object_store::ObjectStore;
-        let prefix = self.spec.prefix.trim_matches('/');
-        let prefix = (!prefix.is_empty()).then(|| object_store::path::Path::from(prefix));
         self.rt
-            .block_on(self.store.list_with_delimiter(prefix.as_ref()))
+            .block_on(self.store.list_with_delimiter(self.root().as_ref()))
             .map(|_| ())
             .map_err(|e| self.err(None, e))
     }
@@ -526,11 +525,9 @@ impl S3Brick {
     pub fn list(&self) -> Result<Vec<(ChunkHash, u64)>, RepoError> {
         use futures_util::TryStreamExt;
         use object_store::ObjectStore;
-        let prefix = self.spec.prefix.trim_matches('/');
-        let prefix = (!prefix.is_empty()).then(|| object_store::path::Path::from(prefix));
         let metas: Vec<object_store::ObjectMeta> = self
             .rt
-            .block_on(self.store.list(prefix.as_ref()).try_collect())
+            .block_on(self.store.list(self.root().as_ref()).try_collect())
             .map_err(|e| self.err(None, e))?;
         let staging = self.prefixed(STAGING);
         Ok(metas

@@ -40,7 +40,7 @@ pub enum Kind {
 /// What `repo rm` asks: the manifests `names` (of `kind`, or of whichever kind holds each
 /// name), with their parts if `with_parts`; `in_use` names the disk manifests the caller's
 /// disks still hydrate from, which are refused. Also the body of `POST /v1/remove`.
-#[derive(Serialize, Deserialize, Clone, Debug, Default)]
+#[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct Removal {
     pub names: Vec<String>,
     #[serde(default)]

@@ -407,7 +407,7 @@ impl Meta {
                     .map(|(ak, an, _)| format!("{} {an:?}", ak.as_str()))
                     .collect()
             };
-            let named_by_user = super::resolve_removals(&all, names, *kind)?;
+            let named_by_user = resolve_removals(&all, names, *kind)?;
             let mut doomed: Vec<(Kind, String)> = named_by_user.clone();
             if *with_parts {
                 // The parts of what goes, and theirs, unless something that stays names them.
@@ -581,4 +581,42 @@ impl Meta {
             Ok((report, doomed))
         })
     }
+}
+
+/// Which manifest each of `names` is, among `all` (kind, name, info): of `kind` if given,
+/// else the one kind that has the name.
+fn resolve_removals(
+    all: &[(Kind, String, ManifestInfo)],
+    names: &[String],
+    kind: Option<Kind>,
+) -> Result<Vec<(Kind, String)>, RepoError> {
+    let mut out: Vec<(Kind, String)> = Vec::new();
+    for name in names {
+        let kinds: Vec<Kind> = all
+            .iter()
+            .filter(|(k, n, _)| n == name && kind.is_none_or(|want| want == *k))
+            .map(|(k, _, _)| *k)
+            .collect();
+        match kinds.as_slice() {
+            [k] => {
+                if !out.contains(&(*k, name.clone())) {
+                    out.push((*k, name.clone()));
+                }
+            }
+            [] => {
+                return Err(RepoError::NotFound(format!(
+                    "no {}manifest {name:?}",
+                    kind.map_or(String::new(), |k| format!("{} ", k.as_str()))
+                )))
+            }
+            several => {
+                let kinds: Vec<&str> = several.iter().map(Kind::as_str).collect();
+                return Err(RepoError::Usage(format!(
+                    "{name:?} names a {} manifest: say which with --kind",
+                    kinds.join(" and a ")
+                )));
+            }
+        }
+    }
+    Ok(out)
 }

@@ -150,17 +150,24 @@ impl<const UPLOAD: bool> axum::extract::FromRequestParts<Arc<ServerState>> for A
 }
 
 impl<const UPLOAD: bool> Authorized<UPLOAD> {
-    /// Runs a repository call off the async workers (the repository does blocking I/O).
     async fn run<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Repo) -> Result<T, RepoError> + Send + 'static,
     ) -> Result<T, ApiError> {
-        let state = self.state.clone();
-        tokio::task::spawn_blocking(move || f(&state.repo))
-            .await
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "failed", e.to_string()))?
-            .map_err(ApiError::from)
+        run_blocking(&self.state, f).await
     }
+}
+
+/// Runs a repository call off the async workers (the repository does blocking I/O).
+async fn run_blocking<T: Send + 'static>(
+    state: &Arc<ServerState>,
+    f: impl FnOnce(&Repo) -> Result<T, RepoError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let state = state.clone();
+    tokio::task::spawn_blocking(move || f(&state.repo))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "failed", e.to_string()))?
+        .map_err(ApiError::from)
 }
 
 fn json(v: serde_json::Value) -> Response {
@@ -327,9 +334,7 @@ async fn remove(
     st.check_access(&headers)?;
     let req: super::Removal = serde_json::from_slice(&body)
         .map_err(|e| bad_request(format!("bad remove request: {e}")))?;
-    let removed = tokio::task::spawn_blocking(move || st.repo.remove(&req))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "failed", e.to_string()))??;
+    let removed = run_blocking(&st, move |r| r.remove(&req)).await?;
     let removed: Vec<_> = removed
         .into_iter()
         .map(|(kind, name)| serde_json::json!({"kind": kind, "name": name}))

@@ -166,12 +166,12 @@ pub fn restore_file(
         f.set_len(m.info.size).map_err(|e| io_err(&tmp, e))?;
         let cs = m.info.chunk_size as u64;
         let total = m.entries.len() as u64;
-        // Chunks are fetched a few at a time on threads: a served repository answers each
-        // with a round trip.
+        // Chunks are fetched a few at a time on threads, as hydration does: a served
+        // repository answers each with a round trip.
         let next = std::sync::atomic::AtomicUsize::new(0);
         let done = std::sync::atomic::AtomicU64::new(0);
         std::thread::scope(|s| -> Result<(), SwapError> {
-            let workers: Vec<_> = (0..4)
+            let workers: Vec<_> = (0..super::HYDRATE_WORKERS)
                 .map(|_| {
                     s.spawn(|| -> Result<(), SwapError> {
                         loop {

@@ -513,7 +513,7 @@ pub fn swapin(
 }
 
 /// The origin a swapped-in disk records: `<repository URL>#<manifest>`.
-fn origin_of(url: &str, manifest: &str) -> String {
+pub fn origin_of(url: &str, manifest: &str) -> String {
     format!("{url}#{manifest}")
 }
 

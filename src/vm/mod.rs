@@ -1042,7 +1042,7 @@ pub fn swapin(
     // it failed after bringing the disk in).
     // (The record says so: a disk that came from this manifest and then ran, under a VM
     // since killed, holds newer writes than this memory image and must not be used.)
-    let origin = format!("{}#{disk_manifest}", repo.url());
+    let origin = crate::swap::origin_of(&repo.url(), &disk_manifest);
     match store.delta_origin(&rec.spec.disk) {
         Err(_) => {
             rec.swapin_disk = Some(origin.clone());
