@@ -1171,7 +1171,7 @@ fn swapout(
     json: bool,
 ) -> Result<(), Failure> {
     store.disk(name)?;
-    if let Some(vm) = crate::vm::owner_of_disk(store, name) {
+    if let Some(vm) = crate::vm::owner_of_disk(store, name)? {
         return Err(Failure::Usage(format!(
             "disk {name} is the disk of VM {vm}: swap out the VM (`stasis vm swapout {vm}`), \
              its memory goes with it"

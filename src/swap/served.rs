@@ -56,7 +56,7 @@ pub fn control_hook(store_root: PathBuf, name: String, served: Arc<Served<Disk>>
         // of its own, which asks us for the disk (disk_only) in turn. It runs detached: this
         // server stops during it, and must not wait for it.
         if !req.disk_only {
-            if let Some(vm) = crate::vm::owner_of_disk(&store, &name) {
+            if let Some(vm) = crate::vm::owner_of_disk(&store, &name).map_err(|e| e.to_string())? {
                 if crate::vm::is_locked(&store, &vm) {
                     return Err(crate::control::HookError {
                         error: format!("VM {vm} is busy: a swapout of it is already running"),

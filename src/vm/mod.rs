@@ -385,13 +385,10 @@ pub fn start(store: &Store, name: &str, spec: VmSpec) -> Result<VmRecord, VmErro
             state_word(existing.state)
         )));
     }
-    if let Some(other) = list(store)?
-        .into_iter()
-        .find(|v| v.spec.disk == spec.disk && v.state != VmState::SwappedOut)
-    {
+    if let Some(other) = owner_of_disk(store, &spec.disk)? {
         return Err(VmError::Usage(format!(
-            "disk {} is the disk of VM {}",
-            spec.disk, other.name
+            "disk {} is the disk of VM {other}",
+            spec.disk
         )));
     }
     for f in [&spec.kernel, &spec.initrd].into_iter().flatten() {
@@ -492,12 +489,13 @@ fn state_word(s: VmState) -> &'static str {
 }
 
 /// The VM of this node whose disk is `disk` (running, or swapping out), if any.
-pub fn owner_of_disk(store: &Store, disk: &str) -> Option<String> {
-    list(store)
-        .ok()?
+/// A VM record that cannot be read is an error, not "no owner": a disk must not be swapped
+/// out alone under a VM whose record is damaged.
+pub fn owner_of_disk(store: &Store, disk: &str) -> Result<Option<String>, VmError> {
+    Ok(list(store)?
         .into_iter()
         .find(|v| v.spec.disk == disk && v.state != VmState::SwappedOut)
-        .map(|v| v.name)
+        .map(|v| v.name))
 }
 
 /// Starts `stasis vm swapout NAME [--repo URL]` detached (the control socket's swapout of a
