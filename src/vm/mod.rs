@@ -440,30 +440,64 @@ fn start_choosing_accel(store: &Store, rec: &mut VmRecord) -> Result<(), VmError
         return with_driver(store, rec, |d, c| d.start(c));
     }
     *accel = crate::hypervisor::default_accel();
-    let try_kvm = accel == "kvm";
+    let verdict = kvm_verdict(store);
+    if accel == "kvm" && verdict == Some(false) {
+        *accel = "tcg".into();
+    }
+    let probe = accel == "kvm" && verdict.is_none();
     // Recorded before it starts: a start killed meanwhile leaves an accelerator QEMU knows.
     save_record(store, rec)?;
-    if try_kvm {
-        with_driver(store, rec, |d, c| d.start(c))?;
-        // Measured here: the guest stops about 3 s into its boot. An explicit --accel kvm
-        // skips this wait.
-        let deadline = Instant::now() + KVM_PROBE;
-        let mut status = VmStatus::Running;
-        while Instant::now() < deadline && status == VmStatus::Running {
-            std::thread::sleep(Duration::from_millis(100));
-            status = with_driver(store, rec, |d, c| d.status(c))?;
-        }
-        if status == VmStatus::Running {
-            return save_record(store, rec);
-        }
-        tracing::warn!(vm = %rec.name, "the guest does not run under KVM here: using TCG");
-        with_driver(store, rec, |d, c| d.kill(c))?;
-        if let crate::hypervisor::DriverConfig::Qemu { accel, .. } = &mut rec.spec.driver {
-            *accel = "tcg".into();
-        }
+    with_driver(store, rec, |d, c| d.start(c))?;
+    if !probe {
+        return Ok(());
+    }
+    // Measured here: the guest stops about 3 s into its boot. An explicit --accel kvm, or a
+    // verdict of an earlier probe since the host booted, skips this wait.
+    let deadline = Instant::now() + KVM_PROBE;
+    let mut status = VmStatus::Running;
+    while Instant::now() < deadline && status == VmStatus::Running {
+        std::thread::sleep(Duration::from_millis(100));
+        status = with_driver(store, rec, |d, c| d.status(c))?;
+    }
+    record_kvm_verdict(store, status == VmStatus::Running);
+    if status == VmStatus::Running {
+        return Ok(());
+    }
+    tracing::warn!(vm = %rec.name, "the guest does not run under KVM here: using TCG");
+    with_driver(store, rec, |d, c| d.kill(c))?;
+    if let crate::hypervisor::DriverConfig::Qemu { accel, .. } = &mut rec.spec.driver {
+        *accel = "tcg".into();
     }
     save_record(store, rec)?;
     with_driver(store, rec, |d, c| d.start(c))
+}
+
+/// Where the KVM probe's verdict is kept: `<boot id> works|fails`. Whether a guest runs under
+/// KVM is the host's property (its nested virtualization), not the VM's, so it is probed once
+/// per boot of the host.
+fn kvm_verdict_path(store: &Store) -> PathBuf {
+    store.root().join("run").join("kvm-verdict")
+}
+
+fn boot_id() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .ok()
+        .map(|s| s.trim().to_string())
+}
+
+/// The verdict of a KVM probe since the host last booted, if any.
+fn kvm_verdict(store: &Store) -> Option<bool> {
+    let text = std::fs::read_to_string(kvm_verdict_path(store)).ok()?;
+    let (boot, verdict) = text.trim().split_once(' ')?;
+    (Some(boot) == boot_id().as_deref()).then_some(verdict == "works")
+}
+
+/// Keeps a probe's verdict; a failure to keep it only costs the next start a probe.
+fn record_kvm_verdict(store: &Store, works: bool) {
+    if let Some(boot) = boot_id() {
+        let text = format!("{boot} {}\n", if works { "works" } else { "fails" });
+        let _ = crate::fsutil::write_durably(&kvm_verdict_path(store), text.as_bytes(), 0o644);
+    }
 }
 
 fn adopt_boot_files(dir: &Path, spec: &mut VmSpec) -> Result<(), VmError> {
