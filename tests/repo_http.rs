@@ -128,7 +128,7 @@ fn a_served_repository_carries_a_disk_between_nodes() {
     // gc and verify run where the data is; remotely they are refused as wrong use.
     let out = run(&b, &["repo", "gc", "--repo", &server.url]);
     assert_eq!(out.status.code(), Some(2));
-    let out = run(&b, &["repo", "verify", "--repo", &s(&server.data)]);
+    let out = run(&b, &["repo", "verify", "--repo", s(&server.data)]);
     assert!(
         out.status.success(),
         "{}",

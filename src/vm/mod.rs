@@ -965,7 +965,7 @@ pub(crate) fn find_named_or_newest(
     kind: Kind,
     what: &str,
 ) -> Result<Manifest, VmError> {
-    if let Some(m) = repo.find(kind.clone(), what)? {
+    if let Some(m) = repo.find(kind, what)? {
         return Ok(m);
     }
     let newest = repo
