@@ -54,6 +54,11 @@ pub enum VmCmd {
         /// For --driver qemu: an extra QEMU argument (repeat for more)
         #[arg(long = "qemu-arg", value_name = "ARG", allow_hyphen_values = true)]
         qemu_args: Vec<String>,
+        /// For --driver qemu: keep the guest's RAM in QEMU's own memory (KSM can merge it)
+        /// instead of a shared file in /dev/shm that a swapout reads directly; a swapout
+        /// then waits for QEMU to copy the RAM into a save file
+        #[arg(long)]
+        private_ram: bool,
     },
     /// Swap a running VM out: pause, save memory and device state, store disk and memory in
     /// the repository, free this node
@@ -163,6 +168,7 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
             xen_config,
             accel,
             qemu_args,
+            private_ram,
         } => {
             if mem < (16 << 20) || mem % (1 << 20) != 0 {
                 return Err(Failure::Usage(
@@ -196,12 +202,12 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
                 append,
                 driver,
             };
-            let rec = vm::start(store, &name, spec)?;
+            let rec = vm::start(store, &name, spec, private_ram)?;
             let dir = vm::vm_dir(store, &name);
             if json {
                 print_json(
                     &json!({"vm": rec.name, "state": "running", "disk": rec.spec.disk,
-                    "driver": rec.spec.driver.kind(), "dir": dir,
+                    "driver": rec.spec.driver.kind(), "dir": dir, "ram_file": rec.ram_path,
                     "console": dir.join("console.log"), "disk_server_pid": rec.server_pid}),
                 );
             } else {

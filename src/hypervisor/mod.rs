@@ -118,6 +118,11 @@ pub struct VmContext<'a> {
     pub spec: &'a VmSpec,
     /// The Unix socket its disk is served on (NBD; the export is the disk's name).
     pub nbd_socket: &'a Path,
+    /// Where the guest's RAM lives, for a driver that can keep it in a file Stasis reads
+    /// (QEMU: a shared memory backend). Its save then writes only the device state, and
+    /// its restore expects this file to hold the RAM again. None: the RAM is the
+    /// hypervisor's own, and a save writes it with the device state.
+    pub ram_file: Option<&'a Path>,
 }
 
 impl VmContext<'_> {

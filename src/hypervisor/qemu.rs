@@ -6,10 +6,16 @@
 //!   console on `console.log` (appended across restores) and QMP on `qmp.sock`.
 //! - pause: `stop` (QEMU drains and flushes the drive: every write the guest completed is in
 //!   the Stasis disk, durably, when it returns).
-//! - save: `migrate` to `file:` with the mapped-ram capability (each RAM page at a fixed
-//!   offset, zero pages left as holes), wait for completion, `quit`.
+//! - guest RAM: where the caller gives a RAM file ([`VmContext::ram_file`]), a shared
+//!   `memory-backend-file` on it, so the RAM is readable by Stasis and need not be copied
+//!   by QEMU at save; otherwise QEMU's own anonymous memory.
+//! - save: `migrate` to `file:`: with a RAM file, under `x-ignore-shared` (the file holds
+//!   the device state and QEMU's small private RAM blocks; the guest RAM stays where it is);
+//!   otherwise with the mapped-ram capability (each RAM page at a fixed offset, zero pages
+//!   left as holes). Wait for completion; QEMU stays, paused, until killed.
 //! - restore: the same command line plus `-incoming defer`, `migrate-incoming` from the
-//!   file; the guest was saved paused, so it stays paused until `cont`.
+//!   file (the RAM file, if any, already holds the RAM); the guest was saved paused, so it
+//!   stays paused until `cont`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -80,7 +86,17 @@ fn qemu_pid(vm: &VmContext) -> Option<u32> {
     crate::swap::process_running(pid as u64).then_some(pid)
 }
 
-const MIGRATION_CAPS: &[&str] = &["mapped-ram"];
+/// Migration capabilities of a save and its restore. Guest RAM in a shared file
+/// (`x-ignore-shared`): QEMU saves only the device state (and its own small RAM blocks:
+/// ROMs), the RAM stays in the file. Otherwise `mapped-ram`: each RAM page at a fixed offset
+/// of the save file, zero pages left as holes.
+fn migration_caps(vm: &VmContext) -> &'static [&'static str] {
+    if vm.ram_file.is_some() {
+        &["x-ignore-shared"]
+    } else {
+        &["mapped-ram"]
+    }
+}
 
 impl QemuDriver {
     fn command_line(&self, vm: &VmContext, incoming: bool) -> Result<Vec<String>, HvError> {
@@ -91,11 +107,26 @@ impl QemuDriver {
             "server": {"type": "unix", "path": vm.nbd_socket},
             "export": spec.disk,
         });
+        let mut machine = self.machine.clone().unwrap_or_else(|| "pc".into());
+        let mut ram = Vec::new();
+        if let Some(file) = vm.ram_file {
+            // The guest's RAM is this file, mapped shared: Stasis reads it once the VM is
+            // paused, where QEMU would otherwise copy every page into its save file.
+            machine.push_str(",memory-backend=stasis-ram");
+            ram = vec![
+                "-object".into(),
+                format!(
+                    "memory-backend-file,id=stasis-ram,size={}M,mem-path={},share=on",
+                    spec.mem_mib,
+                    file.display()
+                ),
+            ];
+        }
         let mut args: Vec<String> = vec![
             "-name".into(),
             format!("stasis-{},process=stasis-vm-{}", vm.name, vm.name),
             "-machine".into(),
-            self.machine.clone().unwrap_or_else(|| "pc".into()),
+            machine,
             "-accel".into(),
             self.accel.clone(),
             "-m".into(),
@@ -133,11 +164,16 @@ impl QemuDriver {
         if let Some(a) = &spec.append {
             args.extend(["-append".into(), a.clone()]);
         }
+        args.extend(ram);
         args.extend(self.extra_args.iter().cloned());
         if incoming {
             args.extend(["-incoming".into(), "defer".into()]);
         }
-        for p in [&qmp_path(vm), &pid_path(vm)] {
+        let ram_file = vm.ram_file.map(Path::to_path_buf);
+        for p in [Some(qmp_path(vm)), Some(pid_path(vm)), ram_file]
+            .iter()
+            .flatten()
+        {
             if p.to_str().is_some_and(|s| s.contains(',')) {
                 return Err(HvError::Failed(format!(
                     "{} holds a comma, which QEMU's option syntax cannot take",
@@ -157,6 +193,10 @@ impl QemuDriver {
             )));
         }
         let _ = std::fs::remove_file(qmp_path(vm));
+        if let (Some(ram), false) = (vm.ram_file, incoming) {
+            // A fresh boot starts from zeroed RAM, not from what an earlier run left there.
+            let _ = std::fs::remove_file(ram);
+        }
         let args = self.command_line(vm, incoming)?;
         tracing::debug!(vm = vm.name, ?args, "starting QEMU");
         run_command(Command::new(qemu_binary()).args(&args))?;
@@ -173,8 +213,8 @@ impl QemuDriver {
         Qmp::connect(&qmp_path(vm), Duration::from_secs(10))
     }
 
-    fn set_caps(q: &mut Qmp) -> Result<(), HvError> {
-        let caps: Vec<Value> = MIGRATION_CAPS
+    fn set_caps(q: &mut Qmp, vm: &VmContext) -> Result<(), HvError> {
+        let caps: Vec<Value> = migration_caps(vm)
             .iter()
             .map(|c| json!({"capability": c, "state": true}))
             .collect();
@@ -259,7 +299,7 @@ impl Hypervisor for QemuDriver {
         };
         if !taken_over {
             let _ = std::fs::remove_file(file);
-            Self::set_caps(&mut q)?;
+            Self::set_caps(&mut q, vm)?;
             q.execute(
                 "migrate",
                 json!({ "uri": format!("file:{}", file.display()) }),
@@ -276,7 +316,7 @@ impl Hypervisor for QemuDriver {
         self.launch(vm, true)?;
         let restored = (|| {
             let mut q = self.qmp(vm)?;
-            Self::set_caps(&mut q)?;
+            Self::set_caps(&mut q, vm)?;
             q.execute(
                 "migrate-incoming",
                 json!({ "uri": format!("file:{}", file.display()) }),

@@ -109,9 +109,16 @@ pub struct VmRecord {
     /// During a swapout: whether the disk manifest is committed yet.
     #[serde(default)]
     pub disk_done: bool,
-    /// During a swapout: where the saved memory image is.
+    /// During a swapout: where the saved memory image is (with `ram_path`, the device
+    /// state only).
     #[serde(default)]
     pub memory_path: Option<PathBuf>,
+    /// Where the guest's RAM lives while the VM runs here, when its hypervisor keeps it in
+    /// a file (QEMU's shared memory backend): a swapout stores this file as the VM's
+    /// memory, and the save writes only the device state. None: the hypervisor's own
+    /// memory, saved with the device state.
+    #[serde(default)]
+    pub ram_path: Option<PathBuf>,
     /// During a swapin: the origin (`<repository URL>#<disk manifest>`) of the disk it
     /// brought in, so that a rerun after a failure uses that disk and no other.
     #[serde(default)]
@@ -129,9 +136,14 @@ pub struct VmSwapoutSummary {
     pub pause_ms: f64,
     /// Saving memory and device state to the local file.
     pub save_seconds: f64,
+    /// The memory image's size: the RAM file and the device state, or the save file.
     pub memory_file_bytes: u64,
     pub disk: Option<SwapoutSummary>,
+    /// The guest RAM (the RAM file, or the save file holding RAM and device state).
     pub memory: FileSummary,
+    /// The device state, stored apart when the RAM was in its own file.
+    #[serde(default)]
+    pub device_state: Option<FileSummary>,
     /// Boot files stored now (0 when the repository held them).
     pub boot_files_uploaded: u64,
     pub seconds: f64,
@@ -199,6 +211,52 @@ fn memory_file(store: &Store, rec: &VmRecord) -> PathBuf {
     vm_dir(store, &rec.name).join("memory.img")
 }
 
+/// Where a QEMU VM's RAM lives while it runs, as a shared memory backend that a swapout
+/// reads once the VM is paused (QEMU would otherwise copy every page into its save file
+/// first): STASIS_MEMORY_DIR if set, else /dev/shm when it has room for all of the VM's
+/// memory on top of what the RAM files of VMs already there may still grow to. None when it
+/// has not: a tmpfs that fills under a running guest kills it (SIGBUS), so the VM then runs
+/// on QEMU's own memory and a swapout saves it with mapped-ram.
+fn ram_file_for(store: &Store, rec: &VmRecord) -> Option<PathBuf> {
+    if !matches!(
+        rec.spec.driver,
+        crate::hypervisor::DriverConfig::Qemu { .. }
+    ) {
+        return None;
+    }
+    let file = format!(
+        "stasis-{}-{}.ram",
+        &blake3::hash(store.root().as_os_str().as_encoded_bytes()).to_hex()[..12],
+        rec.name
+    );
+    if let Some(dir) = std::env::var_os("STASIS_MEMORY_DIR") {
+        return Some(PathBuf::from(dir).join(file));
+    }
+    let shm = Path::new("/dev/shm");
+    let mem = rec.spec.mem_mib << 20;
+    let room = free_bytes(shm)?.saturating_sub(ram_files_growth(shm));
+    (room > mem + mem / 8).then(|| shm.join(file))
+}
+
+/// How much the RAM files of running VMs in `dir` may still grow: their size less what is
+/// allocated (a guest's pages are allocated as it first touches them).
+fn ram_files_growth(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            n.starts_with("stasis-") && n.ends_with(".ram")
+        })
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len().saturating_sub(m.blocks() * 512))
+        .sum()
+}
+
 /// Free bytes (for unprivileged users) on the filesystem of `dir`.
 fn free_bytes(dir: &Path) -> Option<u64> {
     use std::os::unix::ffi::OsStrExt;
@@ -263,6 +321,7 @@ fn with_driver<T>(
         dir: &dir,
         spec: &rec.spec,
         nbd_socket: &sock,
+        ram_file: rec.ram_path.as_deref(),
     };
     f(&Driver::for_spec(&rec.spec), &ctx).map_err(|source| VmError::Hypervisor {
         vm: rec.name.clone(),
@@ -375,8 +434,14 @@ fn stop_disk_server(rec: &mut VmRecord) -> Result<(), VmError> {
     Ok(())
 }
 
-/// Starts VM `name` on `spec`: serves its disk, then boots it.
-pub fn start(store: &Store, name: &str, spec: VmSpec) -> Result<VmRecord, VmError> {
+/// Starts VM `name` on `spec`: serves its disk, then boots it; its RAM in a file that a
+/// swapout reads (see [`ram_file_for`]) unless `private_ram`.
+pub fn start(
+    store: &Store,
+    name: &str,
+    spec: VmSpec,
+    private_ram: bool,
+) -> Result<VmRecord, VmError> {
     crate::store::validate_name(name)?;
     store.disk(&spec.disk)?;
     if let Ok(existing) = load(store, name) {
@@ -407,9 +472,13 @@ pub fn start(store: &Store, name: &str, spec: VmSpec) -> Result<VmRecord, VmErro
         manifest: None,
         disk_done: false,
         memory_path: None,
+        ram_path: None,
         swapin_disk: None,
         created_at: crate::repo::now_secs(),
     };
+    if !private_ram {
+        rec.ram_path = ram_file_for(store, &rec);
+    }
     // Boot files are copied in: the VM must not depend on paths that may change, and a
     // swapin elsewhere puts them in the same place.
     adopt_boot_files(&dir, &mut rec.spec)?;
@@ -420,6 +489,9 @@ pub fn start(store: &Store, name: &str, spec: VmSpec) -> Result<VmRecord, VmErro
     if let Err(e) = started {
         let _ = stop_disk_server(&mut rec);
         let _ = std::fs::remove_dir_all(&dir);
+        if let Some(ram) = &rec.ram_path {
+            let _ = std::fs::remove_file(ram);
+        }
         return Err(e);
     }
     Ok(rec)
@@ -578,8 +650,9 @@ pub fn kill(store: &Store, name: &str) -> Result<(), VmError> {
         with_driver(store, &rec, |d, c| d.kill(c))?;
         stop_disk_server(&mut rec)?;
     }
-    // The memory image of an unfinished swapout may live outside the VM's directory.
-    if let Some(p) = &rec.memory_path {
+    // Its RAM file, and the memory image of an unfinished swapout, may live outside the
+    // VM's directory.
+    for p in [&rec.memory_path, &rec.ram_path].into_iter().flatten() {
         let _ = std::fs::remove_file(p);
     }
     let dir = vm_dir(store, name);
@@ -653,7 +726,8 @@ pub fn swapout(
         // whole (the hypervisor says so): it is taken as it is. A completed save this
         // record does not name is not ours to trust.
         let already_saved = status == VmStatus::Saved;
-        if already_saved && !(rec.state == VmState::Saving && memory.is_file()) {
+        let image_here = memory.is_file() && rec.ram_path.as_ref().is_none_or(|ram| ram.is_file());
+        if already_saved && !(rec.state == VmState::Saving && image_here) {
             return Err(VmError::Failed(format!(
                 "VM {name}'s hypervisor holds a completed save that this node has no whole \
                  image of; `stasis vm resume {name}` lets it run again, then swap it out"
@@ -692,7 +766,9 @@ pub fn swapout(
         // From here the VM exists only in this file and its disk: make the file and its name
         // durable (QEMU does not; free on /dev/shm, where a reboot loses it and a rerun then
         // says so instead of storing a damaged image), then record that it is whole.
-        crate::fsutil::sync_file_and_dir(&memory).map_err(|e| VmError::io(&memory, e))?;
+        for f in std::iter::once(&memory).chain(&rec.ram_path) {
+            crate::fsutil::sync_file_and_dir(f).map_err(|e| VmError::io(f, e))?;
+        }
         rec.state = VmState::SwappingOut;
         save_record(store, &rec)?;
     }
@@ -702,11 +778,21 @@ pub fn swapout(
         with_driver(store, &rec, |d, c| d.kill(c))?;
     }
     let manifest = rec.manifest.clone().unwrap_or_default();
-    let memory_file_bytes = std::fs::metadata(&memory)
-        .map_err(|e| VmError::io(&memory, e))?
-        .len();
+    // The guest's RAM: its own file, or in the save file with the device state.
+    let ram = rec.ram_path.as_ref().unwrap_or(&memory);
+    let file_len = |f: &Path| {
+        std::fs::metadata(f)
+            .map(|m| m.len())
+            .map_err(|e| VmError::io(f, e))
+    };
+    let ram_bytes = file_len(ram)?;
+    let memory_file_bytes = match rec.ram_path {
+        Some(_) => ram_bytes + file_len(&memory)?,
+        None => ram_bytes,
+    };
     let disk_manifest = format!("{manifest}.disk");
     let mem_manifest = format!("{manifest}.memory");
+    let device_manifest = format!("{manifest}.device-state");
     // Memory, boot files, and the manifest naming them, under one upload session (a gc
     // does not sweep what we counted on before the manifest names it).
     let upload = repo.begin_upload()?;
@@ -723,10 +809,10 @@ pub fn swapout(
         let memory = (|| -> Result<_, VmError> {
             let show = |c: &crate::swap::Counters| {
                 use std::sync::atomic::Ordering::Relaxed;
-                progress("memory", c.bytes_scanned.load(Relaxed), memory_file_bytes)
+                progress("memory", c.bytes_scanned.load(Relaxed), ram_bytes)
             };
             let (mem, summary) = crate::swap::swapout_file(
-                &memory,
+                ram,
                 MEMORY_CHUNK,
                 &mem_manifest,
                 &format!("memory of VM {name}"),
@@ -735,13 +821,27 @@ pub fn swapout(
                 &show,
             )?;
             repo.commit(&mem)?;
+            let mut device = None;
+            if rec.ram_path.is_some() {
+                let (m, summary) = crate::swap::swapout_file(
+                    &memory,
+                    MEMORY_CHUNK,
+                    &device_manifest,
+                    &format!("device state of VM {name}"),
+                    repo,
+                    &upload,
+                    &|_| {},
+                )?;
+                repo.commit(&m)?;
+                device = Some(summary);
+            }
             let mut boot = Vec::new();
             for (role, file) in [("kernel", &rec.spec.kernel), ("initrd", &rec.spec.initrd)] {
                 if let Some(path) = file {
                     boot.push((role, store_boot_file(repo, &upload, path)?));
                 }
             }
-            Ok((summary, boot))
+            Ok((summary, device, boot))
         })();
         let disk = disk.map(|d| {
             d.join()
@@ -756,10 +856,13 @@ pub fn swapout(
         rec.disk_done = true;
         save_record(store, &rec)?;
     }
-    let (memory_summary, boot) = memory_step?;
+    let (memory_summary, device_summary, boot) = memory_step?;
     let mut parts = std::collections::BTreeMap::new();
     parts.insert("disk".to_string(), disk_manifest);
     parts.insert("memory".to_string(), mem_manifest);
+    if device_summary.is_some() {
+        parts.insert("device-state".to_string(), device_manifest);
+    }
     let mut boot_files_uploaded = 0;
     for (role, (name, uploaded)) in boot {
         boot_files_uploaded += uploaded as u64;
@@ -782,15 +885,20 @@ pub fn swapout(
     };
     repo.commit(&vm_manifest)?;
     drop(upload);
+    let ram_path = rec.ram_path.take();
     rec.state = VmState::SwappedOut;
     rec.memory_path = None;
     save_record(store, &rec)?;
     // The repository holds them now.
     for f in [
-        &memory,
-        &dir_file(store, name, "kernel"),
-        &dir_file(store, name, "initrd"),
-    ] {
+        Some(memory),
+        ram_path,
+        Some(dir_file(store, name, "kernel")),
+        Some(dir_file(store, name, "initrd")),
+    ]
+    .iter()
+    .flatten()
+    {
         let _ = std::fs::remove_file(f);
     }
     Ok(VmSwapoutSummary {
@@ -802,6 +910,7 @@ pub fn swapout(
         memory_file_bytes,
         disk: disk_summary,
         memory: memory_summary,
+        device_state: device_summary,
         boot_files_uploaded,
         seconds: started.elapsed().as_secs_f64(),
     })
@@ -1017,6 +1126,9 @@ pub fn swapin(
             })
         };
     let (disk_manifest, mem_manifest) = (part("disk")?, part("memory")?);
+    // Saved with its RAM in a file of its own: the memory part is that RAM, restored into
+    // the VM's RAM file, and the device state is apart.
+    let device_manifest = m.info.parts.get("device-state").cloned();
     let mut rec = match load(store, &name) {
         Ok(r) if r.state == VmState::SwappedOut => r,
         Ok(r) => {
@@ -1034,6 +1146,7 @@ pub fn swapin(
             manifest: None,
             disk_done: false,
             memory_path: None,
+            ram_path: None,
             swapin_disk: None,
             created_at: crate::repo::now_secs(),
         },
@@ -1056,18 +1169,40 @@ pub fn swapin(
     progress("memory", 0, 0);
     rec.memory_path = None;
     let memory = memory_file(store, &rec);
-    // Scratch: whatever happens next, it goes.
-    struct RemoveOnDrop<'a>(&'a Path);
+    // The RAM file the VM will run on: in memory where there is room, else on the VM's
+    // directory (slower: the kernel writes the guest's pages back to the disk).
+    let ram = device_manifest.as_ref().map(|_| {
+        ram_file_for(store, &rec).unwrap_or_else(|| {
+            tracing::warn!(
+                vm = name,
+                "no room in memory for the VM's RAM file: it goes on disk"
+            );
+            dir.join("ram")
+        })
+    });
+    // Scratch: whatever happens next, it goes; the RAM file too unless the VM runs on it.
+    struct RemoveOnDrop<'a>(Option<&'a Path>);
     impl Drop for RemoveOnDrop<'_> {
         fn drop(&mut self) {
-            let _ = std::fs::remove_file(self.0);
+            if let Some(f) = self.0 {
+                let _ = std::fs::remove_file(f);
+            }
         }
     }
-    let _scratch = RemoveOnDrop(&memory);
+    let _scratch = RemoveOnDrop(Some(&memory));
+    let mut ram_unused = RemoveOnDrop(ram.as_deref());
     let t = Instant::now();
-    let memory_chunks = crate::swap::restore_file(repo, &mem_manifest, &memory, false, &|d, n| {
-        progress("memory", d, n)
-    })?;
+    let show = |d, n| progress("memory", d, n);
+    let mut memory_chunks = crate::swap::restore_file(
+        repo,
+        &mem_manifest,
+        ram.as_ref().unwrap_or(&memory),
+        false,
+        &show,
+    )?;
+    if let Some(device) = &device_manifest {
+        memory_chunks += crate::swap::restore_file(repo, device, &memory, false, &|_, _| {})?;
+    }
     let memory_seconds = t.elapsed().as_secs_f64();
     progress("disk", 0, 0);
     // A disk of that name here is used only if it is this swapout's (an earlier swapin of
@@ -1094,6 +1229,7 @@ pub fn swapin(
     rec.repo = Some(repo.url());
     rec.manifest = Some(m.info.name.clone());
     rec.disk_done = false;
+    rec.ram_path = ram.clone();
     save_record(store, &rec)?;
     progress("restoring", 0, 0);
     let t = Instant::now();
@@ -1109,9 +1245,12 @@ pub fn swapin(
         // Back to swapped out: the repository still has all of it.
         let _ = stop_disk_server(&mut rec);
         rec.state = VmState::SwappedOut;
+        rec.ram_path = None;
         let _ = save_record(store, &rec);
         return Err(e);
     }
+    // The VM runs on its RAM file now.
+    ram_unused.0 = None;
     // The disk is the VM's now, running on: a later swapin must not take it for its own.
     rec.swapin_disk = None;
     save_record(store, &rec)?;
