@@ -86,16 +86,14 @@ fn qemu_pid(vm: &VmContext) -> Option<u32> {
     crate::swap::process_running(pid as u64).then_some(pid)
 }
 
-/// Migration capabilities of a save and its restore. Guest RAM in a shared file
-/// (`x-ignore-shared`): QEMU saves only the device state (and its own small RAM blocks:
+/// Migration capabilities of a save and its restore, each set on or off (QEMU keeps them
+/// from one migration to the next, and a restore must use the save's). Guest RAM in a shared
+/// file (`x-ignore-shared`): QEMU saves only the device state (and its own small RAM blocks:
 /// ROMs), the RAM stays in the file. Otherwise `mapped-ram`: each RAM page at a fixed offset
 /// of the save file, zero pages left as holes.
-fn migration_caps(vm: &VmContext) -> &'static [&'static str] {
-    if vm.ram_file.is_some() {
-        &["x-ignore-shared"]
-    } else {
-        &["mapped-ram"]
-    }
+fn migration_caps(vm: &VmContext) -> [(&'static str, bool); 2] {
+    let shared = vm.ram_file.is_some();
+    [("x-ignore-shared", shared), ("mapped-ram", !shared)]
 }
 
 impl QemuDriver {
@@ -216,7 +214,7 @@ impl QemuDriver {
     fn set_caps(q: &mut Qmp, vm: &VmContext) -> Result<(), HvError> {
         let caps: Vec<Value> = migration_caps(vm)
             .iter()
-            .map(|c| json!({"capability": c, "state": true}))
+            .map(|(c, on)| json!({"capability": c, "state": on}))
             .collect();
         q.execute("migrate-set-capabilities", json!({ "capabilities": caps }))?;
         Ok(())
