@@ -377,6 +377,79 @@ impl Hypervisor for QemuDriver {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use crate::hypervisor::{DriverConfig, VmSpec};
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            disk: "d".into(),
+            mem_mib: 256,
+            cpus: 1,
+            kernel: None,
+            initrd: None,
+            append: None,
+            driver: DriverConfig::Qemu {
+                accel: "tcg".into(),
+                extra_args: vec![],
+                machine: Some("pc-i440fx-10.0".into()),
+            },
+        }
+    }
+
+    fn driver() -> QemuDriver {
+        QemuDriver {
+            accel: "tcg".into(),
+            extra_args: vec![],
+            machine: Some("pc-i440fx-10.0".into()),
+        }
+    }
+
+    #[test]
+    fn a_ram_file_becomes_a_shared_memory_backend_saved_apart() {
+        let spec = spec();
+        let dir = Path::new("/s/vms/v");
+        let ram = Path::new("/dev/shm/stasis-x-v.ram");
+        let vm = VmContext {
+            name: "v",
+            dir,
+            spec: &spec,
+            nbd_socket: Path::new("/s/vms/v/disk.sock"),
+            ram_file: Some(ram),
+        };
+        let args = driver().command_line(&vm, false).unwrap();
+        let after = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
+        assert_eq!(
+            after("-machine"),
+            "pc-i440fx-10.0,memory-backend=stasis-ram"
+        );
+        assert_eq!(
+            after("-object"),
+            "memory-backend-file,id=stasis-ram,size=256M,mem-path=/dev/shm/stasis-x-v.ram,share=on"
+        );
+        assert_eq!(
+            migration_caps(&vm),
+            [("x-ignore-shared", true), ("mapped-ram", false)]
+        );
+        // Without one: QEMU's own memory, saved with mapped-ram.
+        let vm = VmContext {
+            ram_file: None,
+            ..vm
+        };
+        let args = driver().command_line(&vm, true).unwrap();
+        assert!(!args.iter().any(|a| a == "-object"));
+        assert_eq!(args.last().map(String::as_str), Some("defer"));
+        assert_eq!(
+            migration_caps(&vm),
+            [("x-ignore-shared", false), ("mapped-ram", true)]
+        );
+        // QEMU's option syntax would split a path at a comma.
+        let vm = VmContext {
+            ram_file: Some(Path::new("/dev/shm/a,b.ram")),
+            ..vm
+        };
+        assert!(driver().command_line(&vm, false).is_err());
+    }
+
     #[test]
     fn the_pc_alias_is_read_from_machine_help() {
         let help = "Supported machines are:\nmicrovm              microvm (i386)\n\
