@@ -30,6 +30,12 @@ install_deps() {
     command -v python3 >/dev/null || missing+=(python3)
     # The TLS test of `repo serve` makes its certificate with openssl.
     command -v openssl >/dev/null || missing+=(openssl)
+    # The --boot-disk test builds a BIOS-bootable disk image (a FAT partition with syslinux)
+    # without mounting anything: sfdisk, mkfs.vfat --offset, syslinux --offset, mcopy.
+    command -v syslinux >/dev/null && [ -f /usr/lib/syslinux/mbr/mbr.bin ] || missing+=(syslinux syslinux-common)
+    command -v mcopy >/dev/null || missing+=(mtools)
+    command -v mkfs.vfat >/dev/null || missing+=(dosfstools)
+    command -v sfdisk >/dev/null || missing+=(fdisk)
     if ((${#missing[@]})); then
         step "installing Debian packages: ${missing[*]}"
         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
