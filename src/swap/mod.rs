@@ -446,6 +446,12 @@ impl ChunkSource for RepoSource {
             .get_chunk(&ChunkHash(*hash))
             .map_err(|e| e.to_string())
     }
+
+    /// `get_chunk` checks every chunk against its hash (`brick::decode`, for every brick
+    /// kind and for a served repository) and fails on a mismatch.
+    fn verifies(&self) -> bool {
+        true
+    }
 }
 
 /// Brings golden image `name` from the repository into the store (verified chunk by chunk),
@@ -607,7 +613,7 @@ impl Drop for Prefetcher {
 /// object, a request) wait on I/O, so a few in flight keep the source and the delta busy at
 /// once. The background prefetcher of a served disk uses fewer ([`PREFETCH_WORKERS`]), to
 /// leave the disk to the guest.
-pub const HYDRATE_WORKERS: usize = 4;
+pub const HYDRATE_WORKERS: usize = 8;
 pub const PREFETCH_WORKERS: usize = 2;
 
 /// Fetches every chunk a swapped-in disk still lacks, until done or `stop`, with `workers`
