@@ -6,14 +6,14 @@ use clap::Subcommand;
 use serde_json::json;
 
 use super::{open_repo, print_json, progress_bar, Failure, RepoArg};
-use crate::hypervisor::{DriverConfig, VmSpec};
+use crate::hypervisor::{DriveChoice, DriverConfig, VmSpec};
 use crate::store::Store;
 use crate::units::{human, parse_size};
 use crate::vm::{self, experiment, VmError, VmState};
 
 #[derive(Subcommand, Debug)]
 pub enum VmCmd {
-    /// Start a VM on a disk: the disk is served over NBD and the hypervisor boots on it
+    /// Start a VM on a disk: the disk is served (ublk or NBD) and the hypervisor boots on it
     #[command(group(clap::ArgGroup::new("boot").required(true).args(["kernel", "boot_disk"])))]
     Start {
         name: String,
@@ -59,6 +59,10 @@ pub enum VmCmd {
         /// then waits for QEMU to copy the RAM into a save file
         #[arg(long)]
         private_ram: bool,
+        /// How the disk reaches the hypervisor: ublk (/dev/ublkbN, QEMU only, hosts with
+        /// ublk), nbd (a Unix socket), or auto: ublk for QEMU where this host has it
+        #[arg(long, value_enum, default_value = "auto")]
+        drive: DriveChoice,
     },
     /// Swap a running VM out: pause, save memory and device state, store disk and memory in
     /// the repository, free this node
@@ -169,6 +173,7 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
             accel,
             qemu_args,
             private_ram,
+            drive,
         } => {
             if mem < (16 << 20) || mem % (1 << 20) != 0 {
                 return Err(Failure::Usage(
@@ -201,6 +206,7 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
                 initrd: absolute(initrd),
                 append,
                 driver,
+                drive,
             };
             let rec = vm::start(store, &name, spec, private_ram)?;
             let dir = vm::vm_dir(store, &name);
@@ -208,6 +214,7 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
                 print_json(
                     &json!({"vm": rec.name, "state": "running", "disk": rec.spec.disk,
                     "driver": rec.spec.driver.kind(), "dir": dir, "ram_file": rec.ram_path,
+                    "disk_device": rec.disk_device,
                     "console": dir.join("console.log"), "disk_server_pid": rec.server_pid}),
                 );
             } else {
@@ -353,6 +360,7 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
                 print_json(&json!({"vm": name, "state": rec.state, "status": status,
                     "cpu_seconds": counters.cpu_seconds, "disk_idle_seconds": idle,
                     "disk": rec.spec.disk, "manifest": rec.manifest, "repo": rec.repo,
+                    "disk_device": rec.disk_device, "ram_file": rec.ram_path,
                     "console": dir.join("console.log")}));
             } else {
                 println!(

@@ -70,6 +70,22 @@ pub struct VmSpec {
     #[serde(default)]
     pub append: Option<String>,
     pub driver: DriverConfig,
+    /// How the disk reaches the hypervisor, chosen again on every node it starts on.
+    #[serde(default)]
+    pub drive: DriveChoice,
+}
+
+/// How a VM's disk is handed to its hypervisor: over NBD on a Unix socket (any hypervisor,
+/// any host), or as a ublk block device (`/dev/ublkbN`: the kernel's block layer between
+/// QEMU and the store, no NBD protocol; QEMU only, on hosts with ublk).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DriveChoice {
+    /// ublk for QEMU where this host has it (`/dev/ublk-control` opens), else NBD.
+    #[default]
+    Auto,
+    Nbd,
+    Ublk,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -116,8 +132,12 @@ pub struct VmContext<'a> {
     /// Its runtime directory: sockets, pid files, console log.
     pub dir: &'a Path,
     pub spec: &'a VmSpec,
-    /// The Unix socket its disk is served on (NBD; the export is the disk's name).
+    /// The Unix socket its disk is served on (NBD; the export is the disk's name), unless
+    /// `block_device` is set.
     pub nbd_socket: &'a Path,
+    /// The block device its disk is served as (ublk), for a driver that attaches one
+    /// (QEMU); None: NBD on `nbd_socket`.
+    pub block_device: Option<&'a Path>,
     /// Where the guest's RAM lives, for a driver that can keep it in a file Stasis reads
     /// (QEMU: a shared memory backend). Its save then writes only the device state, and
     /// its restore expects this file to hold the RAM again. None: the RAM is the

@@ -99,12 +99,23 @@ fn migration_caps(vm: &VmContext) -> [(&'static str, bool); 2] {
 impl QemuDriver {
     fn command_line(&self, vm: &VmContext, incoming: bool) -> Result<Vec<String>, HvError> {
         let spec = vm.spec;
-        let blockdev = json!({
-            "driver": "nbd",
-            "node-name": "stasis-disk",
-            "server": {"type": "unix", "path": vm.nbd_socket},
-            "export": spec.disk,
-        });
+        let blockdev = match vm.block_device {
+            // The ublk device, with O_DIRECT: the store below has its own cache, and a
+            // guest flush must reach it (QEMU's flush is an fdatasync of the device, which
+            // the kernel passes to the ublk server as a FLUSH).
+            Some(dev) => json!({
+                "driver": "host_device",
+                "node-name": "stasis-disk",
+                "filename": dev,
+                "cache": {"direct": true},
+            }),
+            None => json!({
+                "driver": "nbd",
+                "node-name": "stasis-disk",
+                "server": {"type": "unix", "path": vm.nbd_socket},
+                "export": spec.disk,
+            }),
+        };
         let mut machine = self.machine.clone().unwrap_or_else(|| "pc".into());
         let mut ram = Vec::new();
         if let Some(file) = vm.ram_file {
@@ -393,6 +404,7 @@ mod tests {
                 extra_args: vec![],
                 machine: Some("pc-i440fx-10.0".into()),
             },
+            drive: crate::hypervisor::DriveChoice::Auto,
         }
     }
 
@@ -414,16 +426,20 @@ mod tests {
             dir,
             spec: &spec,
             nbd_socket: Path::new("/s/vms/v/disk.sock"),
+            block_device: None,
             ram_file: Some(ram),
         };
         let args = driver().command_line(&vm, false).unwrap();
-        let after = |flag: &str| args[args.iter().position(|a| a == flag).unwrap() + 1].clone();
+        let after = |args: &[String], flag: &str| {
+            args[args.iter().position(|a| a == flag).unwrap() + 1].clone()
+        };
         assert_eq!(
-            after("-machine"),
+            after(&args, "-machine"),
             "pc-i440fx-10.0,memory-backend=stasis-ram"
         );
+        assert!(after(&args, "-blockdev").contains(r#""driver":"nbd""#));
         assert_eq!(
-            after("-object"),
+            after(&args, "-object"),
             "memory-backend-file,id=stasis-ram,size=256M,mem-path=/dev/shm/stasis-x-v.ram,share=on"
         );
         assert_eq!(
@@ -441,6 +457,18 @@ mod tests {
         assert_eq!(
             migration_caps(&vm),
             [("x-ignore-shared", false), ("mapped-ram", true)]
+        );
+        // A ublk device: QEMU opens it directly, with O_DIRECT.
+        let vm = VmContext {
+            block_device: Some(Path::new("/dev/ublkb3")),
+            ..vm
+        };
+        let args = driver().command_line(&vm, false).unwrap();
+        let blockdev: Value = serde_json::from_str(&after(&args, "-blockdev")).unwrap();
+        assert_eq!(
+            blockdev,
+            json!({"driver": "host_device", "node-name": "stasis-disk",
+                   "filename": "/dev/ublkb3", "cache": {"direct": true}})
         );
         // QEMU's option syntax would split a path at a comma.
         let vm = VmContext {

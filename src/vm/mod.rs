@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::hypervisor::{Driver, HvError, Hypervisor, VmContext, VmSpec, VmStatus};
+use crate::hypervisor::{DriveChoice, Driver, HvError, Hypervisor, VmContext, VmSpec, VmStatus};
 use crate::repo::{Kind, Manifest, ManifestInfo, RepoError, RepoHandle};
 use crate::store::{Store, StoreError};
 use crate::swap::{FileSummary, SwapError, SwapoutSummary};
@@ -100,6 +100,10 @@ pub struct VmRecord {
     /// The disk server's pid, while it runs.
     #[serde(default)]
     pub server_pid: Option<u32>,
+    /// The ublk device (`/dev/ublkbN`) the disk server serves the disk as, while it runs;
+    /// None: it serves NBD on the VM's `disk.sock` (hypervisor::DriveChoice).
+    #[serde(default)]
+    pub disk_device: Option<PathBuf>,
     /// The repository of the last swapout or swapin.
     #[serde(default)]
     pub repo: Option<String>,
@@ -321,6 +325,7 @@ fn with_driver<T>(
         dir: &dir,
         spec: &rec.spec,
         nbd_socket: &sock,
+        block_device: rec.disk_device.as_deref(),
         ram_file: rec.ram_path.as_deref(),
     };
     f(&Driver::for_spec(&rec.spec), &ctx).map_err(|source| VmError::Hypervisor {
@@ -372,25 +377,70 @@ fn spawn_detached(
         .map_err(|e| VmError::Failed(format!("starting {what}: {e}")))
 }
 
-/// Serves the VM's disk over NBD on its socket: a `stasis serve` of its own, detached, so
-/// the disk outlives this command (and a swapout goes through its control socket).
+/// Whether this host offers ublk to us.
+fn ublk_here() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/ublk-control")
+        .is_ok()
+}
+
+/// Whether the VM's disk is served as a ublk device on this node (else over NBD).
+fn serve_as_ublk(spec: &VmSpec) -> Result<bool, VmError> {
+    let qemu = matches!(spec.driver, crate::hypervisor::DriverConfig::Qemu { .. });
+    match spec.drive {
+        DriveChoice::Nbd => Ok(false),
+        DriveChoice::Auto => Ok(qemu && ublk_here()),
+        DriveChoice::Ublk if !qemu => Err(VmError::Usage(format!(
+            "--drive ublk is for the QEMU driver; the {} driver takes its disk over NBD",
+            spec.driver.kind()
+        ))),
+        DriveChoice::Ublk if !ublk_here() => Err(VmError::Usage(
+            "--drive ublk: this host has no ublk (/dev/ublk-control does not open; modprobe \
+             ublk_drv, as root)"
+                .into(),
+        )),
+        DriveChoice::Ublk => Ok(true),
+    }
+}
+
+/// Serves the VM's disk, over NBD on its socket or as a ublk device ([`serve_as_ublk`]): a
+/// `stasis serve` of its own, detached, so the disk outlives this command (and a swapout
+/// goes through its control socket).
 fn start_disk_server(store: &Store, rec: &mut VmRecord) -> Result<(), VmError> {
     let dir = vm_dir(store, &rec.name);
     let sock = nbd_socket(store, &rec.name);
     let log_path = dir.join("disk-server.log");
     let nbd = format!("unix:{}", sock.display());
+    let ublk = serve_as_ublk(&rec.spec)?;
+    let frontend: &[&str] = if ublk { &["--ublk"] } else { &["--nbd", &nbd] };
     let mut child = spawn_detached(
         store,
-        &["serve", &rec.spec.disk, "--nbd", &nbd],
+        &[&["serve", rec.spec.disk.as_str()], frontend].concat(),
         &[],
         &log_path,
         "the disk server",
     )?;
     let control = store.control_socket(&rec.spec.disk);
     let deadline = Instant::now() + Duration::from_secs(30);
+    let mut device = None;
     loop {
-        if sock.exists() && crate::control::request(&control, &rec.spec.disk, "status").is_ok() {
-            break;
+        if let Ok(status) = crate::control::request(&control, &rec.spec.disk, "status") {
+            // A ublk server answers once its device is up; it names the device.
+            let served_device = status
+                .get("address")
+                .and_then(|a| a.as_str())
+                .filter(|_| status.get("frontend").and_then(|f| f.as_str()) == Some("ublk"))
+                .map(PathBuf::from)
+                .filter(|d| d.exists());
+            if ublk && served_device.is_some() {
+                device = served_device;
+                break;
+            }
+            if !ublk && sock.exists() {
+                break;
+            }
         }
         if let Ok(Some(status)) = child.try_wait() {
             let log = std::fs::read_to_string(&log_path).unwrap_or_default();
@@ -414,11 +464,13 @@ fn start_disk_server(store: &Store, rec: &mut VmRecord) -> Result<(), VmError> {
         std::thread::sleep(Duration::from_millis(20));
     }
     rec.server_pid = Some(child.id());
+    rec.disk_device = device;
     Ok(())
 }
 
 /// Stops the disk server (SIGTERM: it drains, flushes and closes the disk) and waits.
 fn stop_disk_server(rec: &mut VmRecord) -> Result<(), VmError> {
+    rec.disk_device = None;
     if let Some(pid) = rec.server_pid.take() {
         if crate::swap::process_running(pid as u64) {
             // SAFETY: signal to the server we started, which still runs.
@@ -468,6 +520,7 @@ pub fn start(
         spec,
         state: VmState::Running,
         server_pid: None,
+        disk_device: None,
         repo: None,
         manifest: None,
         disk_done: false,
@@ -853,6 +906,7 @@ pub fn swapout(
     if let Some(done) = disk_step {
         disk_summary = done?;
         rec.server_pid = None;
+        rec.disk_device = None;
         rec.disk_done = true;
         save_record(store, &rec)?;
     }
@@ -1142,6 +1196,7 @@ pub fn swapin(
             spec: spec.clone(),
             state: VmState::SwappedOut,
             server_pid: None,
+            disk_device: None,
             repo: None,
             manifest: None,
             disk_done: false,
