@@ -203,8 +203,16 @@ impl QemuDriver {
         }
         let _ = std::fs::remove_file(qmp_path(vm));
         if let (Some(ram), false) = (vm.ram_file, incoming) {
-            // A fresh boot starts from zeroed RAM, not from what an earlier run left there.
-            let _ = std::fs::remove_file(ram);
+            // A fresh boot starts from zeroed RAM, not from what an earlier run (a KVM probe)
+            // left there: emptied and sized again, in place (the file stays reserved).
+            let size = vm.spec.mem_mib << 20;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(ram)
+                .and_then(|f| f.set_len(size))
+                .map_err(|e| HvError::io(format!("emptying the RAM file {}", ram.display()), e))?;
         }
         let args = self.command_line(vm, incoming)?;
         tracing::debug!(vm = vm.name, ?args, "starting QEMU");

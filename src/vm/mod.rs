@@ -208,8 +208,16 @@ fn memory_file(store: &Store, rec: &VmRecord) -> PathBuf {
         return PathBuf::from(dir).join(file);
     }
     let shm = Path::new("/dev/shm");
+    // With a RAM file the image is the device state only (well under a MiB for a plain
+    // machine); without, RAM and device state. The room the RAM files of running VMs may
+    // still grow into is not free: taking it could kill one of them (SIGBUS).
     let mem = rec.spec.mem_mib << 20;
-    if free_bytes(shm).is_some_and(|room| room > mem + mem / 8) {
+    let need = if rec.ram_path.is_some() {
+        64 << 20
+    } else {
+        mem + mem / 8
+    };
+    if free_bytes(shm).is_some_and(|free| free.saturating_sub(ram_files_growth(shm)) > need) {
         return shm.join(file);
     }
     vm_dir(store, &rec.name).join("memory.img")
@@ -221,6 +229,9 @@ fn memory_file(store: &Store, rec: &VmRecord) -> PathBuf {
 /// memory on top of what the RAM files of VMs already there may still grow to. None when it
 /// has not: a tmpfs that fills under a running guest kills it (SIGBUS), so the VM then runs
 /// on QEMU's own memory and a swapout saves it with mapped-ram.
+///
+/// The file is created at its full (sparse) length before this returns, under a lock on the
+/// directory, so that a `vm start` or swapin running at the same time counts it as taken.
 fn ram_file_for(store: &Store, rec: &VmRecord) -> Option<PathBuf> {
     if !matches!(
         rec.spec.driver,
@@ -233,13 +244,34 @@ fn ram_file_for(store: &Store, rec: &VmRecord) -> Option<PathBuf> {
         &blake3::hash(store.root().as_os_str().as_encoded_bytes()).to_hex()[..12],
         rec.name
     );
-    if let Some(dir) = std::env::var_os("STASIS_MEMORY_DIR") {
-        return Some(PathBuf::from(dir).join(file));
-    }
-    let shm = Path::new("/dev/shm");
     let mem = rec.spec.mem_mib << 20;
-    let room = free_bytes(shm)?.saturating_sub(ram_files_growth(shm));
-    (room > mem + mem / 8).then(|| shm.join(file))
+    let (dir, checked) = match std::env::var_os("STASIS_MEMORY_DIR") {
+        Some(dir) => (PathBuf::from(dir), false),
+        None => (PathBuf::from("/dev/shm"), true),
+    };
+    let reserve = || -> std::io::Result<Option<PathBuf>> {
+        use std::os::fd::AsRawFd;
+        let lock = std::fs::File::create(dir.join(".stasis-ram.lock"))?;
+        // SAFETY: flock on an open descriptor; released when `lock` is closed.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let path = dir.join(&file);
+        // A file of this VM left by an earlier run is replaced: not counted.
+        let _ = std::fs::remove_file(&path);
+        if checked {
+            let free = free_bytes(&dir).unwrap_or(0);
+            if free.saturating_sub(ram_files_growth(&dir)) <= mem + mem / 8 {
+                return Ok(None);
+            }
+        }
+        std::fs::File::create(&path)?.set_len(mem)?;
+        Ok(Some(path))
+    };
+    reserve().unwrap_or_else(|e| {
+        tracing::warn!(vm = rec.name, dir = %dir.display(), "cannot place a RAM file there: {e}");
+        None
+    })
 }
 
 /// How much the RAM files of running VMs in `dir` may still grow: their size less what is
@@ -386,10 +418,19 @@ fn ublk_here() -> bool {
         .is_ok()
 }
 
-/// Whether the VM's disk is served as a ublk device on this node (else over NBD).
-fn serve_as_ublk(spec: &VmSpec) -> Result<bool, VmError> {
+/// Whether the VM's disk is served as a ublk device on this node (else over NBD). At a
+/// swapin (`at_swapin`), a VM started with `--drive ublk` on a node without ublk runs over
+/// NBD instead, with a warning: a VM swaps in on any node.
+fn serve_as_ublk(spec: &VmSpec, at_swapin: bool) -> Result<bool, VmError> {
     let qemu = matches!(spec.driver, crate::hypervisor::DriverConfig::Qemu { .. });
     match spec.drive {
+        DriveChoice::Ublk if at_swapin && !ublk_here() => {
+            tracing::warn!(
+                disk = spec.disk,
+                "this host has no ublk: the disk goes over NBD"
+            );
+            Ok(false)
+        }
         DriveChoice::Nbd => Ok(false),
         DriveChoice::Auto => Ok(qemu && ublk_here()),
         DriveChoice::Ublk if !qemu => Err(VmError::Usage(format!(
@@ -408,12 +449,12 @@ fn serve_as_ublk(spec: &VmSpec) -> Result<bool, VmError> {
 /// Serves the VM's disk, over NBD on its socket or as a ublk device ([`serve_as_ublk`]): a
 /// `stasis serve` of its own, detached, so the disk outlives this command (and a swapout
 /// goes through its control socket).
-fn start_disk_server(store: &Store, rec: &mut VmRecord) -> Result<(), VmError> {
+fn start_disk_server(store: &Store, rec: &mut VmRecord, at_swapin: bool) -> Result<(), VmError> {
     let dir = vm_dir(store, &rec.name);
     let sock = nbd_socket(store, &rec.name);
     let log_path = dir.join("disk-server.log");
     let nbd = format!("unix:{}", sock.display());
-    let ublk = serve_as_ublk(&rec.spec)?;
+    let ublk = serve_as_ublk(&rec.spec, at_swapin)?;
     let frontend: &[&str] = if ublk { &["--ublk"] } else { &["--nbd", &nbd] };
     let mut child = spawn_detached(
         store,
@@ -455,7 +496,14 @@ fn start_disk_server(store: &Store, rec: &mut VmRecord) -> Result<(), VmError> {
             });
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
+            // SIGTERM first: a ublk server killed outright leaves its device behind, and
+            // the disk refused until the device is deleted or recovered by hand.
+            // SAFETY: signal to the child we started, which has not been reaped.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            if !wait_gone(Some(child.id()), Duration::from_secs(30)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
             return Err(VmError::Failed(format!(
                 "the server of disk {} did not start within 30 s",
                 rec.spec.disk
@@ -529,17 +577,19 @@ pub fn start(
         swapin_disk: None,
         created_at: crate::repo::now_secs(),
     };
-    if !private_ram {
-        rec.ram_path = ram_file_for(store, &rec);
-    }
     // Boot files are copied in: the VM must not depend on paths that may change, and a
     // swapin elsewhere puts them in the same place.
     adopt_boot_files(&dir, &mut rec.spec)?;
-    let started = start_disk_server(store, &mut rec).and_then(|_| {
+    if !private_ram {
+        rec.ram_path = ram_file_for(store, &rec);
+    }
+    let started = start_disk_server(store, &mut rec, false).and_then(|_| {
         save_record(store, &rec)?;
         start_choosing_accel(store, &mut rec)
     });
     if let Err(e) = started {
+        // A hypervisor that started and then failed (the KVM probe) goes first.
+        let _ = with_driver(store, &rec, |d, c| d.kill(c));
         let _ = stop_disk_server(&mut rec);
         let _ = std::fs::remove_dir_all(&dir);
         if let Some(ram) = &rec.ram_path {
@@ -1279,7 +1329,7 @@ pub fn swapin(
             )))
         }
     }
-    start_disk_server(store, &mut rec)?;
+    start_disk_server(store, &mut rec, true)?;
     rec.state = VmState::Running;
     rec.repo = Some(repo.url());
     rec.manifest = Some(m.info.name.clone());
@@ -1297,7 +1347,9 @@ pub fn swapin(
     });
     let restore_seconds = t.elapsed().as_secs_f64();
     if let Err(e) = restored {
-        // Back to swapped out: the repository still has all of it.
+        // Back to swapped out: the repository still has all of it. A QEMU that restored
+        // and then failed to resume goes first: it runs on the RAM file and the disk.
+        let _ = with_driver(store, &rec, |d, c| d.kill(c));
         let _ = stop_disk_server(&mut rec);
         rec.state = VmState::SwappedOut;
         rec.ram_path = None;
