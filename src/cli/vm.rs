@@ -354,7 +354,7 @@ pub fn vm_cmd(store: &Store, cmd: VmCmd, json: bool) -> Result<(), Failure> {
                 "stats",
             )
             .ok()
-            .and_then(|v| v.get("idle_seconds").cloned());
+            .and_then(|v| v.get("stats")?.get("idle_seconds").cloned());
             let dir = vm::vm_dir(store, &name);
             if json {
                 print_json(&json!({"vm": name, "state": rec.state, "status": status,
