@@ -195,7 +195,9 @@ fn dir_file(store: &Store, name: &str, file: &str) -> PathBuf {
 /// swapout's own writes), else the VM's directory. The swapout syncs it before it records
 /// that the VM exists only there and in its disk (on /dev/shm a reboot loses it, and a rerun
 /// then says so instead of storing a damaged image).
-fn memory_file(store: &Store, rec: &VmRecord) -> PathBuf {
+///
+/// `device_state_only`: the VM's RAM is in a RAM file, so the image is its device state.
+fn memory_file(store: &Store, rec: &VmRecord, device_state_only: bool) -> PathBuf {
     if let Some(p) = &rec.memory_path {
         return p.clone();
     }
@@ -212,7 +214,7 @@ fn memory_file(store: &Store, rec: &VmRecord) -> PathBuf {
     // machine); without, RAM and device state. The room the RAM files of running VMs may
     // still grow into is not free: taking it could kill one of them (SIGBUS).
     let mem = rec.spec.mem_mib << 20;
-    let need = if rec.ram_path.is_some() {
+    let need = if device_state_only {
         64 << 20
     } else {
         mem + mem / 8
@@ -794,7 +796,7 @@ pub fn swapout(
     let started = Instant::now();
     let _one_at_a_time = lock_vm(store, name)?;
     let mut rec = load(store, name)?;
-    let memory = memory_file(store, &rec);
+    let memory = memory_file(store, &rec, rec.ram_path.is_some());
     let mut pause_ms = paused.map_or(0.0, |d| d.as_secs_f64() * 1000.0);
     let mut save_seconds = 0.0;
     if rec.state == VmState::SwappedOut {
@@ -1273,7 +1275,7 @@ pub fn swapin(
     }
     progress("memory", 0, 0);
     rec.memory_path = None;
-    let memory = memory_file(store, &rec);
+    let memory = memory_file(store, &rec, device_manifest.is_some());
     // The RAM file the VM will run on: in memory where there is room, else on the VM's
     // directory (slower: the kernel writes the guest's pages back to the disk).
     let ram = device_manifest.as_ref().map(|_| {
