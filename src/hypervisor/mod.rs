@@ -117,6 +117,10 @@ pub enum DriverConfig {
 }
 
 impl DriverConfig {
+    pub fn is_qemu(&self) -> bool {
+        matches!(self, DriverConfig::Qemu { .. })
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             DriverConfig::Qemu { .. } => "qemu",

@@ -188,7 +188,7 @@ impl DiskLock {
         }
     }
 
-    fn acquire_blocking(path: &Path) -> Result<DiskLock, StoreError> {
+    pub fn acquire_blocking(path: &Path) -> Result<DiskLock, StoreError> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)

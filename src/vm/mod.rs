@@ -201,28 +201,42 @@ fn memory_file(store: &Store, rec: &VmRecord, device_state_only: bool) -> PathBu
     if let Some(p) = &rec.memory_path {
         return p.clone();
     }
-    let file = format!(
-        "stasis-{}-{}.memory",
-        &blake3::hash(store.root().as_os_str().as_encoded_bytes()).to_hex()[..12],
-        rec.name
-    );
+    let file = scratch_name(store, &rec.name, "memory");
     if let Some(dir) = std::env::var_os("STASIS_MEMORY_DIR") {
         return PathBuf::from(dir).join(file);
     }
     let shm = Path::new("/dev/shm");
     // With a RAM file the image is the device state only (well under a MiB for a plain
-    // machine); without, RAM and device state. The room the RAM files of running VMs may
-    // still grow into is not free: taking it could kill one of them (SIGBUS).
-    let mem = rec.spec.mem_mib << 20;
+    // machine); without, RAM and device state.
     let need = if device_state_only {
         64 << 20
     } else {
-        mem + mem / 8
+        memory_with_margin(rec)
     };
-    if free_bytes(shm).is_some_and(|free| free.saturating_sub(ram_files_growth(shm)) > need) {
+    if has_room(shm, need) {
         return shm.join(file);
     }
     vm_dir(store, &rec.name).join("memory.img")
+}
+
+/// `stasis-<h>-<vm>.<ext>`: a VM's file outside its store (/dev/shm, $STASIS_MEMORY_DIR),
+/// `<h>` the first 12 hex digits of the BLAKE3 hash of the store's path, so that two stores
+/// on one node do not collide.
+fn scratch_name(store: &Store, vm: &str, ext: &str) -> String {
+    let h = blake3::hash(store.root().as_os_str().as_encoded_bytes()).to_hex();
+    format!("stasis-{}-{vm}.{ext}", &h[..12])
+}
+
+/// The VM's memory plus an eighth: the room asked for its RAM, or an image holding it.
+fn memory_with_margin(rec: &VmRecord) -> u64 {
+    let mem = rec.spec.mem_mib << 20;
+    mem + mem / 8
+}
+
+/// Whether `dir` has more than `need` bytes free besides what the RAM files there may still
+/// grow into: that room is not free, taking it could kill a running guest (SIGBUS).
+fn has_room(dir: &Path, need: u64) -> bool {
+    free_bytes(dir).is_some_and(|free| free.saturating_sub(ram_files_growth(dir)) > need)
 }
 
 /// Where a QEMU VM's RAM lives while it runs, as a shared memory backend that a swapout
@@ -235,39 +249,25 @@ fn memory_file(store: &Store, rec: &VmRecord, device_state_only: bool) -> PathBu
 /// The file is created at its full (sparse) length before this returns, under a lock on the
 /// directory, so that a `vm start` or swapin running at the same time counts it as taken.
 fn ram_file_for(store: &Store, rec: &VmRecord) -> Option<PathBuf> {
-    if !matches!(
-        rec.spec.driver,
-        crate::hypervisor::DriverConfig::Qemu { .. }
-    ) {
+    if !rec.spec.driver.is_qemu() {
         return None;
     }
-    let file = format!(
-        "stasis-{}-{}.ram",
-        &blake3::hash(store.root().as_os_str().as_encoded_bytes()).to_hex()[..12],
-        rec.name
-    );
-    let mem = rec.spec.mem_mib << 20;
     let (dir, checked) = match std::env::var_os("STASIS_MEMORY_DIR") {
         Some(dir) => (PathBuf::from(dir), false),
         None => (PathBuf::from("/dev/shm"), true),
     };
-    let reserve = || -> std::io::Result<Option<PathBuf>> {
-        use std::os::fd::AsRawFd;
-        let lock = std::fs::File::create(dir.join(".stasis-ram.lock"))?;
-        // SAFETY: flock on an open descriptor; released when `lock` is closed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let path = dir.join(&file);
+    let reserve = || -> Result<Option<PathBuf>, String> {
+        let _lock = crate::store::DiskLock::acquire_blocking(&dir.join(".stasis-ram.lock"))
+            .map_err(|e| e.to_string())?;
+        let path = dir.join(scratch_name(store, &rec.name, "ram"));
         // A file of this VM left by an earlier run is replaced: not counted.
         let _ = std::fs::remove_file(&path);
-        if checked {
-            let free = free_bytes(&dir).unwrap_or(0);
-            if free.saturating_sub(ram_files_growth(&dir)) <= mem + mem / 8 {
-                return Ok(None);
-            }
+        if checked && !has_room(&dir, memory_with_margin(rec)) {
+            return Ok(None);
         }
-        std::fs::File::create(&path)?.set_len(mem)?;
+        std::fs::File::create(&path)
+            .and_then(|f| f.set_len(rec.spec.mem_mib << 20))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Some(path))
     };
     reserve().unwrap_or_else(|e| {
@@ -424,7 +424,7 @@ fn ublk_here() -> bool {
 /// swapin (`at_swapin`), a VM started with `--drive ublk` on a node without ublk runs over
 /// NBD instead, with a warning: a VM swaps in on any node.
 fn serve_as_ublk(spec: &VmSpec, at_swapin: bool) -> Result<bool, VmError> {
-    let qemu = matches!(spec.driver, crate::hypervisor::DriverConfig::Qemu { .. });
+    let qemu = spec.driver.is_qemu();
     match spec.drive {
         DriveChoice::Ublk if at_swapin && !ublk_here() => {
             tracing::warn!(
@@ -500,9 +500,7 @@ fn start_disk_server(store: &Store, rec: &mut VmRecord, at_swapin: bool) -> Resu
         if Instant::now() > deadline {
             // SIGTERM first: a ublk server killed outright leaves its device behind, and
             // the disk refused until the device is deleted or recovered by hand.
-            // SAFETY: signal to the child we started, which has not been reaped.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            if !wait_gone(Some(child.id()), Duration::from_secs(30)) {
+            if !terminate(child.id(), Duration::from_secs(30)) {
                 let _ = child.kill();
             }
             let _ = child.wait();
@@ -522,18 +520,24 @@ fn start_disk_server(store: &Store, rec: &mut VmRecord, at_swapin: bool) -> Resu
 fn stop_disk_server(rec: &mut VmRecord) -> Result<(), VmError> {
     rec.disk_device = None;
     if let Some(pid) = rec.server_pid.take() {
-        if crate::swap::process_running(pid as u64) {
-            // SAFETY: signal to the server we started, which still runs.
-            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
-            if !wait_gone(Some(pid), Duration::from_secs(60)) {
-                return Err(VmError::Failed(format!(
-                    "the server of disk {} (pid {pid}) did not stop",
-                    rec.spec.disk
-                )));
-            }
+        if !terminate(pid, Duration::from_secs(60)) {
+            return Err(VmError::Failed(format!(
+                "the server of disk {} (pid {pid}) did not stop",
+                rec.spec.disk
+            )));
         }
     }
     Ok(())
+}
+
+/// SIGTERM to a disk server (it drains, flushes and closes the disk; a ublk server deletes
+/// its device), then waits up to `limit` for it to end; whether it did.
+fn terminate(pid: u32, limit: Duration) -> bool {
+    if crate::swap::process_running(pid as u64) {
+        // SAFETY: a signal to a server this node started.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    wait_gone(Some(pid), limit)
 }
 
 /// Starts VM `name` on `spec`: serves its disk, then boots it; its RAM in a file that a
@@ -731,8 +735,6 @@ pub fn spawn_swapout(
     Ok((pid, log_path))
 }
 
-/// Ends VM `name` here without saving it: the hypervisor is killed, the disk server stopped
-/// (the disk stays, with every write the guest had flushed), and the record removed.
 /// Held by a command that changes a VM's state (swapout, swapin, kill) for its whole run:
 /// two at once would write over each other's record and memory image.
 fn lock_vm(store: &Store, name: &str) -> Result<crate::store::DiskLock, VmError> {
@@ -748,6 +750,8 @@ pub fn is_locked(store: &Store, name: &str) -> bool {
     matches!(lock_vm(store, name), Err(VmError::Busy(_)))
 }
 
+/// Ends VM `name` here without saving it: the hypervisor is killed, the disk server stopped
+/// (the disk stays, with every write the guest had flushed), and the record removed.
 pub fn kill(store: &Store, name: &str) -> Result<(), VmError> {
     let _one_at_a_time = lock_vm(store, name)?;
     let mut rec = load(store, name)?;
@@ -916,30 +920,29 @@ pub fn swapout(
                 use std::sync::atomic::Ordering::Relaxed;
                 progress("memory", c.bytes_scanned.load(Relaxed), ram_bytes)
             };
-            let (mem, summary) = crate::swap::swapout_file(
-                ram,
-                MEMORY_CHUNK,
-                &mem_manifest,
-                &format!("memory of VM {name}"),
-                repo,
-                &upload,
-                &show,
-            )?;
-            repo.commit(&mem)?;
-            let mut device = None;
-            if rec.ram_path.is_some() {
+            let store_file = |path: &Path, manifest: &str, what: &str, show| {
                 let (m, summary) = crate::swap::swapout_file(
-                    &memory,
+                    path,
                     MEMORY_CHUNK,
-                    &device_manifest,
-                    &format!("device state of VM {name}"),
+                    manifest,
+                    &format!("{what} of VM {name}"),
                     repo,
                     &upload,
-                    &|_| {},
+                    show,
                 )?;
                 repo.commit(&m)?;
-                device = Some(summary);
-            }
+                Ok::<_, VmError>(summary)
+            };
+            let summary = store_file(ram, &mem_manifest, "memory", &show)?;
+            let device = match rec.ram_path {
+                Some(_) => Some(store_file(
+                    &memory,
+                    &device_manifest,
+                    "device state",
+                    &|_| {},
+                )?),
+                None => None,
+            };
             let mut boot = Vec::new();
             for (role, file) in [("kernel", &rec.spec.kernel), ("initrd", &rec.spec.initrd)] {
                 if let Some(path) = file {
