@@ -26,6 +26,15 @@ pub fn write_durably(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()
     written.and_then(|_| sync_dir(dir))
 }
 
+/// `value` as pretty JSON (and a newline), written by [`write_durably`] with mode 0644: the
+/// records and configurations of stores, VMs, experiments and repositories.
+pub fn write_json_durably<T: serde::Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
+    bytes.push(b'\n');
+    write_durably(path, &bytes, 0o644)
+}
+
 /// fsync a directory, so that a file created or renamed in it is durable.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()

@@ -145,9 +145,6 @@ const TMP_PREFIX: &str = "tmp.";
 pub struct DirBrick {
     dir: PathBuf,
     tmp_counter: AtomicU64,
-    /// A fan-out directory was created since the brick directory was last synced: its
-    /// entry there is not durable yet (`sync_dirs` syncs the brick directory too).
-    fanout_made: std::sync::atomic::AtomicBool,
 }
 
 impl DirBrick {
@@ -156,7 +153,6 @@ impl DirBrick {
         Ok(DirBrick {
             dir: dir.to_path_buf(),
             tmp_counter: AtomicU64::new(0),
-            fanout_made: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -179,7 +175,10 @@ impl DirBrick {
                 let dest = self.chunk_path(hash);
                 let parent = dest.parent().expect("chunk paths have a fan-out directory");
                 match fs::create_dir(parent) {
-                    Ok(()) => self.fanout_made.store(true, Ordering::Release),
+                    // Its entry in the brick directory made durable at once, before any
+                    // chunk lands in it (at most 256 times in a brick's life).
+                    Ok(()) => crate::fsutil::sync_dir(&self.dir)
+                        .map_err(|e| RepoError::io(&self.dir, e))?,
                     Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
                     Err(e) => return Err(RepoError::io(parent, e)),
                 }
@@ -213,8 +212,8 @@ impl DirBrick {
     }
 
     /// Makes the renames of chunks stored so far durable (see [`Brick::sync`]): each fan-out
-    /// directory they touched is synced once, and the brick directory if a fan-out directory
-    /// was created since it was last synced.
+    /// directory they touched is synced once (a new fan-out directory's own entry was synced
+    /// by `put` when it made it).
     pub fn sync_dirs<'a>(
         &self,
         hashes: impl Iterator<Item = &'a ChunkHash>,
@@ -224,9 +223,6 @@ impl DirBrick {
             .collect();
         dirs.sort();
         dirs.dedup();
-        if self.fanout_made.swap(false, Ordering::AcqRel) {
-            dirs.push(self.dir.clone());
-        }
         in_parallel(&dirs, |d| {
             crate::fsutil::sync_dir(d).map_err(|e| RepoError::io(d, e))
         })
@@ -367,6 +363,11 @@ impl S3Brick {
             Some(h) => self.key(h).to_string(),
             None => self.spec.prefix.clone(),
         };
+        self.err_at(&at, e)
+    }
+
+    /// An error of the object at key `at`.
+    fn err_at(&self, at: &str, e: object_store::Error) -> RepoError {
         let kind = match e {
             object_store::Error::NotFound { .. } => std::io::ErrorKind::NotFound,
             _ => std::io::ErrorKind::Other,
@@ -388,13 +389,22 @@ impl S3Brick {
     }
 
     pub fn get(&self, hash: &ChunkHash) -> Result<Vec<u8>, RepoError> {
+        self.get_at(&self.key(hash), hash)
+    }
+
+    /// The object at `key`, checked to be the chunk `hash` names.
+    fn get_at(
+        &self,
+        key: &object_store::path::Path,
+        hash: &ChunkHash,
+    ) -> Result<Vec<u8>, RepoError> {
         use object_store::ObjectStoreExt;
         let data = self
             .rt
-            .block_on(async { self.store.get(&self.key(hash)).await?.bytes().await })
-            .map_err(|e| self.err(Some(hash), e))?;
+            .block_on(async { self.store.get(key).await?.bytes().await })
+            .map_err(|e| self.err_at(key.as_ref(), e))?;
         decode(hash, Vec::from(data), || {
-            format!("s3://{}/{}", self.spec.bucket, self.key(hash))
+            format!("s3://{}/{key}", self.spec.bucket)
         })
     }
 
@@ -457,22 +467,13 @@ impl S3Brick {
     pub fn accept_staged(&self, session: &str, hash: &ChunkHash) -> Result<u32, RepoError> {
         use object_store::ObjectStoreExt;
         let staged = self.staging_key(session, hash);
-        let checked = self
-            .rt
-            .block_on(async { self.store.get(&staged).await?.bytes().await })
-            .map_err(|e| self.err(Some(hash), e))
-            .and_then(|data| {
-                decode(hash, Vec::from(data), || {
-                    format!("s3://{}/{staged}", self.spec.bucket)
-                })
-            });
-        let result = checked.and_then(|data| {
+        let result = self.get_at(&staged, hash).and_then(|data| {
             self.rt
                 .block_on(self.store.copy(&staged, &self.key(hash)))
                 .map(|_| data.len() as u32)
                 .map_err(|e| self.err(Some(hash), e))
         });
-        let _ = self.rt.block_on(self.store.delete(&staged));
+        self.discard_staged(session, hash);
         result
     }
 

@@ -258,11 +258,7 @@ impl Repo {
             version: FORMAT_VERSION,
             bricks: bricks.to_vec(),
         };
-        write_durably(
-            &path,
-            &serde_json::to_vec_pretty(&config).expect("config serializes"),
-            0o644,
-        )?;
+        crate::fsutil::write_json_durably(&path, &config).map_err(|e| RepoError::io(&path, e))?;
         Ok(config)
     }
 
@@ -378,14 +374,16 @@ impl Repo {
     /// missing or does not match fails the call, and nothing of the batch is indexed.
     pub fn take_uploaded(&self, session: &str, hashes: &[ChunkHash]) -> Result<(), RepoError> {
         let mut entries = Vec::with_capacity(hashes.len());
-        for h in hashes {
+        // One index lookup for the batch (which also marks the held ones as used now).
+        let missing = self.meta.missing(hashes, now_secs())?;
+        for (h, missing) in hashes.iter().zip(missing) {
             let brick = self.brick_for(h);
             let Brick::S3(b) = &self.bricks[brick as usize] else {
                 return Err(RepoError::Usage(format!(
                     "chunk {h} belongs in a directory brick: upload it, not a URL"
                 )));
             };
-            if self.meta.chunk(h)?.is_some() {
+            if !missing {
                 b.discard_staged(session, h);
                 continue;
             }

@@ -45,8 +45,6 @@ impl Store {
     /// Replaces the configuration, whole or not at all.
     pub fn set_config(&self, config: &StoreConfig) -> Result<(), StoreError> {
         let path = self.config_path();
-        let mut bytes = serde_json::to_vec_pretty(config).expect("a config serializes");
-        bytes.push(b'\n');
-        crate::fsutil::write_durably(&path, &bytes, 0o644).map_err(|e| StoreError::io(&path, e))
+        crate::fsutil::write_json_durably(&path, config).map_err(|e| StoreError::io(&path, e))
     }
 }

@@ -83,8 +83,7 @@ fn save_experiment(store: &Store, rec: &ExperimentRecord) -> Result<(), VmError>
     if let Some(dir) = p.parent() {
         std::fs::create_dir_all(dir).map_err(|e| VmError::io(dir, e))?;
     }
-    let bytes = serde_json::to_vec_pretty(rec).map_err(|e| VmError::Failed(e.to_string()))?;
-    crate::fsutil::write_durably(&p, &bytes, 0o644).map_err(|e| VmError::io(&p, e))
+    crate::fsutil::write_json_durably(&p, rec).map_err(|e| VmError::io(&p, e))
 }
 
 pub fn list_experiments(store: &Store) -> Result<Vec<ExperimentRecord>, VmError> {

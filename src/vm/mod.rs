@@ -323,8 +323,7 @@ pub fn load(store: &Store, name: &str) -> Result<VmRecord, VmError> {
 
 fn save_record(store: &Store, rec: &VmRecord) -> Result<(), VmError> {
     let path = record_path(store, &rec.name);
-    let bytes = serde_json::to_vec_pretty(rec).map_err(|e| VmError::Failed(e.to_string()))?;
-    crate::fsutil::write_durably(&path, &bytes, 0o644).map_err(|e| VmError::io(&path, e))
+    crate::fsutil::write_json_durably(&path, rec).map_err(|e| VmError::io(&path, e))
 }
 
 /// Every VM this node knows, by name.
