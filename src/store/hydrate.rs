@@ -35,15 +35,11 @@ const STRIPES: usize = 64;
 
 /// Where hydration gets the chunks it lacks (the swap engine connects a repository).
 pub trait ChunkSource: Send + Sync {
-    /// The bytes of the chunk named by this BLAKE3 hash.
+    /// The bytes of the chunk named by this BLAKE3 hash, checked against it: a source never
+    /// returns bytes that are not that chunk, it fails instead (the repository's reads check
+    /// every chunk where it enters, `brick::decode`; the store does not hash it again, which
+    /// was a sixth of hydration's CPU).
     fn fetch(&self, hash: &[u8; 32]) -> Result<Vec<u8>, String>;
-
-    /// Whether `fetch` has already checked the bytes against the hash and fails otherwise
-    /// (the repository's reads do). Then the store does not hash them a second time: BLAKE3
-    /// was a sixth of hydration's CPU, the same work done twice. Any other source is checked.
-    fn verifies(&self) -> bool {
-        false
-    }
 }
 
 /// The BLAKE3 hash of a 64 KiB chunk of zeros: swapin makes such chunks zero clusters, never
@@ -262,17 +258,16 @@ impl Hydration {
                 self.clusters[k]
             ))
         })?;
-        // A chunk is used only if it is what its hash names: checked here unless the source
-        // checked it already.
-        if data.len() != CHUNK_SIZE
-            || (!source.verifies() && blake3::hash(&data).as_bytes() != hash)
-        {
+        // The source checked the bytes against the hash; a chunk of another size than a
+        // cluster's cannot be written in one.
+        if data.len() != CHUNK_SIZE {
             return Err(StoreError::corrupt(
                 &self.data_path,
                 format!(
-                    "chunk {} for cluster {} does not match its hash (refused)",
+                    "chunk {} for cluster {} is {} bytes, not a cluster's (refused)",
                     blake3::Hash::from_bytes(*hash).to_hex(),
-                    self.clusters[k]
+                    self.clusters[k],
+                    data.len()
                 ),
             ));
         }

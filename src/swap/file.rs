@@ -164,45 +164,7 @@ pub fn restore_file(
     let write = || -> Result<u64, SwapError> {
         let f = File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
         f.set_len(m.info.size).map_err(|e| io_err(&tmp, e))?;
-        let cs = m.info.chunk_size as u64;
-        let total = m.entries.len() as u64;
-        // Chunks are fetched a few at a time on threads, as hydration does: a served
-        // repository answers each with a round trip.
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let done = std::sync::atomic::AtomicU64::new(0);
-        std::thread::scope(|s| -> Result<(), SwapError> {
-            let workers: Vec<_> = (0..super::HYDRATE_WORKERS)
-                .map(|_| {
-                    s.spawn(|| -> Result<(), SwapError> {
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some((index, hash)) = m.entries.get(i) else {
-                                return Ok(());
-                            };
-                            // get_chunk checks the bytes against the hash.
-                            let data = repo.get_chunk(hash)?;
-                            let off = index * cs;
-                            if off + data.len() as u64 > m.info.size {
-                                return Err(SwapError::Failed(format!(
-                                    "chunk {index} of {name} lies past the file's end"
-                                )));
-                            }
-                            f.write_all_at(&data, off).map_err(|e| io_err(&tmp, e))?;
-                            let d = done.fetch_add(1, Ordering::Relaxed) + 1;
-                            if d % 256 == 0 {
-                                progress(d, total);
-                            }
-                        }
-                    })
-                })
-                .collect();
-            for w in workers {
-                w.join()
-                    .unwrap_or_else(|_| Err(SwapError::Failed("a fetch thread panicked".into())))?;
-            }
-            Ok(())
-        })?;
-        progress(total, total);
+        fetch_chunks_into(repo, &m, &f, &tmp, progress)?;
         if durable {
             f.sync_all().map_err(|e| io_err(&tmp, e))?;
         }
@@ -214,6 +176,57 @@ pub fn restore_file(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// Writes the chunks of manifest `m` (file or image) into `f` (at `path`, `m.info.size`
+/// long), each at its index times the chunk size, fetched on [`super::HYDRATE_WORKERS`]
+/// threads: a served repository answers each with a round trip. `get_chunk` checks each
+/// against its hash; the first failure stops the other threads. `progress(done, total)`
+/// in chunks.
+pub(crate) fn fetch_chunks_into(
+    repo: &RepoHandle,
+    m: &Manifest,
+    f: &File,
+    path: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<(), SwapError> {
+    let cs = m.info.chunk_size as u64;
+    let total = m.entries.len() as u64;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::atomic::AtomicU64::new(0);
+    let failed = std::sync::atomic::AtomicBool::new(false);
+    let fetch = || -> Result<(), SwapError> {
+        while !failed.load(Ordering::Relaxed) {
+            let Some((index, hash)) = m.entries.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                return Ok(());
+            };
+            let data = repo.get_chunk(hash)?;
+            let off = index * cs;
+            if off + data.len() as u64 > m.info.size {
+                return Err(SwapError::Failed(format!(
+                    "chunk {index} of {} lies past its end",
+                    m.info.name
+                )));
+            }
+            f.write_all_at(&data, off).map_err(|e| io_err(path, e))?;
+            let d = done.fetch_add(1, Ordering::Relaxed) + 1;
+            if d % 256 == 0 {
+                progress(d, total);
+            }
+        }
+        Ok(())
+    };
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..super::HYDRATE_WORKERS)
+            .map(|_| s.spawn(|| fetch().inspect_err(|_| failed.store(true, Ordering::Relaxed))))
+            .collect();
+        workers.into_iter().try_for_each(|w| {
+            w.join()
+                .unwrap_or_else(|_| Err(SwapError::Failed("a fetch thread panicked".into())))
+        })
+    })?;
+    progress(total, total);
+    Ok(())
 }
 
 #[cfg(test)]

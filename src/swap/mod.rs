@@ -441,16 +441,12 @@ pub fn swapout(
 pub struct RepoSource(pub RepoHandle);
 
 impl ChunkSource for RepoSource {
+    /// `get_chunk` checks every chunk against its hash, for every brick kind and for a
+    /// served repository, and fails on a mismatch.
     fn fetch(&self, hash: &[u8; 32]) -> Result<Vec<u8>, String> {
         self.0
             .get_chunk(&ChunkHash(*hash))
             .map_err(|e| e.to_string())
-    }
-
-    /// `get_chunk` checks every chunk against its hash (`brick::decode`, for every brick
-    /// kind and for a served repository) and fails on a mismatch.
-    fn verifies(&self) -> bool {
-        true
     }
 }
 
@@ -472,14 +468,9 @@ fn ensure_local_image(store: &Store, repo: &RepoHandle, name: &str) -> Result<()
     let tmp = store.root().join("tmp").join(format!("{name}.fetch.raw"));
     let write = || -> Result<(), SwapError> {
         let f = std::fs::File::create(&tmp).map_err(|e| StoreError::io(&tmp, e))?;
-        for (index, hash) in &m.entries {
-            let data = repo.get_chunk(hash)?;
-            std::os::unix::fs::FileExt::write_all_at(&f, &data, index * CHUNK_SIZE as u64)
-                .map_err(|e| StoreError::io(&tmp, e))?;
-        }
         f.set_len(m.info.size)
             .map_err(|e| StoreError::io(&tmp, e))?;
-        Ok(())
+        file::fetch_chunks_into(repo, &m, &f, &tmp, &|_, _| {})
     };
     let result = write().and_then(|_| {
         store.import_image(name, &tmp, &|_, _| {})?;
