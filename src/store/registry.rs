@@ -11,7 +11,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use redb::{ConcurrencyMode, Database, ReadableTable, TableDefinition};
+use redb::{ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::delta::DeltaStats;
@@ -91,8 +91,15 @@ pub struct Registry {
 /// One registry transaction. Nothing is written unless the closure given to
 /// [`Registry::update`] returns `Ok`.
 pub struct Txn<'a> {
-    txn: &'a redb::WriteTransaction,
+    txn: Tx<'a>,
     path: &'a Path,
+}
+
+/// A read (`Registry::read`: it waits for no writer, in this process or another) or a
+/// write (`Registry::update`: one at a time across every process of the store).
+enum Tx<'a> {
+    Read(&'a redb::ReadTransaction),
+    Write(&'a redb::WriteTransaction),
 }
 
 fn db_err(path: &Path, e: impl std::fmt::Display) -> StoreError {
@@ -107,27 +114,19 @@ impl Registry {
             db: Self::open_db(path)?,
         };
         // Nothing to write when the file is a registry of this version already (the usual
-        // case): checked without a commit.
-        let ready = reg.read(|t| {
-            let meta = t.txn.open_table(META).map_err(|e| db_err(t.path, e))?;
-            let get = |k: &str| -> Result<Option<String>, StoreError> {
-                Ok(meta
-                    .get(k)
-                    .map_err(|e| db_err(t.path, e))?
-                    .map(|v| v.value().to_string()))
-            };
-            Ok(get("format")?.as_deref() == Some(FORMAT_NAME)
-                && get("version")?.as_deref() == Some(FORMAT_VERSION))
-        })?;
-        if ready {
+        // case): checked in a read transaction, which waits for no writer.
+        if reg.is_ready()? {
             return Ok(reg);
         }
         reg.update(|t| {
-            let mut meta = t.txn.open_table(META).map_err(|e| db_err(t.path, e))?;
+            let Tx::Write(txn) = t.txn else {
+                unreachable!("update runs a write transaction")
+            };
+            let mut meta = txn.open_table(META).map_err(|e| db_err(t.path, e))?;
             let name = meta.get("format").map_err(|e| db_err(t.path, e))?.map(|v| v.value().to_string());
             let version = meta.get("version").map_err(|e| db_err(t.path, e))?.map(|v| v.value().to_string());
             match (name.as_deref(), version.as_deref()) {
-                (None, None) if t.txn.list_tables().map_err(|e| db_err(t.path, e))?.count() > 1 => {
+                (None, None) if txn.list_tables().map_err(|e| db_err(t.path, e))?.count() > 1 => {
                     return Err(StoreError::corrupt(t.path, "registry: a redb database, but not a Stasis registry"))
                 }
                 (None, None) => {
@@ -145,11 +144,36 @@ impl Registry {
             }
             drop(meta);
             for def in [IMAGES, DISKS, DELTAS] {
-                t.txn.open_table(def).map_err(|e| db_err(t.path, e))?;
+                txn.open_table(def).map_err(|e| db_err(t.path, e))?;
             }
             Ok(())
         })?;
         Ok(reg)
+    }
+
+    /// Whether the file is a registry of this version with its tables (a new file has none).
+    fn is_ready(&self) -> Result<bool, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| db_err(&self.path, e))?;
+        for def in [IMAGES, DISKS, DELTAS] {
+            match txn.open_table(def) {
+                Ok(_) => {}
+                Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+                Err(e) => return Err(db_err(&self.path, e)),
+            }
+        }
+        let meta = match txn.open_table(META) {
+            Ok(meta) => meta,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(false),
+            Err(e) => return Err(db_err(&self.path, e)),
+        };
+        let get = |k: &str| -> Result<Option<String>, StoreError> {
+            Ok(meta
+                .get(k)
+                .map_err(|e| db_err(&self.path, e))?
+                .map(|v| v.value().to_string()))
+        };
+        Ok(get("format")?.as_deref() == Some(FORMAT_NAME)
+            && get("version")?.as_deref() == Some(FORMAT_VERSION))
     }
 
     fn open_db(at: &Path) -> Result<Database, StoreError> {
@@ -191,7 +215,7 @@ impl Registry {
     ) -> Result<T, StoreError> {
         let txn = self.db.begin_write().map_err(|e| db_err(&self.path, e))?;
         let out = f(&mut Txn {
-            txn: &txn,
+            txn: Tx::Write(&txn),
             path: &self.path,
         });
         match out {
@@ -206,16 +230,43 @@ impl Registry {
         }
     }
 
-    /// Runs `f` in a transaction that is never committed.
+    /// Runs `f` in a read transaction: it sees the last commit of any process.
     pub fn read<T>(&self, f: impl FnOnce(&Txn) -> Result<T, StoreError>) -> Result<T, StoreError> {
-        let txn = self.db.begin_write().map_err(|e| db_err(&self.path, e))?;
-        let out = f(&Txn {
-            txn: &txn,
+        let txn = self.db.begin_read().map_err(|e| db_err(&self.path, e))?;
+        f(&Txn {
+            txn: Tx::Read(&txn),
             path: &self.path,
-        });
-        txn.abort().map_err(|e| db_err(&self.path, e))?;
-        out
+        })
     }
+}
+
+/// The record under `key`, decoded.
+fn record<T: DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    key: &str,
+    path: &Path,
+) -> Result<Option<T>, StoreError> {
+    let Some(v) = table.get(key).map_err(|e| db_err(path, e))? else {
+        return Ok(None);
+    };
+    serde_json::from_slice(v.value())
+        .map(Some)
+        .map_err(|e| db_err(path, format!("record {key:?} is damaged: {e}")))
+}
+
+/// Every record of a table, decoded.
+fn records<T: DeserializeOwned>(
+    table: &impl ReadableTable<&'static str, &'static [u8]>,
+    path: &Path,
+) -> Result<Vec<T>, StoreError> {
+    let mut out = Vec::new();
+    for item in table.iter().map_err(|e| db_err(path, e))? {
+        let (k, v) = item.map_err(|e| db_err(path, e))?;
+        let rec = serde_json::from_slice(v.value())
+            .map_err(|e| db_err(path, format!("record {:?} is damaged: {e}", k.value())))?;
+        out.push(rec);
+    }
+    Ok(out)
 }
 
 impl Txn<'_> {
@@ -224,29 +275,42 @@ impl Txn<'_> {
         def: TableDefinition<&str, &[u8]>,
         key: &str,
     ) -> Result<Option<T>, StoreError> {
-        let table = self.txn.open_table(def).map_err(|e| db_err(self.path, e))?;
-        let Some(v) = table.get(key).map_err(|e| db_err(self.path, e))? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|e| db_err(self.path, format!("record {key:?} is damaged: {e}")))
+        match self.txn {
+            Tx::Read(t) => record(
+                &t.open_table(def).map_err(|e| db_err(self.path, e))?,
+                key,
+                self.path,
+            ),
+            Tx::Write(t) => record(
+                &t.open_table(def).map_err(|e| db_err(self.path, e))?,
+                key,
+                self.path,
+            ),
+        }
     }
 
     fn all<T: DeserializeOwned>(
         &self,
         def: TableDefinition<&str, &[u8]>,
     ) -> Result<Vec<T>, StoreError> {
-        let table = self.txn.open_table(def).map_err(|e| db_err(self.path, e))?;
-        let mut out = Vec::new();
-        for item in table.iter().map_err(|e| db_err(self.path, e))? {
-            let (k, v) = item.map_err(|e| db_err(self.path, e))?;
-            let rec = serde_json::from_slice(v.value()).map_err(|e| {
-                db_err(self.path, format!("record {:?} is damaged: {e}", k.value()))
-            })?;
-            out.push(rec);
+        match self.txn {
+            Tx::Read(t) => records(
+                &t.open_table(def).map_err(|e| db_err(self.path, e))?,
+                self.path,
+            ),
+            Tx::Write(t) => records(
+                &t.open_table(def).map_err(|e| db_err(self.path, e))?,
+                self.path,
+            ),
         }
-        Ok(out)
+    }
+
+    /// The write transaction under `update` (a read's `Txn` is never `&mut`).
+    fn writing(&self) -> &redb::WriteTransaction {
+        match self.txn {
+            Tx::Write(t) => t,
+            Tx::Read(_) => unreachable!("a registry read is given &Txn, which cannot write"),
+        }
     }
 
     fn put<T: Serialize>(
@@ -256,7 +320,10 @@ impl Txn<'_> {
         value: &T,
     ) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(value).map_err(|e| db_err(self.path, e))?;
-        let mut table = self.txn.open_table(def).map_err(|e| db_err(self.path, e))?;
+        let mut table = self
+            .writing()
+            .open_table(def)
+            .map_err(|e| db_err(self.path, e))?;
         table
             .insert(key, bytes.as_slice())
             .map_err(|e| db_err(self.path, e))?;
@@ -264,7 +331,10 @@ impl Txn<'_> {
     }
 
     fn remove(&self, def: TableDefinition<&str, &[u8]>, key: &str) -> Result<(), StoreError> {
-        let mut table = self.txn.open_table(def).map_err(|e| db_err(self.path, e))?;
+        let mut table = self
+            .writing()
+            .open_table(def)
+            .map_err(|e| db_err(self.path, e))?;
         table.remove(key).map_err(|e| db_err(self.path, e))?;
         Ok(())
     }
