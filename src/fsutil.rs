@@ -45,3 +45,44 @@ pub fn sync_file_and_dir(path: &Path) -> std::io::Result<()> {
     fs::File::open(path)?.sync_all()?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
+
+/// Why [`open_shared_redb`] failed.
+pub enum RedbOpenError {
+    /// Another process holds the whole file (one not in multi-writer mode: an older stasis),
+    /// still after the retries.
+    Held,
+    Db(redb::DatabaseError),
+    /// redb panicked on it (it documents that a file damaged outside redb may).
+    Damaged,
+}
+
+/// Opens (creating) a redb database in multi-writer mode, which every stasis process keeps
+/// open at once (redb runs one write transaction at a time across them); retried every 5 ms
+/// for up to `wait` while a process in another mode holds the whole file.
+pub fn open_shared_redb(
+    path: &Path,
+    check_integrity: bool,
+    wait: std::time::Duration,
+) -> Result<redb::Database, RedbOpenError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let owned = path.to_path_buf();
+        let opened = std::panic::catch_unwind(move || {
+            redb::Database::builder()
+                .set_check_integrity_on_open(check_integrity)
+                .set_concurrency_mode(redb::ConcurrencyMode::MultiWriter)
+                .create(&owned)
+        });
+        match opened {
+            Ok(Ok(db)) => return Ok(db),
+            Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
+                if std::time::Instant::now() >= deadline {
+                    return Err(RedbOpenError::Held);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Ok(Err(e)) => return Err(RedbOpenError::Db(e)),
+            Err(_) => return Err(RedbOpenError::Damaged),
+        }
+    }
+}

@@ -14,12 +14,9 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use redb::{
-    ConcurrencyMode, Database, ReadableDatabase, ReadableTable, ReadableTableMetadata,
-    TableDefinition,
-};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::chunk::ChunkHash;
 use super::manifest::{Kind, Manifest, ManifestInfo};
@@ -175,29 +172,15 @@ impl Meta {
     }
 
     fn open_db(path: &Path) -> Result<Database, RepoError> {
-        let deadline = Instant::now() + OPEN_TIMEOUT;
-        let failed = |why: String| RepoError::Meta {
+        use crate::fsutil::{open_shared_redb, RedbOpenError};
+        open_shared_redb(path, false, OPEN_TIMEOUT).map_err(|e| RepoError::Meta {
             path: path.to_path_buf(),
-            why,
-        };
-        loop {
-            let owned = path.to_path_buf();
-            // A file damaged outside redb may make it panic: contain that.
-            let opened = std::panic::catch_unwind(move || {
-                Database::builder()
-                    .set_concurrency_mode(ConcurrencyMode::MultiWriter)
-                    .create(&owned)
-            });
-            match opened {
-                Ok(Ok(db)) => return Ok(db),
-                // Only a process in another mode (an older stasis) holds the whole file.
-                Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Ok(Err(e)) => return Err(failed(redb::Error::from(e).to_string())),
-                Err(_) => return Err(failed("the database file is damaged".into())),
-            }
-        }
+            why: match e {
+                RedbOpenError::Held => "held by another process".into(),
+                RedbOpenError::Db(e) => redb::Error::from(e).to_string(),
+                RedbOpenError::Damaged => "the database file is damaged".into(),
+            },
+        })
     }
 
     /// One write transaction, committed if `f` succeeds.

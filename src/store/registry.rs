@@ -9,9 +9,9 @@
 //! syncs and an integrity check each time.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use redb::{ConcurrencyMode, Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use super::delta::DeltaStats;
@@ -177,35 +177,18 @@ impl Registry {
     }
 
     fn open_db(at: &Path) -> Result<Database, StoreError> {
-        let deadline = Instant::now() + OPEN_TIMEOUT;
-        loop {
-            let path = at.to_path_buf();
-            // redb documents that a file damaged outside redb may make it panic: contain that.
-            let opened = std::panic::catch_unwind(move || {
-                Database::builder()
-                    .set_check_integrity_on_open(true)
-                    .set_concurrency_mode(ConcurrencyMode::MultiWriter)
-                    .create(&path)
-            });
-            match opened {
-                Ok(Ok(db)) => return Ok(db),
-                Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                // Only a process in another mode (an older stasis) holds the whole file.
-                Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => {
-                    return Err(StoreError::Busy(format!(
-                        "registry {} is held by another process",
-                        at.display()
-                    )))
-                }
-                Ok(Err(redb::DatabaseError::Storage(redb::StorageError::Io(e)))) => {
-                    return Err(StoreError::io(at, e))
-                }
-                Ok(Err(e)) => return Err(db_err(at, e)),
-                Err(_) => return Err(db_err(at, "the database file is damaged")),
+        use crate::fsutil::{open_shared_redb, RedbOpenError};
+        open_shared_redb(at, true, OPEN_TIMEOUT).map_err(|e| match e {
+            RedbOpenError::Held => StoreError::Busy(format!(
+                "registry {} is held by another process",
+                at.display()
+            )),
+            RedbOpenError::Db(redb::DatabaseError::Storage(redb::StorageError::Io(e))) => {
+                StoreError::io(at, e)
             }
-        }
+            RedbOpenError::Db(e) => db_err(at, e),
+            RedbOpenError::Damaged => db_err(at, "the database file is damaged"),
+        })
     }
 
     /// Runs `f` in one write transaction and commits it if `f` succeeds.
