@@ -326,7 +326,7 @@ impl Hydration {
     /// chunks whose pages the first one's error dropped.
     pub fn persist(&self) -> Result<(), StoreError> {
         let _one_at_a_time = self.persisting.lock();
-        let pending = std::mem::take(&mut *self.unsynced.lock());
+        let mut pending = std::mem::take(&mut *self.unsynced.lock());
         if pending.is_empty() {
             return Ok(());
         }
@@ -343,9 +343,12 @@ impl Hydration {
             }
             return Err(StoreError::io(&self.data_path, e));
         }
-        for k in &pending {
+        // One write per run of consecutive clusters (workers take them mostly in order),
+        // not one per cluster.
+        pending.sort_unstable();
+        for run in pending.chunk_by(|a, b| *b == a + 1) {
             self.map
-                .write_all_at(&[1], self.present_at + *k as u64)
+                .write_all_at(&vec![1u8; run.len()], self.present_at + run[0] as u64)
                 .map_err(|e| StoreError::io(&self.map_path, e))?;
         }
         self.map
